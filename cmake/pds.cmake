@@ -48,6 +48,6 @@ function(pds_test name)
   target_include_directories(test_${name} PRIVATE ${PROJECT_SOURCE_DIR}/tests)
   pds_apply_flags(test_${name})
   add_test(NAME ${name} COMMAND test_${name} --jobs 1)
-  set_tests_properties(${name} PROPERTIES TIMEOUT 900
+  set_tests_properties(${name} PROPERTIES TIMEOUT 900 LABELS unit
     ENVIRONMENT "PDS_TEST_TMP=${CMAKE_BINARY_DIR}/testtmp;PDS_BUILD_DIR=${CMAKE_BINARY_DIR};PDS_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
 endfunction()

@@ -102,3 +102,35 @@ Test(base, log_level_parses_known_names_only)
     cr_expect_eq(l, PDS_LOG_WARN);
     cr_expect_eq(pds_log_level_parse("loud", &l), PDS_ERR_INVALID_ARG);
 }
+
+#include <pthread.h>
+
+static void *pusher(void *arg)
+{
+    pds_queue_t *q = arg;
+    for (intptr_t i = 1; i <= 1000; i++) pds_queue_push(q, (void *)i);
+    return NULL;
+}
+
+Test(base, queue_hands_items_across_threads_in_order)
+{
+    pds_queue_t *q;
+    cr_assert_eq(pds_queue_create(&q), PDS_OK);
+    void *item;
+    cr_expect_eq(pds_queue_pop(q, 0, &item), PDS_AGAIN);
+    cr_expect_eq(pds_queue_pop(q, 5, &item), PDS_AGAIN);
+    pthread_t t;
+    pthread_create(&t, NULL, pusher, q);
+    for (intptr_t i = 1; i <= 1000; i++) {
+        cr_assert_eq(pds_queue_pop(q, -1, &item), PDS_OK);
+        cr_assert_eq((intptr_t)item, i);
+    }
+    pthread_join(t, NULL);
+    pds_queue_push(q, (void *)7);
+    pds_queue_close(q);
+    cr_expect_eq(pds_queue_push(q, (void *)8), PDS_ERR_CANCELLED);
+    cr_expect_eq(pds_queue_pop(q, -1, &item), PDS_OK);
+    cr_expect_eq((intptr_t)item, 7);
+    cr_expect_eq(pds_queue_pop(q, -1, &item), PDS_ERR_CANCELLED);
+    pds_queue_destroy(q);
+}

@@ -129,7 +129,8 @@ bool pds_alloc_fail_triggered(void)
     return atomic_load(&fail_hit);
 }
 
-/* ---- arena ------------------------------------------------------------------------------------ */
+/* ---- arena ------------------------------------------------------------------------------------
+ */
 typedef struct arena_chunk {
     struct arena_chunk *next;
     size_t size, used;

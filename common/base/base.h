@@ -24,26 +24,26 @@
 #include <stdint.h>
 
 /* ---- status ---------------------------------------------------------------------------------- */
-#define PDS_STATUS_LIST(X)                                                                         \
-    X(PDS_OK, 0, "ok")                                                                             \
-    X(PDS_AGAIN, 1, "try again")                                                                   \
-    X(PDS_IN_PROGRESS, 2, "in progress")                                                           \
-    X(PDS_ERR_INVALID_ARG, -1, "invalid argument")                                                 \
-    X(PDS_ERR_NO_MEMORY, -2, "out of memory")                                                      \
-    X(PDS_ERR_IO, -3, "I/O error")                                                                 \
-    X(PDS_ERR_PARSE, -4, "malformed input")                                                        \
-    X(PDS_ERR_NOT_FOUND, -5, "not found")                                                          \
-    X(PDS_ERR_EXHAUSTED, -6, "resource exhausted")                                                 \
-    X(PDS_ERR_UNSUPPORTED, -7, "unsupported")                                                      \
-    X(PDS_ERR_TIMEOUT, -8, "timed out")                                                            \
-    X(PDS_ERR_CANCELLED, -9, "cancelled")                                                          \
-    X(PDS_ERR_UNAVAILABLE, -10, "unavailable")                                                     \
-    X(PDS_ERR_CORRUPT, -11, "data corrupt")                                                        \
-    X(PDS_ERR_OUT_OF_RANGE, -12, "out of range")                                                   \
-    X(PDS_ERR_ALREADY_EXISTS, -13, "already exists")                                               \
-    X(PDS_ERR_FAILED_PRECONDITION, -14, "failed precondition")                                     \
-    X(PDS_ERR_TRANSPORT, -15, "transport error")                                                   \
-    X(PDS_ERR_DEVICE, -16, "device error")                                                         \
+#define PDS_STATUS_LIST(X)                                     \
+    X(PDS_OK, 0, "ok")                                         \
+    X(PDS_AGAIN, 1, "try again")                               \
+    X(PDS_IN_PROGRESS, 2, "in progress")                       \
+    X(PDS_ERR_INVALID_ARG, -1, "invalid argument")             \
+    X(PDS_ERR_NO_MEMORY, -2, "out of memory")                  \
+    X(PDS_ERR_IO, -3, "I/O error")                             \
+    X(PDS_ERR_PARSE, -4, "malformed input")                    \
+    X(PDS_ERR_NOT_FOUND, -5, "not found")                      \
+    X(PDS_ERR_EXHAUSTED, -6, "resource exhausted")             \
+    X(PDS_ERR_UNSUPPORTED, -7, "unsupported")                  \
+    X(PDS_ERR_TIMEOUT, -8, "timed out")                        \
+    X(PDS_ERR_CANCELLED, -9, "cancelled")                      \
+    X(PDS_ERR_UNAVAILABLE, -10, "unavailable")                 \
+    X(PDS_ERR_CORRUPT, -11, "data corrupt")                    \
+    X(PDS_ERR_OUT_OF_RANGE, -12, "out of range")               \
+    X(PDS_ERR_ALREADY_EXISTS, -13, "already exists")           \
+    X(PDS_ERR_FAILED_PRECONDITION, -14, "failed precondition") \
+    X(PDS_ERR_TRANSPORT, -15, "transport error")               \
+    X(PDS_ERR_DEVICE, -16, "device error")                     \
     X(PDS_ERR_INTERNAL, -17, "internal error")
 
 typedef enum {
@@ -84,11 +84,11 @@ typedef enum {
 /* Lines look like: `ts=2026-11-24T10:00:00.123Z level=info mod=router msg="..." key=value`.
  * The caller writes the key=value part: PDS_LOG_INFO("router", "placed req=%s p=%d", id, p). The
  * first word of the formatted text becomes msg=; the rest is appended as is. */
-#define PDS_LOG(lvl, mod, ...) pds_log_write((lvl), (mod), __FILE__, __LINE__, __VA_ARGS__)
+#define PDS_LOG(lvl, mod, ...)  pds_log_write((lvl), (mod), __FILE__, __LINE__, __VA_ARGS__)
 #define PDS_LOG_TRACE(mod, ...) PDS_LOG(PDS_LOG_TRACE, mod, __VA_ARGS__)
 #define PDS_LOG_DEBUG(mod, ...) PDS_LOG(PDS_LOG_DEBUG, mod, __VA_ARGS__)
-#define PDS_LOG_INFO(mod, ...) PDS_LOG(PDS_LOG_INFO, mod, __VA_ARGS__)
-#define PDS_LOG_WARN(mod, ...) PDS_LOG(PDS_LOG_WARN, mod, __VA_ARGS__)
+#define PDS_LOG_INFO(mod, ...)  PDS_LOG(PDS_LOG_INFO, mod, __VA_ARGS__)
+#define PDS_LOG_WARN(mod, ...)  PDS_LOG(PDS_LOG_WARN, mod, __VA_ARGS__)
 #define PDS_LOG_ERROR(mod, ...) PDS_LOG(PDS_LOG_ERROR, mod, __VA_ARGS__)
 
 void pds_log_write(pds_log_level_t lvl, const char *mod, const char *file, int line,
@@ -101,9 +101,9 @@ bool pds_log_enabled(pds_log_level_t lvl);
 pds_status_t pds_log_level_parse(const char *s, pds_log_level_t *out);
 
 /* ---- assertions (internal invariants only; never for input from users or the network) -------- */
-#define PDS_ASSERT(cond)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) pds_assert_fail(#cond, __FILE__, __LINE__);                                   \
+#define PDS_ASSERT(cond)                                         \
+    do {                                                         \
+        if (!(cond)) pds_assert_fail(#cond, __FILE__, __LINE__); \
     } while (0)
 _Noreturn void pds_assert_fail(const char *expr, const char *file, int line);
 
@@ -145,22 +145,39 @@ void *pds_arena_alloc(pds_arena_t *a, size_t size);
 char *pds_arena_strdup(pds_arena_t *a, const char *s);
 void pds_arena_reset(pds_arena_t *a); /* frees all but the first chunk */
 
-/* ---- time -------------------------------------------------------------------------------------- */
-int64_t pds_time_now_ns(void); /* CLOCK_MONOTONIC */
-double pds_time_now_ms(void);  /* CLOCK_MONOTONIC, milliseconds as double */
+/* ---- queue: hand work from any thread to an owner thread, with wake-up ----------------------
+ * A FIFO of pointers guarded by a mutex + condition variable. Any thread pushes; usually one
+ * owner thread pops. Closing wakes every waiter; pops then drain what is left and finally return
+ * PDS_ERR_CANCELLED. The queue never owns the items. */
+typedef struct pds_queue pds_queue_t;
+pds_status_t pds_queue_create(pds_queue_t **out);
+void pds_queue_destroy(pds_queue_t *q); /* accepts NULL; items still queued are dropped */
+/* PDS_ERR_NO_MEMORY, or PDS_ERR_CANCELLED after close (the item is not queued). */
+pds_status_t pds_queue_push(pds_queue_t *q, void *item);
+/* Waits up to timeout_ms (< 0: forever, 0: poll). PDS_OK with *item, PDS_AGAIN on timeout,
+ * PDS_ERR_CANCELLED when closed and empty. */
+pds_status_t pds_queue_pop(pds_queue_t *q, double timeout_ms, void **item);
+size_t pds_queue_len(pds_queue_t *q);
+void pds_queue_close(pds_queue_t *q);
+
+/* ---- time --------------------------------------------------------------------------------------
+ */
+int64_t pds_time_now_ns(void);  /* CLOCK_MONOTONIC */
+double pds_time_now_ms(void);   /* CLOCK_MONOTONIC, milliseconds as double */
 int64_t pds_time_wall_ns(void); /* CLOCK_REALTIME */
 void pds_time_sleep_ms(double ms);
 
-/* ---- small helpers ---------------------------------------------------------------------------- */
+/* ---- small helpers ----------------------------------------------------------------------------
+ */
 #define PDS_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
-#define PDS_MIN(a, b) ((a) < (b) ? (a) : (b))
-#define PDS_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define PDS_MIN(a, b)    ((a) < (b) ? (a) : (b))
+#define PDS_MAX(a, b)    ((a) > (b) ? (a) : (b))
 #define PDS_DIV_UP(a, b) (((a) + (b)-1) / (b))
 /* Propagate a non-OK status (errors and "again"): `PDS_TRY(pds_x(...));` */
-#define PDS_TRY(expr)                                                                              \
-    do {                                                                                           \
-        pds_status_t pds_try_s_ = (expr);                                                          \
-        if (pds_try_s_ != PDS_OK) return pds_try_s_;                                               \
+#define PDS_TRY(expr)                                \
+    do {                                             \
+        pds_status_t pds_try_s_ = (expr);            \
+        if (pds_try_s_ != PDS_OK) return pds_try_s_; \
     } while (0)
 
 /* 64-bit mixing (splitmix64 finaliser): the project's one hash for seeds and checksums. */

@@ -73,11 +73,12 @@ void pds_log_write(pds_log_level_t lvl, const char *mod, const char *file, int l
     size_t first = strcspn(msg, " ");
     const char *rest = msg[first] ? msg + first + 1 : "";
     char buf[1400];
-    int n = snprintf(buf, sizeof buf,
-                     "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s mod=%s msg=%.*s%s%s at=%s:%d\n",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                     ts.tv_nsec / 1000000, level_names[lvl], mod, (int)first, msg, *rest ? " " : "",
-                     rest, base, line);
+    int n =
+        snprintf(buf, sizeof buf,
+                 "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s mod=%s msg=%.*s%s%s at=%s:%d\n",
+                 tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                 ts.tv_nsec / 1000000, level_names[lvl], mod, (int)first, msg, *rest ? " " : "",
+                 rest, base, line);
     if (n < 0) return;
     if ((size_t)n >= sizeof buf) {
         n = sizeof buf - 1;

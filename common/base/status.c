@@ -8,8 +8,8 @@
 const char *pds_status_name(pds_status_t s)
 {
     switch (s) {
-#define PDS_STATUS_NAME_(name, value, text)                                                        \
-    case name:                                                                                     \
+#define PDS_STATUS_NAME_(name, value, text) \
+    case name:                              \
         return #name;
         PDS_STATUS_LIST(PDS_STATUS_NAME_)
 #undef PDS_STATUS_NAME_
@@ -20,8 +20,8 @@ const char *pds_status_name(pds_status_t s)
 const char *pds_status_text(pds_status_t s)
 {
     switch (s) {
-#define PDS_STATUS_TEXT_(name, value, text)                                                        \
-    case name:                                                                                     \
+#define PDS_STATUS_TEXT_(name, value, text) \
+    case name:                              \
         return text;
         PDS_STATUS_LIST(PDS_STATUS_TEXT_)
 #undef PDS_STATUS_TEXT_

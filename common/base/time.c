@@ -26,7 +26,8 @@ int64_t pds_time_wall_ns(void)
 void pds_time_sleep_ms(double ms)
 {
     if (ms <= 0) return;
-    struct timespec ts = {(time_t)(ms / 1000), (long)((ms - (double)(time_t)(ms / 1000) * 1000) * 1e6)};
+    struct timespec ts = {(time_t)(ms / 1000),
+                          (long)((ms - (double)(time_t)(ms / 1000) * 1000) * 1e6)};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
 }

@@ -9,6 +9,9 @@
  * smallest prefix of those, by descending probability, whose mass reaches top_p; renormalise; pick
  * the first id whose cumulative probability exceeds u * total. Thread-safe, allocation-free when
  * given scratch.
+ * Precisely (sample.c): top-p mass is measured against the full softmax (before top-k); the
+ * final cumulative walk goes over the kept ids in ascending id order; weights are computed in
+ * double as exp((l - max l) / T); NaN logits count as -inf.
  */
 #ifndef PDS_SAMPLE_H
 #define PDS_SAMPLE_H
@@ -36,7 +39,8 @@ double pds_sample_uniform(uint64_t seed, int64_t position);
 /* Scratch needed by pds_sample_token for a vocabulary of `vocab` entries, in bytes. */
 size_t pds_sample_scratch_bytes(int vocab);
 /* Samples the token at absolute position `position`. scratch: pds_sample_scratch_bytes(vocab)
- * bytes or NULL (then it allocates; returns -1 only if that allocation fails). */
+ * bytes (4-byte aligned) or NULL (then it allocates; returns -1 if that allocation fails). Also
+ * -1 for NULL logits, vocab <= 0 or parameters that fail pds_sample_params_validate. */
 int32_t pds_sample_token(const pds_sample_params_t *p, const float *logits, int vocab,
                          int64_t position, void *scratch);
 

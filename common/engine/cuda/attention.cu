@@ -1,0 +1,541 @@
+/* attention.cu: causal attention over the paged KV pool — a tensor-core flash-attention kernel for
+ * prefill (any mix of prompt lengths and already-cached prefixes, i.e. chunked prefill too), a
+ * flash-decoding kernel for decode steps, and a plain kernel for head sizes the fast ones do not
+ * cover.
+ *
+ * Prefill: one CTA = 64 query rows of one head (4 warps x 16 rows); K/V tiles of 64 tokens are
+ * gathered from the pool through the block table into padded shared memory, S = Q K^T and O += P V
+ * run on mma.sync m16n8k16 (bf16 in, fp32 accumulate) with an online softmax in registers (exp2,
+ * log2e folded into the scale). Tiles past the causal diagonal are never loaded.
+ *
+ * Decode: one CTA = one (sequence, KV head, context chunk); it serves all query heads of the GQA
+ * group, so each K/V byte is read once per step. Scores go to shared memory, then P V with 16-byte
+ * loads; partial (max, sum, unnormalised output) per chunk are merged by a combine kernel. The grid
+ * is sized for the longest context a CUDA graph bucket allows; chunks past a sequence's end exit.
+ */
+#include <cuda_bf16.h>
+#include <math.h>
+
+#include "engine/cuda/cuda_kernels.h"
+
+typedef __nv_bfloat16 bf16;
+
+#define LAUNCH_CHECK(name)                                                                         \
+    do {                                                                                           \
+        cudaError_t e_ = cudaGetLastError();                                                       \
+        if (e_ != cudaSuccess)                                                                     \
+            return PDS_ERR(PDS_ERR_DEVICE, "launch of %s: %s", name, cudaGetErrorString(e_));      \
+    } while (0)
+
+#define LOG2E 1.4426950408889634f
+#define PF_ROWS 64 /* query rows per prefill CTA */
+#define PF_KEYS 64 /* keys per K/V tile */
+
+/* ---- small helpers ---------------------------------------------------------------------------- */
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b); /* .x = a (low half) */
+    return *(uint32_t *)&v;
+}
+
+__device__ __forceinline__ void mma_bf16(float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *p)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ const bf16 *kv_row(const bf16 *kv, const int32_t *bt, int tok, int kv_sel,
+                                              int head, int n_kv_heads, int head_dim, int bs)
+{
+    int blk = bt[tok / bs];
+    return kv + (((int64_t)blk * 2 + kv_sel) * bs + tok % bs) * ((int64_t)n_kv_heads * head_dim) +
+           (int64_t)head * head_dim;
+}
+
+/* ---- prefill: tensor-core flash attention ------------------------------------------------------- */
+template <int HD>
+__global__ void __launch_bounds__(128)
+    attn_prefill_mma(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
+                     const int32_t *bts, const int32_t *tiles, int n_heads, int n_kv_heads, int bs,
+                     float scale_log2, bf16 *out)
+{
+    constexpr int LD = HD + 8; /* padded row: ldmatrix and 32-bit accesses conflict-free */
+    __shared__ __align__(16) bf16 sk[PF_KEYS * LD];
+    __shared__ __align__(16) bf16 sv[PF_KEYS * LD];
+    const int tile = blockIdx.x, h = blockIdx.y;
+    const int si = tiles[2 * tile], row0 = tiles[2 * tile + 1];
+    const pds_cuda_seq_t S = seqs[si];
+    const int n_past = S.n_ctx - S.n_new;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int32_t *bt = bts + S.bt_off;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int wrow = row0 + warp * 16; /* first row (within the sequence's new tokens) of this warp */
+
+    /* Q fragments straight from global memory */
+    uint32_t qa[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int row = wrow + g + ((r & 1) ? 8 : 0);
+            int col = h * HD + kk * 16 + t4 * 2 + ((r & 2) ? 8 : 0);
+            qa[kk][r] = row < S.n_new ? *(const uint32_t *)(q + (int64_t)(S.q_start + row) * q_stride + col)
+                                      : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    const int qpos0 = n_past + wrow + g, qpos1 = qpos0 + 8;
+    const int kv_end = n_past + min(row0 + PF_ROWS, S.n_new); /* keys any row of the CTA sees */
+    const int64_t kvw = (int64_t)n_kv_heads * HD;
+
+    for (int kb = 0; kb < kv_end; kb += PF_KEYS) {
+        __syncthreads();
+        /* gather the K and V tile: PF_KEYS rows of HD bf16, 16 bytes per access */
+        constexpr int CH = HD / 8;
+        for (int c = threadIdx.x; c < PF_KEYS * CH; c += 128) {
+            int r = c / CH, col = (c % CH) * 8;
+            int tok = kb + r;
+            uint4 kx = make_uint4(0, 0, 0, 0), vx = make_uint4(0, 0, 0, 0);
+            if (tok < kv_end) {
+                int blk = bt[tok / bs];
+                const bf16 *base = kv + ((int64_t)blk * 2 * bs + tok % bs) * kvw + kvh * HD + col;
+                kx = *(const uint4 *)base;
+                vx = *(const uint4 *)(base + (int64_t)bs * kvw);
+            }
+            *(uint4 *)&sk[r * LD + col] = kx;
+            *(uint4 *)&sv[r * LD + col] = vx;
+        }
+        __syncthreads();
+        if (wrow >= S.n_new || kb > qpos1) continue; /* whole warp idle or beyond its diagonal */
+
+        float s[PF_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < PF_KEYS / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk += 2) {
+                uint32_t b[4];
+                ldsm_x4(b, &sk[(nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8]);
+                mma_bf16(s[nt], qa[kk], b[0], b[1]);
+                mma_bf16(s[nt], qa[kk + 1], b[2], b[3]);
+            }
+        }
+        /* scale, causal mask, online softmax (rows g and g+8 of the warp's 16) */
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < PF_KEYS / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = kb + nt * 8 + t4 * 2 + (e & 1);
+                int qp = (e < 2) ? qpos0 : qpos1;
+                float v = (key <= qp && key < kv_end) ? s[nt][e] * scale_log2 : -INFINITY;
+                s[nt][e] = v;
+                if (e < 2)
+                    mx0 = fmaxf(mx0, v);
+                else
+                    mx1 = fmaxf(mx1, v);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+        float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);
+        m0 = mn0;
+        m1 = mn1;
+        float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < PF_KEYS / 8; nt++) {
+            s[nt][0] = exp2f(s[nt][0] - mu0);
+            s[nt][1] = exp2f(s[nt][1] - mu0);
+            s[nt][2] = exp2f(s[nt][2] - mu1);
+            s[nt][3] = exp2f(s[nt][3] - mu1);
+            rs0 += s[nt][0] + s[nt][1];
+            rs1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * al0 + rs0;
+        l1 = l1 * al1 + rs1;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            o[i][0] *= al0;
+            o[i][1] *= al0;
+            o[i][2] *= al1;
+            o[i][3] *= al1;
+        }
+        /* O += P V */
+#pragma unroll
+        for (int k2 = 0; k2 < PF_KEYS / 16; k2++) {
+            uint32_t a[4];
+            a[0] = pack_bf16(s[2 * k2][0], s[2 * k2][1]);
+            a[1] = pack_bf16(s[2 * k2][2], s[2 * k2][3]);
+            a[2] = pack_bf16(s[2 * k2 + 1][0], s[2 * k2 + 1][1]);
+            a[3] = pack_bf16(s[2 * k2 + 1][2], s[2 * k2 + 1][3]);
+#pragma unroll
+            for (int nd = 0; nd < HD / 8; nd += 2) {
+                uint32_t b[4];
+                ldsm_x4_t(b, &sv[(k2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nd * 8 +
+                                 (lane >> 4) * 8]);
+                mma_bf16(o[nd], a, b[0], b[1]);
+                mma_bf16(o[nd + 1], a, b[2], b[3]);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    float il0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, il1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    const int ostride = n_heads * HD;
+    int r0 = wrow + g, r1 = r0 + 8;
+#pragma unroll
+    for (int nd = 0; nd < HD / 8; nd++) {
+        int col = h * HD + nd * 8 + t4 * 2;
+        if (r0 < S.n_new)
+            *(uint32_t *)(out + (int64_t)(S.q_start + r0) * ostride + col) =
+                pack_bf16(o[nd][0] * il0, o[nd][1] * il0);
+        if (r1 < S.n_new)
+            *(uint32_t *)(out + (int64_t)(S.q_start + r1) * ostride + col) =
+                pack_bf16(o[nd][2] * il1, o[nd][3] * il1);
+    }
+}
+
+/* ---- plain kernel: one warp per (row, head); any head_dim <= 256 ------------------------------ */
+__global__ void attn_plain(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
+                           int n_seqs, const int32_t *bts, int T, int n_heads, int n_kv_heads,
+                           int hd, int bs, float scale, bf16 *out)
+{
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (warp >= T * n_heads) return;
+    int row = warp / n_heads, h = warp % n_heads;
+    int si = 0;
+    while (si + 1 < n_seqs && seqs[si + 1].q_start <= row) si++;
+    pds_cuda_seq_t S = seqs[si];
+    int pos = S.n_ctx - S.n_new + (row - S.q_start);
+    int kvh = h / (n_heads / n_kv_heads);
+    const int32_t *bt = bts + S.bt_off;
+    float qv[8], acc[8];
+    int nd = (hd + 31) / 32;
+    for (int i = 0; i < 8; i++) {
+        int d = lane + 32 * i;
+        qv[i] = (i < nd && d < hd) ? __bfloat162float(q[(int64_t)row * q_stride + h * hd + d]) : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int j = 0; j <= pos; j++) {
+        const bf16 *k = kv_row(kv, bt, j, 0, kvh, n_kv_heads, hd, bs);
+        const bf16 *v = kv_row(kv, bt, j, 1, kvh, n_kv_heads, hd, bs);
+        float dot = 0.0f;
+        for (int i = 0; i < nd; i++) {
+            int d = lane + 32 * i;
+            if (d < hd) dot += qv[i] * __bfloat162float(k[d]);
+        }
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        float sc = dot * scale;
+        float mn = fmaxf(m, sc);
+        float al = expf(m - mn), p = expf(sc - mn);
+        l = l * al + p;
+        for (int i = 0; i < nd; i++) {
+            int d = lane + 32 * i;
+            acc[i] = acc[i] * al + (d < hd ? p * __bfloat162float(v[d]) : 0.0f);
+        }
+        m = mn;
+    }
+    for (int i = 0; i < nd; i++) {
+        int d = lane + 32 * i;
+        if (d < hd) out[(int64_t)row * n_heads * hd + h * hd + d] = __float2bfloat16_rn(acc[i] / l);
+    }
+}
+
+extern "C" int pds_cuda_attn_prefill_tile_rows(int head_dim)
+{
+    return PF_ROWS;
+}
+
+extern "C" int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int head_dim,
+                                           int32_t *tiles, int cap)
+{
+    int n = 0;
+    for (int s = 0; s < n_seqs; s++)
+        for (int r = 0; r < n_new[s]; r += PF_ROWS) {
+            if (n >= cap) return n;
+            tiles[2 * n] = s;
+            tiles[2 * n + 1] = r;
+            n++;
+        }
+    return n;
+}
+
+extern "C" pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride,
+                                              const uint16_t *kv_layer, const pds_cuda_seq_t *seqs,
+                                              const int32_t *block_tables, const int32_t *tiles,
+                                              int n_tiles, int n_heads, int n_kv_heads,
+                                              int head_dim, int block_size, uint16_t *out,
+                                              cudaStream_t s)
+{
+    if (n_tiles <= 0) return PDS_OK;
+    float scale = 1.0f / sqrtf((float)head_dim);
+    dim3 grid(n_tiles, n_heads);
+    if (head_dim == 128) {
+        attn_prefill_mma<128><<<grid, 128, 0, s>>>((const bf16 *)q, q_stride, (const bf16 *)kv_layer,
+                                                   seqs, block_tables, tiles, n_heads, n_kv_heads,
+                                                   block_size, scale * LOG2E, (bf16 *)out);
+        LAUNCH_CHECK("attn_prefill_mma<128>");
+    } else if (head_dim == 64) {
+        attn_prefill_mma<64><<<grid, 128, 0, s>>>((const bf16 *)q, q_stride, (const bf16 *)kv_layer,
+                                                  seqs, block_tables, tiles, n_heads, n_kv_heads,
+                                                  block_size, scale * LOG2E, (bf16 *)out);
+        LAUNCH_CHECK("attn_prefill_mma<64>");
+    } else {
+        return PDS_ERR(PDS_ERR_UNSUPPORTED, "prefill attention: head_dim %d needs pds_cuda_attn_plain",
+                       head_dim);
+    }
+    return PDS_OK;
+}
+
+/* Plain path: needs the sequence list and T instead of tiles. Declared here, used by the engine
+ * for head sizes other than 64/128 and by tests as a second opinion. */
+extern "C" pds_status_t pds_cuda_attn_plain(const uint16_t *q, int q_stride,
+                                            const uint16_t *kv_layer, const pds_cuda_seq_t *seqs,
+                                            int n_seqs, const int32_t *block_tables, int T,
+                                            int n_heads, int n_kv_heads, int head_dim,
+                                            int block_size, uint16_t *out, cudaStream_t s)
+{
+    if (T <= 0) return PDS_OK;
+    if (head_dim > 256)
+        return PDS_ERR(PDS_ERR_UNSUPPORTED, "attention: head_dim %d > 256", head_dim);
+    int64_t warps = (int64_t)T * n_heads;
+    int blocks = (int)((warps * 32 + 255) / 256);
+    attn_plain<<<blocks, 256, 0, s>>>((const bf16 *)q, q_stride, (const bf16 *)kv_layer, seqs,
+                                      n_seqs, block_tables, T, n_heads, n_kv_heads, head_dim,
+                                      block_size, 1.0f / sqrtf((float)head_dim), (bf16 *)out);
+    LAUNCH_CHECK("attn_plain");
+    return PDS_OK;
+}
+
+/* ---- decode: flash-decoding, GQA-aware ----------------------------------------------------------- */
+#define DEC_THREADS 128
+
+/* smem: q [G][HD] fp32 (pre-scaled), scores [G][split] fp32, reduce [8][G][HD] fp32, m/l [G][2] */
+template <int HD, int G>
+__global__ void __launch_bounds__(DEC_THREADS)
+    attn_decode_split(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
+                      const int32_t *bts, int n_heads, int n_kv_heads, int bs, int split,
+                      int max_splits, float scale_log2, float *part_o, float *part_ml)
+{
+    extern __shared__ float dsm[];
+    float *sq = dsm;                 /* [G][HD] */
+    float *ss = sq + G * HD;         /* [G][split] */
+    float *sred = ss + G * split;    /* [8][G][HD] */
+    const int sp = blockIdx.x, kvh = blockIdx.y, si = blockIdx.z;
+    const pds_cuda_seq_t S = seqs[si];
+    const int start = sp * split;
+    if (start >= S.n_ctx) return;
+    const int end = min(S.n_ctx, start + split), n = end - start;
+    const int32_t *bt = bts + S.bt_off;
+    const int64_t kvw = (int64_t)n_kv_heads * HD;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+
+    for (int i = tid; i < G * HD; i += DEC_THREADS) {
+        int gh = i / HD, d = i % HD;
+        sq[i] = __bfloat162float(q[(int64_t)S.q_start * q_stride + (kvh * G + gh) * HD + d]) * scale_log2;
+    }
+    __syncthreads();
+
+    /* scores: 8 lanes per key, DL dims per lane */
+    constexpr int DL = HD / 8;
+    const int sub = lane & 7;
+    float qr[G][DL];
+#pragma unroll
+    for (int gh = 0; gh < G; gh++)
+#pragma unroll
+        for (int d = 0; d < DL; d++) qr[gh][d] = sq[gh * HD + sub * DL + d];
+    for (int j = start + warp * 4 + (lane >> 3); j < end; j += 16) {
+        const bf16 *k = kv + ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD + sub * DL;
+        float kf[DL];
+#pragma unroll
+        for (int c = 0; c < DL; c += 8) {
+            uint4 x = *(const uint4 *)(k + c);
+            const bf16 *xb = (const bf16 *)&x;
+#pragma unroll
+            for (int e = 0; e < 8; e++) kf[c + e] = __bfloat162float(xb[e]);
+        }
+#pragma unroll
+        for (int gh = 0; gh < G; gh++) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int d = 0; d < DL; d++) dot += qr[gh][d] * kf[d];
+            dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+            dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+            dot += __shfl_xor_sync(0xffffffffu, dot, 4);
+            if (sub == 0) ss[gh * split + (j - start)] = dot;
+        }
+    }
+    __syncthreads();
+
+    /* softmax statistics per head: warp w handles heads w, w+4, ... */
+    __shared__ float sm_m[G], sm_l[G];
+    for (int gh = warp; gh < G; gh += DEC_THREADS / 32) {
+        float mx = -INFINITY;
+        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[gh * split + j]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.0f;
+        for (int j = lane; j < n; j += 32) {
+            float p = exp2f(ss[gh * split + j] - mx);
+            ss[gh * split + j] = p;
+            sum += p;
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) sm_m[gh] = mx, sm_l[gh] = sum;
+    }
+    __syncthreads();
+
+    /* P V: CH threads cover one V row with 8 dims each; RG rows in parallel */
+    constexpr int CH = HD / 8, RG = DEC_THREADS / CH;
+    const int c = tid % CH, rg = tid / CH;
+    float acc[G][8];
+#pragma unroll
+    for (int gh = 0; gh < G; gh++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[gh][e] = 0.0f;
+    for (int j = start + rg; j < end; j += RG) {
+        const bf16 *v = kv + ((int64_t)(bt[j / bs] * 2 + 1) * bs + j % bs) * kvw + kvh * HD + c * 8;
+        uint4 x = *(const uint4 *)v;
+        const bf16 *xb = (const bf16 *)&x;
+        float vf[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) vf[e] = __bfloat162float(xb[e]);
+#pragma unroll
+        for (int gh = 0; gh < G; gh++) {
+            float p = ss[gh * split + (j - start)];
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[gh][e] += p * vf[e];
+        }
+    }
+#pragma unroll
+    for (int gh = 0; gh < G; gh++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) sred[(rg * G + gh) * HD + c * 8 + e] = acc[gh][e];
+    __syncthreads();
+    for (int i = tid; i < G * HD; i += DEC_THREADS) {
+        float t = 0.0f;
+#pragma unroll
+        for (int r = 0; r < RG; r++) t += sred[r * G * HD + i];
+        int gh = i / HD, d = i % HD;
+        int h = kvh * G + gh;
+        int64_t pidx = ((int64_t)si * n_heads + h) * max_splits + sp;
+        part_o[pidx * HD + d] = t;
+        if (d == 0) {
+            part_ml[pidx * 2] = sm_m[gh];
+            part_ml[pidx * 2 + 1] = sm_l[gh];
+        }
+    }
+}
+
+__global__ void attn_decode_combine(const pds_cuda_seq_t *seqs, int n_heads, int hd, int split,
+                                    int max_splits, const float *part_o, const float *part_ml,
+                                    bf16 *out)
+{
+    const int si = blockIdx.x, h = blockIdx.y;
+    const pds_cuda_seq_t S = seqs[si];
+    int ns = min((S.n_ctx + split - 1) / split, max_splits);
+    int64_t base = ((int64_t)si * n_heads + h) * max_splits;
+    float M = -INFINITY;
+    for (int i = 0; i < ns; i++) M = fmaxf(M, part_ml[(base + i) * 2]);
+    float L = 0.0f;
+    for (int i = 0; i < ns; i++) L += part_ml[(base + i) * 2 + 1] * exp2f(part_ml[(base + i) * 2] - M);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < ns; i++)
+            acc += part_o[(base + i) * hd + d] * exp2f(part_ml[(base + i) * 2] - M);
+        out[(int64_t)S.q_start * n_heads * hd + h * hd + d] = __float2bfloat16_rn(acc / L);
+    }
+}
+
+extern "C" size_t pds_cuda_attn_decode_part_floats(int n_seqs, int n_heads, int head_dim,
+                                                   int max_splits)
+{
+    return (size_t)n_seqs * n_heads * max_splits * (head_dim + 2);
+}
+
+template <int HD, int G>
+static pds_status_t launch_decode(const uint16_t *q, int q_stride, const uint16_t *kv,
+                                  const pds_cuda_seq_t *seqs, const int32_t *bts, int n_seqs,
+                                  int n_heads, int n_kv_heads, int bs, int split, int max_splits,
+                                  float *part_o, float *part_ml, cudaStream_t s)
+{
+    size_t smem = sizeof(float) * ((size_t)G * HD + (size_t)G * split + 8ull * G * HD);
+    if (smem > 48 * 1024) {
+        static bool raised = false; /* per template instance: a one-time attribute */
+        if (!raised) {
+            PDS_CUDA_TRY(cudaFuncSetAttribute(attn_decode_split<HD, G>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              160 * 1024));
+            raised = true;
+        }
+    }
+    dim3 grid(max_splits, n_kv_heads, n_seqs);
+    attn_decode_split<HD, G><<<grid, DEC_THREADS, smem, s>>>(
+        (const bf16 *)q, q_stride, (const bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split,
+        max_splits, (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);
+    LAUNCH_CHECK("attn_decode_split");
+    return PDS_OK;
+}
+
+extern "C" pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride,
+                                             const uint16_t *kv_layer, const pds_cuda_seq_t *seqs,
+                                             const int32_t *block_tables, int n_seqs, int n_heads,
+                                             int n_kv_heads, int head_dim, int block_size,
+                                             int split_tokens, int max_splits, float *part,
+                                             uint16_t *out, cudaStream_t s)
+{
+    if (n_seqs <= 0) return PDS_OK;
+    int G = n_heads / n_kv_heads;
+    float *part_o = part;
+    float *part_ml = part + (size_t)n_seqs * n_heads * max_splits * head_dim;
+    pds_status_t st = PDS_ERR_UNSUPPORTED;
+#define DEC_CASE(HD_, G_)                                                                          \
+    if (head_dim == HD_ && G == G_)                                                                \
+        st = launch_decode<HD_, G_>(q, q_stride, kv_layer, seqs, block_tables, n_seqs, n_heads,     \
+                                    n_kv_heads, block_size, split_tokens, max_splits, part_o,      \
+                                    part_ml, s);
+    DEC_CASE(128, 1)
+    DEC_CASE(128, 2)
+    DEC_CASE(128, 4)
+    DEC_CASE(128, 8)
+    DEC_CASE(64, 1)
+    DEC_CASE(64, 2)
+    DEC_CASE(64, 4)
+    DEC_CASE(64, 8)
+#undef DEC_CASE
+    if (st == PDS_ERR_UNSUPPORTED)
+        return PDS_ERR(PDS_ERR_UNSUPPORTED, "decode attention: head_dim %d, group %d", head_dim, G);
+    if (st != PDS_OK) return st;
+    attn_decode_combine<<<dim3(n_seqs, n_heads), 128, 0, s>>>(seqs, n_heads, head_dim, split_tokens,
+                                                              max_splits, part_o, part_ml,
+                                                              (bf16 *)out);
+    LAUNCH_CHECK("attn_decode_combine");
+    return PDS_OK;
+}

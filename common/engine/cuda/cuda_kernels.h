@@ -1,0 +1,135 @@
+/* cuda_kernels.h: the CUDA engine's kernels behind a C interface — what engine_cuda.c strings
+ * together into a forward pass, and what tests/test_engine_cuda.c checks one by one against CPU
+ * references.
+ *
+ * Conventions: bf16 tensors are passed as uint16_t pointers (bit patterns), so plain C can hold
+ * them; every launcher takes an explicit stream, checks the launch and returns a pds_status_t
+ * (PDS_ERR_DEVICE with the kernel's name on a failed launch). Nothing here synchronises. Shapes
+ * are given as comments, row-major, outermost first. Device pointers unless said otherwise.
+ */
+#ifndef PDS_ENGINE_CUDA_KERNELS_H
+#define PDS_ENGINE_CUDA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+#ifndef _Noreturn
+#define _Noreturn [[noreturn]] /* base.h is C11; .cu files are C++ */
+#endif
+extern "C" {
+#endif
+
+#include "base/base.h"
+#include "model/model.h"
+
+/* Turn a CUDA runtime result into a status, naming the call (PDS_ERR adds file:line). */
+#define PDS_CUDA_TRY(call)                                                                         \
+    do {                                                                                           \
+        cudaError_t pds_cu_e_ = (call);                                                            \
+        if (pds_cu_e_ != cudaSuccess)                                                              \
+            return PDS_ERR(PDS_ERR_DEVICE, "%s: %s", #call, cudaGetErrorString(pds_cu_e_));        \
+    } while (0)
+
+/* One sequence of a forward batch as the attention kernels see it. */
+typedef struct {
+    int32_t q_start; /* first row of this sequence's new tokens in the flat [T, ...] arrays */
+    int32_t n_new;   /* new tokens (rows) */
+    int32_t n_ctx;   /* tokens in the KV after this forward (past + new) */
+    int32_t bt_off;  /* offset of its block table in the flat block-table array */
+} pds_cuda_seq_t;
+
+/* Per-sequence sampling inputs (u = pds_sample_uniform(seed, position), computed on the host). */
+typedef struct {
+    float temperature;
+    int32_t top_k;
+    float top_p;
+    float pad_;
+    double u;
+} pds_cuda_sample_t;
+
+/* dst[n] = pds_model_synth_value(seed, tensor, i, scale, is_norm) rounded to `round_to` (the
+ * model's stored dtype), then stored as bf16 (dst_bf16) or fp32 (dst_f32); exactly one non-NULL. */
+pds_status_t pds_cuda_synth_fill(uint16_t *dst_bf16, float *dst_f32, int64_t n, uint64_t seed,
+                                 int tensor, float scale, int is_norm, pds_dtype_t round_to,
+                                 cudaStream_t s);
+
+/* x[n, hidden] fp32 = table[tokens[i], :] (table [vocab, hidden] bf16). */
+pds_status_t pds_cuda_embed(const int32_t *tokens, int n, const uint16_t *table, int hidden,
+                            float *x, cudaStream_t s);
+
+/* out[r, :] bf16 = w * (x[row(r), :] * rsqrt(mean(x^2) + eps)) for r < rows, where row(r) =
+ * rows_idx[r] if rows_idx != NULL (gathering the last token of each sequence) else r.
+ * x [*, hidden] fp32, w [hidden] fp32, out [rows, hidden] bf16. */
+pds_status_t pds_cuda_rmsnorm(const float *x, const int32_t *rows_idx, int rows, int hidden,
+                              const float *w, float eps, uint16_t *out, cudaStream_t s);
+
+/* In place on qkv [T, (n_heads + 2*n_kv_heads) * head_dim] bf16 (q heads, then k, then v): RoPE
+ * ("rotate half", angle = (float)pos[t] * inv_freq[i] in fp32) on q and k; then k and v of token t
+ * are written to the pool layer (n_blocks, 2, block_size, n_kv_heads, head_dim) bf16 at slot
+ * slots[t] = block_id * block_size + index in block. inv_freq [head_dim/2] fp32. */
+pds_status_t pds_cuda_rope_kv_write(uint16_t *qkv, const int32_t *pos, const int32_t *slots, int T,
+                                    int n_heads, int n_kv_heads, int head_dim,
+                                    const float *inv_freq, uint16_t *kv_layer, int block_size,
+                                    cudaStream_t s);
+
+/* out[T, ffn] bf16 = silu(gu[:, :ffn]) * gu[:, ffn:] with gu [T, 2*ffn] bf16. */
+pds_status_t pds_cuda_silu_mul(const uint16_t *gu, int T, int ffn, uint16_t *out, cudaStream_t s);
+
+/* Causal attention for any mix of sequences (prefill, chunked prefill, decode). q: [T, q_stride]
+ * bf16 with head h at column h*head_dim (rope applied); K/V read through each sequence's block
+ * table from the pool layer; out [T, n_heads*head_dim] bf16. Tensor-core flash attention for
+ * head_dim 64 and 128, a plain kernel otherwise. tiles [n_tiles] (seq index, first new row) come
+ * from pds_cuda_attn_prefill_tiles(). */
+pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride, const uint16_t *kv_layer,
+                                   const pds_cuda_seq_t *seqs, const int32_t *block_tables,
+                                   const int32_t *tiles, int n_tiles, int n_heads, int n_kv_heads,
+                                   int head_dim, int block_size, uint16_t *out, cudaStream_t s);
+/* The plain kernel (one warp per row and head, any head_dim <= 256): the path for other head
+ * sizes and a second opinion in tests. seqs ordered by q_start; T rows in all. */
+pds_status_t pds_cuda_attn_plain(const uint16_t *q, int q_stride, const uint16_t *kv_layer,
+                                 const pds_cuda_seq_t *seqs, int n_seqs,
+                                 const int32_t *block_tables, int T, int n_heads, int n_kv_heads,
+                                 int head_dim, int block_size, uint16_t *out, cudaStream_t s);
+/* Rows of queries per prefill tile, and the host-side tile list: tiles[2*i] = seq, [2*i+1] =
+ * first row within the sequence. Returns the tile count (<= cap). */
+int pds_cuda_attn_prefill_tile_rows(int head_dim);
+int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int head_dim, int32_t *tiles,
+                                int cap);
+
+/* Decode attention (every sequence has n_new == 1; row s of q belongs to seqs[s]): flash-decoding
+ * with the context split into chunks of split_tokens, grid sized for max_splits chunks per
+ * sequence (chunks past a sequence's end exit at once, so one launch shape serves a CUDA graph),
+ * then a combine pass. part: pds_cuda_attn_decode_part_floats(...) floats of scratch. */
+size_t pds_cuda_attn_decode_part_floats(int n_seqs, int n_heads, int head_dim, int max_splits);
+pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride, const uint16_t *kv_layer,
+                                  const pds_cuda_seq_t *seqs, const int32_t *block_tables,
+                                  int n_seqs, int n_heads, int n_kv_heads, int head_dim,
+                                  int block_size, int split_tokens, int max_splits, float *part,
+                                  uint16_t *out, cudaStream_t s);
+
+/* tokens[S]: the token drawn for each row of logits [S, vocab] fp32 with the algorithm of
+ * sample/sample.h (greedy when temperature == 0). */
+pds_status_t pds_cuda_sample(const float *logits, int S, int vocab, const pds_cuda_sample_t *p,
+                             int32_t *tokens, cudaStream_t s);
+
+/* KV block moves between a pool layer and a staging buffer of n consecutive blocks, converting
+ * bf16 <-> `dtype` (F32 or BF16). block_elems = pds_kv_block_elems(). ids [n] device. */
+pds_status_t pds_cuda_kv_gather(const uint16_t *kv_layer, int64_t block_elems, const int32_t *ids,
+                                int n, pds_dtype_t dtype, void *dst, cudaStream_t s);
+pds_status_t pds_cuda_kv_scatter(uint16_t *kv_layer, int64_t block_elems, const int32_t *ids,
+                                 int n, pds_dtype_t dtype, const void *src, cudaStream_t s);
+
+/* dst[bytes] = src[bytes] with 16-byte loads (bytes a multiple of 16): the bandwidth probe. */
+pds_status_t pds_cuda_copy(void *dst, const void *src, size_t bytes, cudaStream_t s);
+
+/* fp32 -> bf16 (round to nearest even), n elements. */
+pds_status_t pds_cuda_f32_to_bf16(const float *src, int64_t n, uint16_t *dst, cudaStream_t s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PDS_ENGINE_CUDA_KERNELS_H */
