@@ -14,6 +14,12 @@ rc=$?
 set -e
 # Each binary's Criterion summary ("Synthesis: Tested: N | Passing: N | ..."), skips and the total.
 grep -E 'Synthesis|\[SKIP\]|skipped|tests passed|tests failed|Total Test time' "$log" || true
+# Criterion counts a test whose forked child leaked as passed: the sanitizers' own reports decide.
+if grep -qE 'ERROR: (Leak|Address)Sanitizer|runtime error:' "$log"; then
+  echo "---- sanitizer reports ----"
+  grep -E -A12 'ERROR: (Leak|Address)Sanitizer|runtime error:' "$log" | head -120
+  rc=1
+fi
 if [ $rc -ne 0 ]; then
   echo "---- failures (full log: $log) ----"
   grep -E '\[FAIL\]|\[----\]|\*\*\*Failed|Timeout|Exception' "$log" | head -80

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "proto/pdserve.pb-c.h"
 #include "rpc/rpc.h"
@@ -16,7 +17,8 @@
 #define M_CANCEL   "/pdserve.v1.DecodeNode/Cancel"
 #define WAIT_MS    10000
 
-/* ---- what the handlers saw (one test per process: Criterion forks) ---------------------------- */
+/* ---- what the handlers saw (one test per process: Criterion forks) ----------------------------
+ */
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -54,7 +56,8 @@ static void set_flag(bool *flag)
     pthread_mutex_unlock(&g.mu);
 }
 
-/* ---- handlers --------------------------------------------------------------------------------- */
+/* ---- handlers (cr_expect only: they run off the test's thread)
+ * --------------------------------------------------------------------------------- */
 /* RegisterNode: refuses a wrong magic like the router will; otherwise answers with values derived
  * from the request so the client can check every one. */
 static void on_register(pds_rpc_call_t *call, const ProtobufCMessage *request, void *arg)
@@ -63,12 +66,13 @@ static void on_register(pds_rpc_call_t *call, const ProtobufCMessage *request, v
     pthread_mutex_lock(&g.mu);
     g.handler_calls++;
     size_t n = protobuf_c_message_get_packed_size(request);
-    if (n <= sizeof g.register_bytes) g.register_len = protobuf_c_message_pack(request, g.register_bytes);
+    if (n <= sizeof g.register_bytes)
+        g.register_len = protobuf_c_message_pack(request, g.register_bytes);
     pthread_mutex_unlock(&g.mu);
     if (ni->magic != PDS_RPC_PROTOCOL_MAGIC) {
         char msg[128];
-        snprintf(msg, sizeof msg, "node %s: protocol magic 0x%x, want 0x%x", ni->node_id,
-                 ni->magic, PDS_RPC_PROTOCOL_MAGIC);
+        snprintf(msg, sizeof msg, "node %s: protocol magic 0x%x, want 0x%x", ni->node_id, ni->magic,
+                 PDS_RPC_PROTOCOL_MAGIC);
         pds_rpc_call_finish(call, PDS_ERR_FAILED_PRECONDITION, msg);
         return;
     }
@@ -109,7 +113,7 @@ typedef struct {
 static void *gen_worker(void *arg)
 {
     gen_job_t job = *(gen_job_t *)arg;
-    free(arg);
+    pds_free(arg);
     if (job.hold) {
         (void)send_chunk(job.call, job.base, 0);
         bool seen = wait_flag(&g.cancel_seen);
@@ -121,7 +125,7 @@ static void *gen_worker(void *arg)
         set_flag(&g.worker_done);
         return NULL;
     }
-    for (uint32_t i = 2; i < job.n; i++) cr_assert_eq(send_chunk(job.call, job.base, i), PDS_OK);
+    for (uint32_t i = 2; i < job.n; i++) cr_expect_eq(send_chunk(job.call, job.base, i), PDS_OK);
     Pdserve__V1__Summary sum = PDSERVE__V1__SUMMARY__INIT;
     sum.request_id = "req-1";
     sum.finish_reason = PDSERVE__V1__FINISH_REASON__FINISH_REASON_LENGTH;
@@ -129,7 +133,7 @@ static void *gen_worker(void *arg)
     Pdserve__V1__GenerateResponse resp = PDSERVE__V1__GENERATE_RESPONSE__INIT;
     resp.kind_case = PDSERVE__V1__GENERATE_RESPONSE__KIND_SUMMARY;
     resp.summary = &sum;
-    cr_assert_eq(pds_rpc_call_send(job.call, &resp.base), PDS_OK);
+    cr_expect_eq(pds_rpc_call_send(job.call, &resp.base), PDS_OK);
     pds_rpc_call_finish(job.call, PDS_OK, NULL);
     set_flag(&g.worker_done);
     return NULL;
@@ -146,15 +150,27 @@ static void on_generate(pds_rpc_call_t *call, const ProtobufCMessage *request, v
         pds_rpc_call_finish(call, PDS_ERR_INVALID_ARG, "token ids required");
         return;
     }
-    gen_job_t *job = malloc(sizeof *job);
+    if (strcmp(req->request_id, "flood") == 0) {
+        /* Sends in a burst from the RPC thread: no send can complete meanwhile, so exactly
+         * 1 (in flight) + max_queued_sends are taken. */
+        pds_status_t s = PDS_OK;
+        uint32_t i = 0;
+        while (i < req->max_tokens && (s = send_chunk(call, req->token_ids->ids[0], i)) == PDS_OK)
+            i++;
+        char msg[128];
+        snprintf(msg, sizeof msg, "took %u tokens, then %s", i, pds_status_name(s));
+        pds_rpc_call_finish(call, s, msg);
+        return;
+    }
+    gen_job_t *job = pds_malloc(sizeof *job);
     *job = (gen_job_t){call, req->token_ids->ids[0], req->max_tokens,
                        strcmp(req->request_id, "hold") == 0};
     if (!job->hold) {
-        cr_assert_eq(send_chunk(call, job->base, 0), PDS_OK);
-        cr_assert_eq(send_chunk(call, job->base, 1), PDS_OK);
+        cr_expect_eq(send_chunk(call, job->base, 0), PDS_OK);
+        cr_expect_eq(send_chunk(call, job->base, 1), PDS_OK);
     }
     pthread_mutex_lock(&g.mu);
-    cr_assert_lt(g.n_workers, 8);
+    cr_expect_lt(g.n_workers, 8); /* (cr_expect: not on the test's thread) */
     pthread_create(&g.workers[g.n_workers++], NULL, gen_worker, job);
     pthread_mutex_unlock(&g.mu);
 }
@@ -187,23 +203,25 @@ static void on_slow_cancel(pds_rpc_call_t *call, void *arg)
     set_flag(&g.cancel_seen);
 }
 
-/* ---- fixture ---------------------------------------------------------------------------------- */
+/* ---- fixture ----------------------------------------------------------------------------------
+ */
 static pds_rpc_server_t *srv;
 static pds_rpc_channel_t *ch;
 static pds_alloc_stats_t stats_before;
 
-static void setup(void)
+/* The server (with our three methods) and a channel to it. */
+static void start(int max_queued_sends)
 {
-    pds_alloc_stats(&stats_before);
     pds_rpc_server_params_t p = pds_rpc_server_default_params();
+    p.max_queued_sends = max_queued_sends;
     cr_assert_eq(pds_rpc_server_create(&p, &srv), PDS_OK, "%s", pds_err_detail());
     cr_assert_gt(pds_rpc_server_port(srv), 0);
     pds_rpc_method_t methods[] = {
         {M_REGISTER, PDS_RPC_UNARY, &pdserve__v1__node_info__descriptor, on_register, NULL, NULL},
-        {M_GENERATE, PDS_RPC_SERVER_STREAM, &pdserve__v1__generate_request__descriptor,
-         on_generate, on_generate_cancel, NULL},
-        {M_CANCEL, PDS_RPC_UNARY, &pdserve__v1__cancel_request__descriptor, on_slow,
-         on_slow_cancel, NULL},
+        {M_GENERATE, PDS_RPC_SERVER_STREAM, &pdserve__v1__generate_request__descriptor, on_generate,
+         on_generate_cancel, NULL},
+        {M_CANCEL, PDS_RPC_UNARY, &pdserve__v1__cancel_request__descriptor, on_slow, on_slow_cancel,
+         NULL},
     };
     for (size_t i = 0; i < PDS_ARRAY_LEN(methods); i++)
         cr_assert_eq(pds_rpc_server_add_method(srv, &methods[i]), PDS_OK, "%s", pds_err_detail());
@@ -213,9 +231,13 @@ static void setup(void)
     cr_assert_eq(pds_rpc_channel_create(target, &ch), PDS_OK);
 }
 
-/* Everything is torn down and the worker threads joined; every pds_malloc made by the layer (our
- * calls, messages, packed buffers handed to gRPC) must have been freed. */
-static void teardown(void)
+static void setup(void)
+{
+    pds_alloc_stats(&stats_before);
+    start(0);
+}
+
+static void close_all(void)
 {
     pds_rpc_channel_destroy(ch);
     pds_rpc_server_destroy(srv);
@@ -223,13 +245,21 @@ static void teardown(void)
     srv = NULL;
     for (int i = 0; i < g.n_workers; i++) pthread_join(g.workers[i], NULL);
     g.n_workers = 0;
+}
+
+/* Ends a test: everything torn down and the workers joined, every pds_malloc the layer made (calls,
+ * messages, packed buffers handed to gRPC) must have been freed. (In the test body: an assertion
+ * in .fini would not fail the test.) */
+static void expect_no_leaks(void)
+{
+    close_all();
     pds_alloc_stats_t after;
     pds_alloc_stats(&after);
     cr_expect_eq(after.live_blocks, stats_before.live_blocks, "leaked %lld pds blocks",
                  (long long)(after.live_blocks - stats_before.live_blocks));
 }
 
-TestSuite(rpc, .init = setup, .fini = teardown);
+TestSuite(rpc, .init = setup, .fini = close_all);
 
 static Pdserve__V1__NodeInfo *node_info(Pdserve__V1__NodeInfo *ni, Pdserve__V1__KvGeometry *kv)
 {
@@ -257,7 +287,8 @@ static Pdserve__V1__NodeInfo *node_info(Pdserve__V1__NodeInfo *ni, Pdserve__V1__
     return ni;
 }
 
-/* ---- tests ------------------------------------------------------------------------------------ */
+/* ---- tests ------------------------------------------------------------------------------------
+ */
 Test(rpc, unary_round_trip_carries_every_field_exactly)
 {
     Pdserve__V1__NodeInfo ni;
@@ -281,6 +312,7 @@ Test(rpc, unary_round_trip_carries_every_field_exactly)
     cr_assert_eq(g.register_len, n);
     cr_expect_arr_eq(g.register_bytes, sent, n);
     pthread_mutex_unlock(&g.mu);
+    expect_no_leaks();
 }
 
 Test(rpc, server_stream_delivers_all_messages_in_order_then_ok)
@@ -328,6 +360,7 @@ Test(rpc, server_stream_delivers_all_messages_in_order_then_ok)
     cr_expect_null(m);
     pds_rpc_stream_destroy(st);
     cr_expect(wait_flag(&g.worker_done));
+    expect_no_leaks();
 }
 
 Test(rpc, malformed_request_is_invalid_argument_and_skips_the_handler)
@@ -335,15 +368,15 @@ Test(rpc, malformed_request_is_invalid_argument_and_skips_the_handler)
     /* Field 3 (node_id) claims 10 bytes but only 1 follows. */
     const uint8_t bad[] = {0x1a, 0x0a, 'x'};
     ProtobufCMessage *reply = NULL;
-    pds_status_t s = pds_rpc_channel_call_raw(ch, M_REGISTER, bad, sizeof bad,
-                                              &pdserve__v1__register_reply__descriptor, 5000,
-                                              &reply);
+    pds_status_t s = pds_rpc_channel_call_raw(
+        ch, M_REGISTER, bad, sizeof bad, &pdserve__v1__register_reply__descriptor, 5000, &reply);
     cr_expect_eq(s, PDS_ERR_INVALID_ARG, "got %s", pds_status_name(s));
     cr_expect_str_eq(pds_err_detail(), "malformed pdserve.v1.NodeInfo");
     cr_expect_null(reply);
     pthread_mutex_lock(&g.mu);
     cr_expect_eq(g.handler_calls, 0);
     pthread_mutex_unlock(&g.mu);
+    expect_no_leaks();
 }
 
 Test(rpc, handler_status_and_message_reach_the_client_exactly)
@@ -372,6 +405,7 @@ Test(rpc, handler_status_and_message_reach_the_client_exactly)
     cr_expect_str_eq(pds_err_detail(), "token ids required");
     cr_expect_null(m);
     pds_rpc_stream_destroy(st);
+    expect_no_leaks();
 }
 
 Test(rpc, deadline_expires_as_timeout_and_the_handler_sees_it)
@@ -394,6 +428,7 @@ Test(rpc, deadline_expires_as_timeout_and_the_handler_sees_it)
     cr_expect_gt(g.deadline_ns, t0);
     cr_expect_leq(g.deadline_ns, t0 + 250 * 1000000LL);
     pthread_mutex_unlock(&g.mu);
+    expect_no_leaks();
 }
 
 Test(rpc, client_cancel_is_observed_by_the_handler)
@@ -436,6 +471,7 @@ static void *stream_reader(void *arg)
     pds_status_t s;
     while ((s = pds_rpc_stream_next(st, &m)) == PDS_OK && m) pds_rpc_msg_free(m);
     return (void *)(intptr_t)s;
+    expect_no_leaks();
 }
 
 Test(rpc, shutdown_with_calls_in_flight_cancels_them_and_frees_everything)
@@ -472,7 +508,7 @@ Test(rpc, shutdown_with_calls_in_flight_cancels_them_and_frees_everything)
     cr_expect_eq(g.send_after_cancel, PDS_ERR_CANCELLED);
     pthread_mutex_unlock(&g.mu);
     pds_rpc_stream_destroy(st);
-    /* teardown checks that every pds allocation was returned */
+    expect_no_leaks();
 }
 
 Test(rpc, unknown_method_is_unimplemented)
@@ -484,6 +520,7 @@ Test(rpc, unknown_method_is_unimplemented)
     cr_expect_eq(s, PDS_ERR_UNSUPPORTED, "got %s", pds_status_name(s));
     cr_expect_str_eq(pds_err_detail(), "unknown method /pdserve.v1.Pdserve/NoSuchMethod");
     cr_expect_null(reply);
+    expect_no_leaks();
 }
 
 Test(rpc, unreachable_peer_is_unavailable)
@@ -504,6 +541,7 @@ Test(rpc, unreachable_peer_is_unavailable)
     cr_expect_eq(s, PDS_ERR_UNAVAILABLE, "got %s (%s)", pds_status_name(s), pds_err_detail());
     cr_expect_null(reply);
     pds_rpc_channel_destroy(dead);
+    expect_no_leaks();
 }
 
 Test(rpc, port_in_use_and_bad_methods_are_refused)
@@ -518,8 +556,8 @@ Test(rpc, port_in_use_and_bad_methods_are_refused)
 
     p = pds_rpc_server_default_params();
     cr_assert_eq(pds_rpc_server_create(&p, &second), PDS_OK);
-    pds_rpc_method_t m = {M_REGISTER, PDS_RPC_UNARY, &pdserve__v1__node_info__descriptor,
-                          on_register, NULL, NULL};
+    pds_rpc_method_t m = {M_REGISTER,  PDS_RPC_UNARY, &pdserve__v1__node_info__descriptor,
+                          on_register, NULL,          NULL};
     cr_expect_eq(pds_rpc_server_add_method(second, &m), PDS_OK);
     cr_expect_eq(pds_rpc_server_add_method(second, &m), PDS_ERR_ALREADY_EXISTS);
     m.name = "no-slash";
@@ -528,27 +566,121 @@ Test(rpc, port_in_use_and_bad_methods_are_refused)
     m.handler = NULL;
     cr_expect_eq(pds_rpc_server_add_method(second, &m), PDS_ERR_INVALID_ARG);
     pds_rpc_server_destroy(second); /* never started: still shuts down cleanly */
+    expect_no_leaks();
 }
 
 Test(rpc, status_mapping_round_trips_and_collapses_as_documented)
 {
-    const pds_status_t kept[] = {
-        PDS_OK,           PDS_ERR_INVALID_ARG,   PDS_ERR_OUT_OF_RANGE,
-        PDS_ERR_NOT_FOUND, PDS_ERR_ALREADY_EXISTS, PDS_ERR_EXHAUSTED,
-        PDS_ERR_TIMEOUT,  PDS_ERR_CANCELLED,     PDS_ERR_UNAVAILABLE,
-        PDS_ERR_FAILED_PRECONDITION, PDS_ERR_UNSUPPORTED, PDS_ERR_CORRUPT, PDS_ERR_INTERNAL};
+    const pds_status_t kept[] = {PDS_OK,
+                                 PDS_ERR_INVALID_ARG,
+                                 PDS_ERR_OUT_OF_RANGE,
+                                 PDS_ERR_NOT_FOUND,
+                                 PDS_ERR_ALREADY_EXISTS,
+                                 PDS_ERR_EXHAUSTED,
+                                 PDS_ERR_TIMEOUT,
+                                 PDS_ERR_CANCELLED,
+                                 PDS_ERR_UNAVAILABLE,
+                                 PDS_ERR_FAILED_PRECONDITION,
+                                 PDS_ERR_UNSUPPORTED,
+                                 PDS_ERR_CORRUPT,
+                                 PDS_ERR_INTERNAL};
     for (size_t i = 0; i < PDS_ARRAY_LEN(kept); i++)
         cr_expect_eq(pds_rpc_status_from_code(pds_rpc_status_to_code(kept[i])), kept[i], "%s",
                      pds_status_name(kept[i]));
     cr_expect_eq(pds_rpc_status_to_code(PDS_OK), 0);
-    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_PARSE), 3);       /* INVALID_ARGUMENT */
-    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_TIMEOUT), 4);     /* DEADLINE_EXCEEDED */
-    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_NO_MEMORY), 8);   /* RESOURCE_EXHAUSTED */
+    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_PARSE), 3);        /* INVALID_ARGUMENT */
+    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_TIMEOUT), 4);      /* DEADLINE_EXCEEDED */
+    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_NO_MEMORY), 8);    /* RESOURCE_EXHAUSTED */
     cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_UNSUPPORTED), 12); /* UNIMPLEMENTED */
-    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_TRANSPORT), 14);  /* UNAVAILABLE */
-    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_IO), 13);         /* INTERNAL */
+    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_TRANSPORT), 14);   /* UNAVAILABLE */
+    cr_expect_eq(pds_rpc_status_to_code(PDS_ERR_IO), 13);          /* INTERNAL */
     cr_expect_eq(pds_rpc_status_to_code((pds_status_t)-999), 13);
-    cr_expect_eq(pds_rpc_status_from_code(2), PDS_ERR_INTERNAL);  /* UNKNOWN */
-    cr_expect_eq(pds_rpc_status_from_code(7), PDS_ERR_INTERNAL);  /* PERMISSION_DENIED */
+    cr_expect_eq(pds_rpc_status_from_code(2), PDS_ERR_INTERNAL); /* UNKNOWN */
+    cr_expect_eq(pds_rpc_status_from_code(7), PDS_ERR_INTERNAL); /* PERMISSION_DENIED */
     cr_expect_eq(pds_rpc_status_from_code(99), PDS_ERR_INTERNAL);
+}
+
+Test(rpc, a_reader_too_slow_makes_send_fail_after_max_queued_sends)
+{
+    close_all();
+    start(4);
+    int32_t prompt[] = {300};
+    Pdserve__V1__TokenIds ids = PDSERVE__V1__TOKEN_IDS__INIT;
+    ids.n_ids = 1;
+    ids.ids = prompt;
+    Pdserve__V1__GenerateRequest req = PDSERVE__V1__GENERATE_REQUEST__INIT;
+    req.request_id = "flood";
+    req.prompt_case = PDSERVE__V1__GENERATE_REQUEST__PROMPT_TOKEN_IDS;
+    req.token_ids = &ids;
+    req.max_tokens = 100;
+    pds_rpc_stream_t *st = NULL;
+    cr_assert_eq(pds_rpc_stream_open(ch, M_GENERATE, &req.base,
+                                     &pdserve__v1__generate_response__descriptor, 10000, &st),
+                 PDS_OK);
+    for (int i = 0; i < 5; i++) {
+        ProtobufCMessage *m = NULL;
+        cr_assert_eq(pds_rpc_stream_next(st, &m), PDS_OK, "token %d: %s", i, pds_err_detail());
+        cr_assert_not_null(m);
+        cr_expect_eq(((Pdserve__V1__GenerateResponse *)m)->chunk->ids[0], 300 + i);
+        pds_rpc_msg_free(m);
+    }
+    ProtobufCMessage *m = NULL;
+    cr_expect_eq(pds_rpc_stream_next(st, &m), PDS_ERR_EXHAUSTED);
+    cr_expect_str_eq(pds_err_detail(), "took 5 tokens, then PDS_ERR_EXHAUSTED");
+    cr_expect_null(m);
+    pds_rpc_stream_destroy(st);
+    expect_no_leaks();
+}
+
+/* The Python example client (deploy/python) against this C server: it generates its stubs from
+ * proto/pdserve.proto with protoc, streams Generate and must print exactly the tokens sent. */
+Test(rpc, python_client_streams_the_generated_tokens)
+{
+    if (access("/usr/bin/python3", X_OK) != 0 ||
+        system("/usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null") != 0 ||
+        system("command -v protoc >/dev/null && test -x /usr/bin/grpc_python_plugin") != 0) {
+        expect_no_leaks();
+        cr_skip_test("needs /usr/bin/python3 with grpc + protobuf, protoc, grpc_python_plugin");
+    }
+    char src[512];
+    const char *env = getenv("PDS_SOURCE_DIR");
+    if (env) {
+        snprintf(src, sizeof src, "%s", env);
+    } else { /* __FILE__ is <src>/tests/test_rpc.c */
+        snprintf(src, sizeof src, "%s", __FILE__);
+        char *cut = strstr(src, "/tests/test_rpc.c");
+        cr_assert_not_null(cut, "set PDS_SOURCE_DIR");
+        *cut = '\0';
+    }
+    char stubs[] = "/tmp/pds-rpc-py-XXXXXX";
+    cr_assert_not_null(mkdtemp(stubs));
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "/usr/bin/python3 %s/deploy/python/pdserve_client.py --stubs-dir %s generate "
+             "--target 127.0.0.1:%d --tokens 1000,1,2 --request-id req-1 --max-tokens 20 "
+             "--json --timeout 20",
+             src, stubs, pds_rpc_server_port(srv));
+    FILE *f = popen(cmd, "r");
+    cr_assert_not_null(f);
+    char out[8192];
+    size_t n = fread(out, 1, sizeof out - 1, f);
+    out[n] = '\0';
+    int rc = pclose(f);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", stubs);
+    cr_expect_eq(system(cmd), 0);
+    cr_assert_eq(rc, 0, "client failed; output:\n%s", out);
+
+    char want[4096];
+    size_t w = 0;
+    for (int i = 0; i < 20; i++)
+        w += (size_t)snprintf(want + w, sizeof want - w,
+                              "{\"ids\":[%d],\"index\":%d,\"text\":\"t%d\",\"type\":\"chunk\"}\n",
+                              1000 + i, i, i);
+    cr_assert(strncmp(out, want, w) == 0, "chunks differ; got:\n%s", out);
+    const char *summary = out + w;
+    cr_expect(strstr(summary, "\"type\":\"summary\"") != NULL, "got: %s", summary);
+    cr_expect(strstr(summary, "\"output_tokens\":20") != NULL, "got: %s", summary);
+    cr_expect(strstr(summary, "\"finish_reason\":\"FINISH_REASON_LENGTH\"") != NULL);
+    cr_expect(strstr(summary, "\"request_id\":\"req-1\"") != NULL);
+    expect_no_leaks();
 }

@@ -99,6 +99,8 @@ static pds_status_t ucx_err(ucs_status_t st, const char *call, const char *file,
     return pds_err_set(ucs_to_pds(st), file, line, "%s: %s", call, ucs_status_string(st));
 }
 
+static void send_cb(void *req, ucs_status_t st, void *user);
+
 /* ---- receiver: active message handlers (progress thread, x->mu held) ----------------------- */
 static void send_ack(pds_kvx_t *x, ucp_ep_h ep, uint64_t id, pds_status_t verdict)
 {
@@ -112,12 +114,11 @@ static void send_ack(pds_kvx_t *x, ucp_ep_h ep, uint64_t id, pds_status_t verdic
     op->x = x;
     kvx_wire_init(&op->hdr, KVX_MSG_ACK, id);
     op->hdr.status = verdict;
-    extern void kvx_ucx_send_cb(void *req, ucs_status_t st, void *user);
     ucp_request_param_t prm = {.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK |
                                                UCP_OP_ATTR_FIELD_USER_DATA |
                                                UCP_OP_ATTR_FIELD_FLAGS,
                                .flags = UCP_AM_SEND_FLAG_EAGER,
-                               .cb.send = kvx_ucx_send_cb,
+                               .cb.send = send_cb,
                                .user_data = op};
     ucs_status_ptr_t req = ucp_am_send_nbx(ep, KVX_MSG_ACK, &op->hdr, sizeof op->hdr, NULL, 0, &prm);
     if (UCS_PTR_IS_ERR(req)) {
@@ -261,8 +262,7 @@ static ucs_status_t am_abort(void *arg, const void *header, size_t header_length
 }
 
 /* ---- sender side ----------------------------------------------------------------------------- */
-void kvx_ucx_send_cb(void *req, ucs_status_t st, void *user);
-void kvx_ucx_send_cb(void *req, ucs_status_t st, void *user)
+static void send_cb(void *req, ucs_status_t st, void *user)
 {
     kvx_op_t *op = user;
     pds_kvx_send_t *t = op->t;
@@ -301,7 +301,7 @@ static ucp_request_param_t send_param(kvx_op_t *op, uint32_t flags)
                                                  UCP_OP_ATTR_FIELD_USER_DATA |
                                                  (flags ? UCP_OP_ATTR_FIELD_FLAGS : 0),
                                  .flags = flags,
-                                 .cb.send = kvx_ucx_send_cb,
+                                 .cb.send = send_cb,
                                  .user_data = op};
 }
 
@@ -480,7 +480,7 @@ pds_status_t kvx_ucx_open(pds_kvx_send_t *t, const void *addr, size_t addr_len, 
     size_t n;
     PDS_TRY(kvx_addr_parse(addr, addr_len, PDS_KVX_UCX, &payload, &n));
     if (n == 0) return PDS_ERR(PDS_ERR_PARSE, "empty UCX worker address");
-    kvx_peer_t *p;
+    kvx_peer_t *p = NULL;
     PDS_TRY(peer_get(x, payload, n, &p));
     if (x->p.path == PDS_KVX_PATH_PUT) PDS_TRY(peer_rkeys(p, pool, pool_len));
     t->peer = p;

@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <string.h>
 
-
 #define T pds_node_config_t
 static const char *const role_names[] = {"prefill", "decode", "colocated", NULL};
 static const char *const backend_names[] = {"cpu", "cuda", NULL};
@@ -33,7 +32,8 @@ static const pds_config_field_t node_fields[] = {
     {"model", "dir", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, model_dir), .def = "",
      .help = "model directory (config.json + safetensors); empty = the preset below"},
     {"model", "preset", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, preset), .def = "small",
-     .help = "built-in preset with synthetic weights: tiny, small, llama3-8b, llama2-7b, llama3-70b"},
+     .help =
+         "built-in preset with synthetic weights: tiny, small, llama3-8b, llama2-7b, llama3-70b"},
     {"model", "seed", PDS_CONFIG_INT64, PDS_CONFIG_MEMBER(T, seed), .def = "1", .min = "0",
      .help = "seed of the preset's synthetic weights"},
     {"engine", "backend", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, backend), .def = "cpu",
@@ -50,16 +50,16 @@ static const pds_config_field_t node_fields[] = {
      .def = "0.9", .min = "0.01", .max = "1", .help = "CUDA: share of free GPU memory for KV"},
     {"engine", "max_batch_tokens", PDS_CONFIG_INT, PDS_CONFIG_MEMBER(T, max_batch_tokens),
      .def = "8192", .min = "1", .help = "most new tokens in one forward (prefill token budget)"},
-    {"engine", "max_batch_seqs", PDS_CONFIG_INT, PDS_CONFIG_MEMBER(T, max_batch_seqs),
-     .def = "256", .min = "1", .help = "most sequences in one forward"},
+    {"engine", "max_batch_seqs", PDS_CONFIG_INT, PDS_CONFIG_MEMBER(T, max_batch_seqs), .def = "256",
+     .min = "1", .help = "most sequences in one forward"},
     {"kvx", "backend", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, kvx_backend), .def = "ucx",
      .choices = kvx_names, .help = "KV transfer backend: ucx | loopback (tests)"},
     {"kvx", "path", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, kvx_path), .def = "am",
      .choices = path_names, .help = "UCX data path: am (active messages) | put (RMA)"},
     {"kvx", "checksum", PDS_CONFIG_BOOL, PDS_CONFIG_MEMBER(T, kvx_checksum), .def = "true",
      .help = "verify a checksum per (layer, block) before decoding"},
-    {"kvx", "timeout", PDS_CONFIG_DURATION, PDS_CONFIG_MEMBER(T, transfer_timeout_ns),
-     .def = "30s", .min = "10ms", .help = "a transfer not complete by then fails"},
+    {"kvx", "timeout", PDS_CONFIG_DURATION, PDS_CONFIG_MEMBER(T, transfer_timeout_ns), .def = "30s",
+     .min = "10ms", .help = "a transfer not complete by then fails"},
     {"log", "level", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, log_level), .def = "info",
      .choices = level_names, .help = "trace | debug | info | warn | error | off"},
 };
@@ -147,8 +147,8 @@ pds_status_t pds_node_engine_create(const pds_node_config_t *cfg, pds_engine_t *
 
 uint64_t pds_node_model_fingerprint(const pds_node_config_t *cfg, const pds_model_config_t *m)
 {
-    const int32_t dims[] = {m->n_layers, m->hidden,  m->n_heads, m->n_kv_heads, m->head_dim,
-                            m->ffn,      m->vocab,   m->max_context, m->bos_id, m->eos_id};
+    const int32_t dims[] = {m->n_layers, m->hidden, m->n_heads,     m->n_kv_heads, m->head_dim,
+                            m->ffn,      m->vocab,  m->max_context, m->bos_id,     m->eos_id};
     uint64_t h = 0x70647376;
     for (size_t i = 0; i < PDS_ARRAY_LEN(dims); i++) h = pds_mix64(h ^ (uint64_t)(uint32_t)dims[i]);
     const char *id = cfg->model_dir[0] ? cfg->model_dir : cfg->preset;
@@ -157,7 +157,8 @@ uint64_t pds_node_model_fingerprint(const pds_node_config_t *cfg, const pds_mode
     return h;
 }
 
-/* ---- Health ------------------------------------------------------------------------------------ */
+/* ---- Health ------------------------------------------------------------------------------------
+ */
 static void health_handler(pds_rpc_call_t *call, const ProtobufCMessage *req, void *arg)
 {
     pds_node_health_t *h = arg;
@@ -173,12 +174,17 @@ static void health_handler(pds_rpc_call_t *call, const ProtobufCMessage *req, vo
 
 pds_rpc_method_t pds_node_health_method(pds_node_health_t *h)
 {
-    pds_rpc_method_t m = {"/pdserve.v1.Pdserve/Health", PDS_RPC_UNARY,
-                          &pdserve__v1__health_request__descriptor, health_handler, NULL, h};
+    pds_rpc_method_t m = {"/pdserve.v1.Pdserve/Health",
+                          PDS_RPC_UNARY,
+                          &pdserve__v1__health_request__descriptor,
+                          health_handler,
+                          NULL,
+                          h};
     return m;
 }
 
-/* ---- reporter ---------------------------------------------------------------------------------- */
+/* ---- reporter ----------------------------------------------------------------------------------
+ */
 struct pds_node_reporter {
     pthread_t thread;
     pthread_mutex_t mu;
@@ -215,9 +221,9 @@ static bool reporter_wait(pds_node_reporter_t *r, int64_t ns)
 static bool reporter_register(pds_node_reporter_t *r)
 {
     ProtobufCMessage *reply = NULL;
-    pds_status_t s = pds_rpc_channel_call_raw(r->ch, "/pdserve.v1.RouterInternal/Register",
-                                              r->info_buf, r->info_len,
-                                              &pdserve__v1__register_reply__descriptor, 2000, &reply);
+    pds_status_t s = pds_rpc_channel_call_raw(
+        r->ch, "/pdserve.v1.RouterInternal/RegisterNode", r->info_buf, r->info_len,
+        &pdserve__v1__register_reply__descriptor, 2000, &reply);
     if (s != PDS_OK) {
         PDS_LOG_DEBUG("node", "register_failed node=%s status=%s detail=\"%s\"", r->node_id,
                       pds_status_name(s), pds_err_detail());
@@ -241,7 +247,7 @@ static void reporter_report(pds_node_reporter_t *r)
     rep.node_id = r->node_id;
     rep.seq = ++r->seq;
     ProtobufCMessage *reply = NULL;
-    pds_status_t s = pds_rpc_channel_call(r->ch, "/pdserve.v1.RouterInternal/Report", &rep.base,
+    pds_status_t s = pds_rpc_channel_call(r->ch, "/pdserve.v1.RouterInternal/ReportLoad", &rep.base,
                                           &pdserve__v1__report_reply__descriptor, 2000, &reply);
     if (s == PDS_ERR_NOT_FOUND) {
         atomic_store(&r->registered, false);
@@ -338,7 +344,8 @@ void pds_node_reporter_stop(pds_node_reporter_t *r)
     pds_free(r);
 }
 
-/* ---- signals: the one process-wide flag, set from a signal handler ---------------------------- */
+/* ---- signals: the one process-wide flag, set from a signal handler ----------------------------
+ */
 static volatile sig_atomic_t stop_requested;
 
 static void on_signal(int sig)

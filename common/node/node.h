@@ -31,31 +31,31 @@ typedef enum { PDS_NODE_PREFILL = 0, PDS_NODE_DECODE, PDS_NODE_COLOCATED } pds_n
 typedef struct {
     /* [node] */
     char id[64];
-    int role;             /* pds_node_role_t */
-    char listen[128];     /* host:port of the node service; port 0 = ephemeral */
-    char advertise[128];  /* host:port others use; "" = listen host + bound port */
-    char router[128];     /* router's host:port; "" = run without a router (tests) */
+    int role;            /* pds_node_role_t */
+    char listen[128];    /* host:port of the node service; port 0 = ephemeral */
+    char advertise[128]; /* host:port others use; "" = listen host + bound port */
+    char router[128];    /* router's host:port; "" = run without a router (tests) */
     int64_t report_interval_ns;
     /* [model] */
-    char model_dir[512];  /* "" = preset */
+    char model_dir[512]; /* "" = preset */
     char preset[32];
     int64_t seed;
     /* [engine] */
-    int backend;          /* pds_engine_backend_t */
+    int backend; /* pds_engine_backend_t */
     int threads;
     int device;
     int block_size;
-    int64_t kv_tokens;    /* 0 = backend default */
+    int64_t kv_tokens; /* 0 = backend default */
     double kv_mem_fraction;
     int max_batch_tokens;
     int max_batch_seqs;
     /* [kvx] */
-    int kvx_backend;      /* pds_kvx_backend_t: 0 ucx, 1 loopback */
-    int kvx_path;         /* pds_kvx_path_t: 0 am, 1 put */
+    int kvx_backend; /* pds_kvx_backend_t: 0 ucx, 1 loopback */
+    int kvx_path;    /* pds_kvx_path_t: 0 am, 1 put */
     bool kvx_checksum;
     int64_t transfer_timeout_ns;
     /* [log] */
-    int log_level;        /* pds_log_level_t */
+    int log_level; /* pds_log_level_t */
 } pds_node_config_t;
 
 const pds_config_schema_t *pds_node_config_schema(void);
@@ -74,13 +74,14 @@ uint64_t pds_node_model_fingerprint(const pds_node_config_t *cfg, const pds_mode
 /* Health handler any node can register: arg is a pds_node_health_t the node keeps updated. */
 typedef struct {
     const char *node_id;
-    int role;             /* Pdserve__V1__NodeRole */
+    int role; /* Pdserve__V1__NodeRole */
     int64_t start_ns;
-    volatile int state;   /* Pdserve__V1__NodeState */
+    volatile int state; /* Pdserve__V1__NodeState */
 } pds_node_health_t;
 pds_rpc_method_t pds_node_health_method(pds_node_health_t *h);
 
-/* ---- reporter ---------------------------------------------------------------------------------- */
+/* ---- reporter ----------------------------------------------------------------------------------
+ */
 typedef struct pds_node_reporter pds_node_reporter_t;
 /* Fills the load fields of `r` (node_id and seq are set by the reporter). Reporter thread. */
 typedef void (*pds_node_load_fn)(void *ctx, Pdserve__V1__LoadReport *r);

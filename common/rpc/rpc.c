@@ -1,61 +1,89 @@
 /* rpc.c: what both sides of the gRPC layer share — the one pds_status_t <-> gRPC code mapping,
  * protobuf-c (un)packing into gRPC byte buffers with pds_malloc as the allocator, and deadline
- * conversion. Packing copies once into a pds_malloc'ed buffer that gRPC then owns as a slice, so
- * a message can be packed on any thread and the caller keeps its message. */
+ * conversion, credentials (the TLS hook) and routing gRPC's log into ours. Packing copies once into
+ * a pds_malloc'ed buffer that gRPC then owns as a slice, so a message can be packed on any thread
+ * and the caller keeps its message. */
 #include "rpc/rpc_internal.h"
 
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/log.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "proto/pdserve.pb-c.h"
 
 _Static_assert(PDS_RPC_PROTOCOL_MAGIC == PDSERVE__V1__PROTOCOL_MAGIC__PROTOCOL_MAGIC_PDSERVE,
                "rpc.h magic and pdserve.proto disagree");
-_Static_assert(PDS_RPC_PROTOCOL_VERSION ==
-                   PDSERVE__V1__PROTOCOL_VERSION__PROTOCOL_VERSION_CURRENT,
+_Static_assert(PDS_RPC_PROTOCOL_VERSION == PDSERVE__V1__PROTOCOL_VERSION__PROTOCOL_VERSION_CURRENT,
                "rpc.h protocol version and pdserve.proto disagree");
 
 int pds_rpc_status_to_code(pds_status_t s)
 {
     switch (s) {
-    case PDS_OK: return GRPC_STATUS_OK;
+    case PDS_OK:
+        return GRPC_STATUS_OK;
     case PDS_ERR_INVALID_ARG:
-    case PDS_ERR_PARSE: return GRPC_STATUS_INVALID_ARGUMENT;
-    case PDS_ERR_OUT_OF_RANGE: return GRPC_STATUS_OUT_OF_RANGE;
-    case PDS_ERR_NOT_FOUND: return GRPC_STATUS_NOT_FOUND;
-    case PDS_ERR_ALREADY_EXISTS: return GRPC_STATUS_ALREADY_EXISTS;
+    case PDS_ERR_PARSE:
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    case PDS_ERR_OUT_OF_RANGE:
+        return GRPC_STATUS_OUT_OF_RANGE;
+    case PDS_ERR_NOT_FOUND:
+        return GRPC_STATUS_NOT_FOUND;
+    case PDS_ERR_ALREADY_EXISTS:
+        return GRPC_STATUS_ALREADY_EXISTS;
     case PDS_ERR_EXHAUSTED:
-    case PDS_ERR_NO_MEMORY: return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    case PDS_ERR_TIMEOUT: return GRPC_STATUS_DEADLINE_EXCEEDED;
-    case PDS_ERR_CANCELLED: return GRPC_STATUS_CANCELLED;
+    case PDS_ERR_NO_MEMORY:
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    case PDS_ERR_TIMEOUT:
+        return GRPC_STATUS_DEADLINE_EXCEEDED;
+    case PDS_ERR_CANCELLED:
+        return GRPC_STATUS_CANCELLED;
     case PDS_ERR_UNAVAILABLE:
     case PDS_AGAIN:
-    case PDS_ERR_TRANSPORT: return GRPC_STATUS_UNAVAILABLE;
-    case PDS_ERR_FAILED_PRECONDITION: return GRPC_STATUS_FAILED_PRECONDITION;
-    case PDS_ERR_UNSUPPORTED: return GRPC_STATUS_UNIMPLEMENTED;
-    case PDS_ERR_CORRUPT: return GRPC_STATUS_DATA_LOSS;
-    default: return GRPC_STATUS_INTERNAL;
+    case PDS_ERR_TRANSPORT:
+        return GRPC_STATUS_UNAVAILABLE;
+    case PDS_ERR_FAILED_PRECONDITION:
+        return GRPC_STATUS_FAILED_PRECONDITION;
+    case PDS_ERR_UNSUPPORTED:
+        return GRPC_STATUS_UNIMPLEMENTED;
+    case PDS_ERR_CORRUPT:
+        return GRPC_STATUS_DATA_LOSS;
+    default:
+        return GRPC_STATUS_INTERNAL;
     }
 }
 
 pds_status_t pds_rpc_status_from_code(int code)
 {
     switch (code) {
-    case GRPC_STATUS_OK: return PDS_OK;
-    case GRPC_STATUS_INVALID_ARGUMENT: return PDS_ERR_INVALID_ARG;
-    case GRPC_STATUS_OUT_OF_RANGE: return PDS_ERR_OUT_OF_RANGE;
-    case GRPC_STATUS_NOT_FOUND: return PDS_ERR_NOT_FOUND;
-    case GRPC_STATUS_ALREADY_EXISTS: return PDS_ERR_ALREADY_EXISTS;
-    case GRPC_STATUS_RESOURCE_EXHAUSTED: return PDS_ERR_EXHAUSTED;
-    case GRPC_STATUS_DEADLINE_EXCEEDED: return PDS_ERR_TIMEOUT;
-    case GRPC_STATUS_CANCELLED: return PDS_ERR_CANCELLED;
-    case GRPC_STATUS_UNAVAILABLE: return PDS_ERR_UNAVAILABLE;
-    case GRPC_STATUS_FAILED_PRECONDITION: return PDS_ERR_FAILED_PRECONDITION;
-    case GRPC_STATUS_UNIMPLEMENTED: return PDS_ERR_UNSUPPORTED;
-    case GRPC_STATUS_DATA_LOSS: return PDS_ERR_CORRUPT;
-    default: return PDS_ERR_INTERNAL;
+    case GRPC_STATUS_OK:
+        return PDS_OK;
+    case GRPC_STATUS_INVALID_ARGUMENT:
+        return PDS_ERR_INVALID_ARG;
+    case GRPC_STATUS_OUT_OF_RANGE:
+        return PDS_ERR_OUT_OF_RANGE;
+    case GRPC_STATUS_NOT_FOUND:
+        return PDS_ERR_NOT_FOUND;
+    case GRPC_STATUS_ALREADY_EXISTS:
+        return PDS_ERR_ALREADY_EXISTS;
+    case GRPC_STATUS_RESOURCE_EXHAUSTED:
+        return PDS_ERR_EXHAUSTED;
+    case GRPC_STATUS_DEADLINE_EXCEEDED:
+        return PDS_ERR_TIMEOUT;
+    case GRPC_STATUS_CANCELLED:
+        return PDS_ERR_CANCELLED;
+    case GRPC_STATUS_UNAVAILABLE:
+        return PDS_ERR_UNAVAILABLE;
+    case GRPC_STATUS_FAILED_PRECONDITION:
+        return PDS_ERR_FAILED_PRECONDITION;
+    case GRPC_STATUS_UNIMPLEMENTED:
+        return PDS_ERR_UNSUPPORTED;
+    case GRPC_STATUS_DATA_LOSS:
+        return PDS_ERR_CORRUPT;
+    default:
+        return PDS_ERR_INTERNAL;
     }
 }
 
@@ -109,8 +137,7 @@ grpc_byte_buffer *rpc_pack(const ProtobufCMessage *msg)
     size_t len = protobuf_c_message_get_packed_size(msg);
     uint8_t *buf = pds_malloc(len);
     if (!buf) {
-        PDS_ERR(PDS_ERR_NO_MEMORY, "no memory to pack a %zu-byte %s", len,
-                msg->descriptor->name);
+        PDS_ERR(PDS_ERR_NO_MEMORY, "no memory to pack a %zu-byte %s", len, msg->descriptor->name);
         return NULL;
     }
     size_t n = protobuf_c_message_pack(msg, buf);
@@ -151,7 +178,8 @@ int64_t rpc_deadline_to_ns(gpr_timespec deadline)
     return pds_time_now_ns() + (int64_t)left.tv_sec * 1000000000 + left.tv_nsec;
 }
 
-/* ---- credentials: the one place per side where TLS will plug in -------------------------------- */
+/* ---- credentials: the one place per side where TLS will plug in --------------------------------
+ */
 grpc_server_credentials *rpc_server_credentials(void)
 {
     return grpc_insecure_server_credentials_create();
@@ -162,8 +190,27 @@ grpc_channel_credentials *rpc_channel_credentials(void)
     return grpc_insecure_credentials_create();
 }
 
+/* gRPC's own log lines go through our logger (one format on stderr): its errors are mostly about
+ * peers and sockets that we also report where we see them, so they come out as warnings. */
+static void grpc_log_to_pds(gpr_log_func_args *a)
+{
+    pds_log_level_t lvl = a->severity == GPR_LOG_SEVERITY_ERROR  ? PDS_LOG_WARN
+                          : a->severity == GPR_LOG_SEVERITY_INFO ? PDS_LOG_DEBUG
+                                                                 : PDS_LOG_TRACE;
+    if (pds_log_enabled(lvl))
+        pds_log_write(lvl, "grpc", a->file, a->line, "grpc-core detail=\"%s\"", a->message);
+}
+
+static pthread_once_t log_once = PTHREAD_ONCE_INIT;
+
+static void log_init(void)
+{
+    gpr_set_log_function(grpc_log_to_pds);
+}
+
 void rpc_lib_ref(void)
 {
+    pthread_once(&log_once, log_init);
     grpc_init();
 }
 

@@ -4,13 +4,13 @@
  * full gRPC path, e.g. "/pdserve.v1.Pdserve/Generate".
  *
  * Server. A server listens on one address, knows a table of methods (unary or server-streaming),
- * unpacks each request with the method's protobuf-c descriptor (bytes that do not parse are answered
- * INVALID_ARGUMENT "malformed <full message name>" without calling the handler; an unknown method
- * gets UNIMPLEMENTED) and hands the handler a call handle plus the unpacked request. The handler
- * answers now or later, from any thread: pds_rpc_call_send() queues a stream message (one send is
- * in flight per call, the rest wait in order), pds_rpc_call_reply() / pds_rpc_call_finish() end
- * the call. A client cancel, an expired deadline or server shutdown marks the call cancelled and
- * calls the method's on_cancel, so the work behind it can stop.
+ * unpacks each request with the method's protobuf-c descriptor (bytes that do not parse are
+ * answered INVALID_ARGUMENT "malformed <full message name>" without calling the handler; an unknown
+ * method gets UNIMPLEMENTED) and hands the handler a call handle plus the unpacked request. The
+ * handler answers now or later, from any thread: pds_rpc_call_send() queues a stream message (one
+ * send is in flight per call, the rest wait in order), pds_rpc_call_reply() / pds_rpc_call_finish()
+ * end the call. A client cancel, an expired deadline or server shutdown marks the call cancelled
+ * and calls the method's on_cancel, so the work behind it can stop.
  *
  * Threading contract.
  *   - One RPC thread per server (started by pds_rpc_server_start) owns the completion queue. Method
@@ -75,7 +75,10 @@ typedef void (*pds_rpc_handler_fn)(pds_rpc_call_t *call, const ProtobufCMessage 
                                    void *arg);
 /* Runs on the RPC thread, at most once per call, when the call ends cancelled (client cancel,
  * deadline, connection loss, server shutdown) while the handler still holds it. The handler must
- * still finish the call (that is then only a release). Must not block. */
+ * still finish the call (that is then only a release); on_cancel may do so itself. It can race
+ * with a worker thread's finish of the same call: the handle stays valid until on_cancel returns,
+ * and finishing twice is a bug, so exactly one side (e.g. whoever takes the work item off a
+ * queue) finishes. Must not block. */
 typedef void (*pds_rpc_cancel_fn)(pds_rpc_call_t *call, void *arg);
 
 typedef enum {
@@ -117,10 +120,12 @@ void pds_rpc_server_shutdown(pds_rpc_server_t *srv, int grace_ms);
 /* Shutdown (grace 0) if not done, then frees everything. Accepts NULL. */
 void pds_rpc_server_destroy(pds_rpc_server_t *srv);
 
-/* ---- server call handle (all thread-safe) ----------------------------------------------------- */
+/* ---- server call handle (all thread-safe) -----------------------------------------------------
+ */
 /* Queues one stream message (packed now; `msg` stays the caller's). PDS_ERR_CANCELLED when the
  * call has ended (the client is gone: stop and finish), PDS_ERR_EXHAUSTED when max_queued_sends
- * are waiting (the client reads too slowly), PDS_ERR_INVALID_ARG on a unary call or after finish. */
+ * are waiting (the client reads too slowly), PDS_ERR_INVALID_ARG on a unary call or after finish.
+ */
 pds_status_t pds_rpc_call_send(pds_rpc_call_t *call, const ProtobufCMessage *msg);
 /* Sends `msg` (if not NULL) then status OK, and releases the handle. */
 void pds_rpc_call_reply(pds_rpc_call_t *call, const ProtobufCMessage *msg);

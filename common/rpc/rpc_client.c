@@ -16,7 +16,8 @@ struct pds_rpc_channel {
     grpc_channel *gc;
 };
 
-/* ---- channel ---------------------------------------------------------------------------------- */
+/* ---- channel ----------------------------------------------------------------------------------
+ */
 pds_status_t pds_rpc_channel_create(const char *target, pds_rpc_channel_t **out)
 {
     if (!target || !*target) return PDS_ERR(PDS_ERR_INVALID_ARG, "channel target missing");
@@ -63,7 +64,8 @@ static pds_status_t status_result(grpc_status_code code, grpc_slice details)
                    (const char *)GRPC_SLICE_START_PTR(details));
 }
 
-/* ---- unary ------------------------------------------------------------------------------------ */
+/* ---- unary ------------------------------------------------------------------------------------
+ */
 /* Takes `req`. */
 static pds_status_t unary_call(pds_rpc_channel_t *ch, const char *method, grpc_byte_buffer *req,
                                const ProtobufCMessageDescriptor *reply_desc, int timeout_ms,
@@ -99,8 +101,8 @@ static pds_status_t unary_call(pds_rpc_channel_t *ch, const char *method, grpc_b
         s = PDS_ERR(PDS_ERR_INTERNAL, "grpc_call_start_batch %s: %s", method,
                     grpc_call_error_to_string(err));
     } else {
-        grpc_event ev = grpc_completion_queue_pluck(cq, ops, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                                    NULL);
+        grpc_event ev =
+            grpc_completion_queue_pluck(cq, ops, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         PDS_ASSERT(ev.type == GRPC_OP_COMPLETE);
         s = status_result(code, details);
         if (s == PDS_OK && !resp)
@@ -141,7 +143,8 @@ pds_status_t pds_rpc_channel_call_raw(pds_rpc_channel_t *ch, const char *method,
     return unary_call(ch, method, req, reply_desc, timeout_ms, reply);
 }
 
-/* ---- server streams --------------------------------------------------------------------------- */
+/* ---- server streams ---------------------------------------------------------------------------
+ */
 struct pds_rpc_stream {
     grpc_completion_queue *cq;
     grpc_call *call;
@@ -151,15 +154,15 @@ struct pds_rpc_stream {
     grpc_status_code code;
     grpc_slice details;
     bool start_pending, status_pending, ended;
-    pds_status_t result; /* once ended */
-    char *result_msg;    /* its detail (NULL: out of memory for it) */
+    pds_status_t result;                 /* once ended */
+    char *result_msg;                    /* its detail (NULL: out of memory for it) */
     int tag_start, tag_status, tag_recv; /* addresses used as tags */
 };
 
 static void stream_pluck(pds_rpc_stream_t *st, void *tag)
 {
-    grpc_event ev = grpc_completion_queue_pluck(st->cq, tag, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                                NULL);
+    grpc_event ev =
+        grpc_completion_queue_pluck(st->cq, tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
     PDS_ASSERT(ev.type == GRPC_OP_COMPLETE);
 }
 

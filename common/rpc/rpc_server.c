@@ -109,12 +109,15 @@ struct pds_rpc_server {
     int live_calls;          /* calls whose gc we still hold */
 };
 
-/* ---- call objects ----------------------------------------------------------------------------- */
+/* ---- call objects -----------------------------------------------------------------------------
+ */
 static void item_free(send_item_t *it)
 {
     if (!it) return;
-    if (it->msg) grpc_byte_buffer_destroy(it->msg);
-    else grpc_slice_unref(it->details);
+    if (it->msg)
+        grpc_byte_buffer_destroy(it->msg);
+    else
+        grpc_slice_unref(it->details);
     pds_free(it);
 }
 
@@ -250,8 +253,10 @@ static void call_queue_status_locked(pds_rpc_call_t *c, pds_status_t s, const ch
     }
     it->code = code;
     it->details = grpc_slice_from_copied_string(text);
-    if (c->q_tail) c->q_tail->next = it;
-    else c->q_head = it;
+    if (c->q_tail)
+        c->q_tail->next = it;
+    else
+        c->q_head = it;
     c->q_tail = it;
     call_pump_locked(c);
 }
@@ -278,15 +283,18 @@ static pds_status_t call_queue_msg_locked(pds_rpc_call_t *c, grpc_byte_buffer *b
         return PDS_ERR(PDS_ERR_NO_MEMORY, "no memory to queue a message on %s", c->method_name);
     }
     it->msg = bb;
-    if (c->q_tail) c->q_tail->next = it;
-    else c->q_head = it;
+    if (c->q_tail)
+        c->q_tail->next = it;
+    else
+        c->q_head = it;
     c->q_tail = it;
     c->n_queued_msgs++;
     call_pump_locked(c);
     return PDS_OK;
 }
 
-/* ---- call handle API -------------------------------------------------------------------------- */
+/* ---- call handle API --------------------------------------------------------------------------
+ */
 pds_status_t pds_rpc_call_send(pds_rpc_call_t *call, const ProtobufCMessage *msg)
 {
     if (call->kind != PDS_RPC_SERVER_STREAM)
@@ -362,7 +370,8 @@ void *pds_rpc_call_data(const pds_rpc_call_t *call)
     return d;
 }
 
-/* ---- RPC thread: completions ------------------------------------------------------------------ */
+/* ---- RPC thread: completions ------------------------------------------------------------------
+ */
 static bool shutdown_requested(pds_rpc_server_t *srv)
 {
     pthread_mutex_lock(&srv->mu);
@@ -471,13 +480,16 @@ static void on_recv(pds_rpc_call_t *c, bool ok)
 
     pds_status_t s = PDS_OK;
     ProtobufCMessage *req = NULL;
-    if (!ok || !bb) s = PDS_ERR(PDS_ERR_INVALID_ARG, "no request message");
-    else s = rpc_unpack(bb, c->m->request, &req);
+    if (!ok || !bb)
+        s = PDS_ERR(PDS_ERR_INVALID_ARG, "no request message");
+    else
+        s = rpc_unpack(bb, c->m->request, &req);
     if (bb) grpc_byte_buffer_destroy(bb);
     if (s != PDS_OK || !alive) {
         pds_rpc_msg_free(req);
-        if (alive) PDS_LOG_DEBUG("rpc", "bad request method=%s detail=\"%s\"", c->method_name,
-                                 pds_err_detail());
+        if (alive)
+            PDS_LOG_DEBUG("rpc", "bad request method=%s detail=\"%s\"", c->method_name,
+                          pds_err_detail());
         pthread_mutex_lock(&c->mu);
         call_queue_status_locked(c, s, pds_err_detail());
         pthread_mutex_unlock(&c->mu);
@@ -531,8 +543,8 @@ static void server_loop(pds_rpc_server_t *srv)
         bool done = srv->shutdown_seen;
         pthread_mutex_unlock(&srv->mu);
         if (done && srv->live_calls == 0 && !srv->pending) break;
-        gpr_timespec deadline = srv->pending ? gpr_inf_future(GPR_CLOCK_MONOTONIC)
-                                             : rpc_deadline(REARM_RETRY_MS);
+        gpr_timespec deadline =
+            srv->pending ? gpr_inf_future(GPR_CLOCK_MONOTONIC) : rpc_deadline(REARM_RETRY_MS);
         grpc_event ev = grpc_completion_queue_next(srv->cq, deadline, NULL);
         if (ev.type == GRPC_QUEUE_TIMEOUT) {
             server_arm(srv);
@@ -541,10 +553,18 @@ static void server_loop(pds_rpc_server_t *srv)
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break; /* not expected: we shut the CQ after this */
         rpc_tag_t *tag = ev.tag;
         switch (tag->kind) {
-        case TAG_NEW: on_new(srv, tag->call, ev.success); break;
-        case TAG_RECV: on_recv(tag->call, ev.success); break;
-        case TAG_SEND: on_send(tag->call); break;
-        case TAG_CLOSE: on_close(tag->call, ev.success); break;
+        case TAG_NEW:
+            on_new(srv, tag->call, ev.success);
+            break;
+        case TAG_RECV:
+            on_recv(tag->call, ev.success);
+            break;
+        case TAG_SEND:
+            on_send(tag->call);
+            break;
+        case TAG_CLOSE:
+            on_close(tag->call, ev.success);
+            break;
         case TAG_SHUTDOWN:
             pthread_mutex_lock(&srv->mu);
             srv->shutdown_seen = true;
@@ -561,7 +581,8 @@ static void *server_thread(void *arg)
     return NULL;
 }
 
-/* ---- server lifecycle ------------------------------------------------------------------------- */
+/* ---- server lifecycle -------------------------------------------------------------------------
+ */
 pds_rpc_server_params_t pds_rpc_server_default_params(void)
 {
     return (pds_rpc_server_params_t){.address = "127.0.0.1:0"};
@@ -644,8 +665,8 @@ pds_status_t pds_rpc_server_add_method(pds_rpc_server_t *srv, const pds_rpc_meth
     srv->methods = grown;
     char *name = pds_strdup(m->name);
     if (!name) return PDS_ERR(PDS_ERR_NO_MEMORY, "no memory for method %s", m->name);
-    srv->methods[srv->n_methods++] = (method_t){name,       m->kind,      m->request,
-                                                m->handler, m->on_cancel, m->arg};
+    srv->methods[srv->n_methods++] =
+        (method_t){name, m->kind, m->request, m->handler, m->on_cancel, m->arg};
     return PDS_OK;
 }
 

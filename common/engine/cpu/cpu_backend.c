@@ -159,6 +159,7 @@ static void cpu_destroy(pds_engine_t *e)
 {
     cpu_impl_t *im = e->impl;
     if (!im) return;
+    pds_engine_cpu_pool_destroy(im->pool);
     pds_free(im->sample_scratch);
     pds_free(im->ws);
     pds_free(im->kv);
@@ -177,33 +178,132 @@ typedef struct {
     float *att;     /* [T, n_heads * head_dim] attention output */
     float *gu;      /* [T, 2*ffn] gate | up, then silu(gate)*up over the gate half */
     float *rope;    /* [T, head_dim] cos (first half) and sin (second half) per token */
-    float *scratch; /* attention scratch for ctx */
+    float *scratch; /* [n_threads, attention scratch for ctx] */
     float *last;    /* [n, hidden] last new token of each sequence */
     float *logits;  /* [n, vocab] */
+    int *first;     /* [n] index of each sequence's first new token in the T rows */
+    size_t scratch_stride; /* floats per thread in scratch */
 } cpu_ws_t;
 
-static size_t ws_layout(const pds_model_config_t *c, int T, int n, int ctx, char *base, cpu_ws_t *w)
+static size_t ws_layout(const pds_model_config_t *c, int n_threads, int T, int n, int ctx,
+                        char *base, cpu_ws_t *w)
 {
     size_t qkv = (size_t)(c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
-    size_t sizes[9] = {
-        (size_t)T * c->hidden,
-        (size_t)T * c->hidden,
-        (size_t)T * qkv,
-        (size_t)T * c->n_heads * c->head_dim,
-        (size_t)T * 2 * c->ffn,
-        (size_t)T * c->head_dim,
-        pds_engine_cpu_attention_scratch(ctx, c->head_dim),
-        (size_t)n * c->hidden,
-        (size_t)n * c->vocab,
+    w->scratch_stride = PDS_DIV_UP(pds_engine_cpu_attention_scratch(ctx, c->head_dim), 16) * 16;
+    size_t sizes[10] = {
+        (size_t)T * c->hidden * sizeof(float),
+        (size_t)T * c->hidden * sizeof(float),
+        (size_t)T * qkv * sizeof(float),
+        (size_t)T * c->n_heads * c->head_dim * sizeof(float),
+        (size_t)T * 2 * c->ffn * sizeof(float),
+        (size_t)T * c->head_dim * sizeof(float),
+        (size_t)n_threads * w->scratch_stride * sizeof(float),
+        (size_t)n * c->hidden * sizeof(float),
+        (size_t)n * c->vocab * sizeof(float),
+        (size_t)n * sizeof(int),
     };
-    float **slots[9] = {&w->x,    &w->xn,      &w->qkv,  &w->att,   &w->gu,
-                        &w->rope, &w->scratch, &w->last, &w->logits};
+    void **slots[10] = {(void **)&w->x,       (void **)&w->xn,   (void **)&w->qkv,
+                        (void **)&w->att,     (void **)&w->gu,   (void **)&w->rope,
+                        (void **)&w->scratch, (void **)&w->last, (void **)&w->logits,
+                        (void **)&w->first};
     size_t off = 0;
-    for (int i = 0; i < 9; i++) {
-        if (base) *slots[i] = (float *)(base + off);
-        off += PDS_DIV_UP(sizes[i] * sizeof(float), 64) * 64; /* keep every buffer 64-aligned */
+    for (int i = 0; i < 10; i++) {
+        if (base) *slots[i] = base + off;
+        off += PDS_DIV_UP(sizes[i], 64) * 64; /* keep every buffer 64-byte aligned */
     }
     return off;
+}
+
+/* ---- parallel pieces: each is one pds_engine_cpu_pool_run over independent items ------------- */
+
+typedef struct {
+    int m, n, k, ldx, ldy, chunk;
+    const float *x, *w;
+    float *y;
+    bool acc;
+} mm_job_t;
+
+static void mm_item(void *arg, int item, int thread)
+{
+    const mm_job_t *j = arg;
+    int n0 = item * j->chunk, n1 = PDS_MIN(j->n, n0 + j->chunk);
+    pds_engine_cpu_matmul(false, j->m, n1 - n0, j->k, j->x, j->ldx, j->w + (size_t)n0 * j->k,
+                          j->y + n0, j->ldy, j->acc);
+}
+
+/* y[m, n] (+)= x[m, k] . w[n, k]^T, split by output columns: each thread streams its own rows of
+ * w, which is what decode (small m, weight-bandwidth bound) needs. */
+static void matmul(cpu_impl_t *im, int m, int n, int k, const float *x, int ldx, const float *w,
+                   float *y, int ldy, bool acc)
+{
+    if (im->naive) {
+        pds_engine_cpu_matmul(true, m, n, k, x, ldx, w, y, ldy, acc);
+        return;
+    }
+    int parts = PDS_MIN(im->n_threads * 4, PDS_DIV_UP(n, 64));
+    int chunk = PDS_DIV_UP(PDS_DIV_UP(n, parts), 16) * 16;
+    mm_job_t j = {m, n, k, ldx, ldy, chunk, x, w, y, acc};
+    pds_engine_cpu_pool_run(im->pool, PDS_DIV_UP(n, chunk), mm_item, &j);
+}
+
+typedef struct {
+    int rows_per, m, n;
+    const float *x, *w;
+    float *y;
+    float eps;
+} rows_job_t;
+
+static void rmsnorm_item(void *arg, int item, int thread)
+{
+    const rows_job_t *j = arg;
+    int r0 = item * j->rows_per, r1 = PDS_MIN(j->m, r0 + j->rows_per);
+    pds_engine_cpu_rmsnorm(r1 - r0, j->n, j->x + (size_t)r0 * j->n, j->w, j->eps,
+                           j->y + (size_t)r0 * j->n);
+}
+
+static void swiglu_item(void *arg, int item, int thread)
+{
+    const rows_job_t *j = arg;
+    int r0 = item * j->rows_per, r1 = PDS_MIN(j->m, r0 + j->rows_per);
+    pds_engine_cpu_swiglu(r1 - r0, j->n, j->y + (size_t)r0 * 2 * j->n, 2 * j->n);
+}
+
+static void rows_run(cpu_impl_t *im, cpu_pool_fn fn, rows_job_t *j)
+{
+    int parts = PDS_MIN(j->m, im->n_threads * 2);
+    j->rows_per = PDS_DIV_UP(j->m, parts);
+    pds_engine_cpu_pool_run(im->pool, PDS_DIV_UP(j->m, j->rows_per), fn, j);
+}
+
+typedef struct {
+    cpu_impl_t *im;
+    const pds_engine_t *e;
+    const pds_engine_seq_t *seqs;
+    const cpu_ws_t *w;
+    const float *pool;
+} attn_job_t;
+
+static void attn_item(void *arg, int item, int thread)
+{
+    const attn_job_t *j = arg;
+    const pds_model_config_t *c = &j->e->cfg;
+    int s = item / c->n_kv_heads, g = item % c->n_kv_heads;
+    int QKV = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim, QD = c->n_heads * c->head_dim;
+    int t = j->w->first[s];
+    pds_engine_cpu_attn_t a = {
+        .kv = &j->e->kv,
+        .pool_layer = j->pool,
+        .blocks = j->seqs[s].kv->blocks,
+        .ctx = j->seqs[s].kv->n_tokens,
+        .n_new = j->seqs[s].n_tokens,
+        .n_heads = c->n_heads,
+        .q = j->w->qkv + (size_t)t * QKV,
+        .q_stride = QKV,
+        .out = j->w->att + (size_t)t * QD,
+        .out_stride = QD,
+    };
+    pds_engine_cpu_attention(j->im->naive, &a, g,
+                             j->w->scratch + (size_t)thread * j->w->scratch_stride);
 }
 
 static pds_status_t cpu_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_seqs,
@@ -217,7 +317,8 @@ static pds_status_t cpu_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_s
         T += seqs[s].n_tokens;
         max_ctx = PDS_MAX(max_ctx, seqs[s].kv->n_tokens);
     }
-    size_t need = ws_layout(c, T, n_seqs, max_ctx, NULL, &(cpu_ws_t){0});
+    cpu_ws_t w;
+    size_t need = ws_layout(c, im->n_threads, T, n_seqs, max_ctx, NULL, &w);
     if (need > im->ws_bytes) {
         pds_free(im->ws);
         im->ws_bytes = 0;
@@ -228,8 +329,7 @@ static pds_status_t cpu_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_s
         im->ws_bytes = need;
         e->info.workspace_bytes = (int64_t)need;
     }
-    cpu_ws_t w;
-    ws_layout(c, T, n_seqs, max_ctx, im->ws, &w);
+    ws_layout(c, im->n_threads, T, n_seqs, max_ctx, im->ws, &w);
 
     const int H = c->hidden, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
     const int QKV = (nh + 2 * nkv) * hd, QD = nh * hd, F = c->ffn, V = c->vocab;
@@ -238,6 +338,7 @@ static pds_status_t cpu_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_s
     /* Embedding and the per-token RoPE angles (the same for every layer). */
     for (int s = 0, t = 0; s < n_seqs; s++) {
         int n_past = seqs[s].kv->n_tokens - seqs[s].n_tokens;
+        w.first[s] = t;
         for (int i = 0; i < seqs[s].n_tokens; i++, t++) {
             memcpy(w.x + (size_t)t * H, im->embed + (size_t)seqs[s].tokens[i] * H,
                    (size_t)H * sizeof(float));
@@ -249,9 +350,11 @@ static pds_status_t cpu_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_s
     for (int l = 0; l < c->n_layers; l++) {
         const cpu_layer_t *L = &im->layers[l];
         float *pool = im->kv + (size_t)l * im->kv_layer_elems;
+        rows_job_t rj = {
+            .m = T, .n = H, .x = w.x, .w = L->attn_norm, .y = w.xn, .eps = c->norm_eps};
 
-        pds_engine_cpu_rmsnorm(T, H, w.x, L->attn_norm, c->norm_eps, w.xn);
-        pds_engine_cpu_matmul(im->naive, T, QKV, H, w.xn, H, L->wqkv, w.qkv, QKV, false);
+        rows_run(im, rmsnorm_item, &rj);
+        matmul(im, T, QKV, H, w.xn, H, L->wqkv, w.qkv, QKV, false);
 
         /* RoPE on q and k heads, then K/V of every new token into its block slot. */
         for (int s = 0, t = 0; s < n_seqs; s++) {
@@ -273,37 +376,25 @@ static pds_status_t cpu_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_s
         }
         if (on_layer) on_layer(ctx, l);
 
-        for (int s = 0, t = 0; s < n_seqs; s++) {
-            pds_engine_cpu_attn_t a = {
-                .kv = kvl,
-                .pool_layer = pool,
-                .blocks = seqs[s].kv->blocks,
-                .ctx = seqs[s].kv->n_tokens,
-                .n_new = seqs[s].n_tokens,
-                .n_heads = nh,
-                .q = w.qkv + (size_t)t * QKV,
-                .q_stride = QKV,
-                .out = w.att + (size_t)t * QD,
-                .out_stride = QD,
-            };
-            pds_engine_cpu_attention(im->naive, &a, w.scratch);
-            t += seqs[s].n_tokens;
-        }
+        attn_job_t aj = {im, e, seqs, &w, pool};
+        pds_engine_cpu_pool_run(im->pool, n_seqs * nkv, attn_item, &aj);
+
         /* x += att . wo^T;  x += down(silu(gate) * up) */
-        pds_engine_cpu_matmul(im->naive, T, H, QD, w.att, QD, L->wo, w.x, H, true);
-        pds_engine_cpu_rmsnorm(T, H, w.x, L->ffn_norm, c->norm_eps, w.xn);
-        pds_engine_cpu_matmul(im->naive, T, 2 * F, H, w.xn, H, L->w_gu, w.gu, 2 * F, false);
-        pds_engine_cpu_swiglu(T, F, w.gu, 2 * F);
-        pds_engine_cpu_matmul(im->naive, T, H, F, w.gu, 2 * F, L->w_down, w.x, H, true);
+        matmul(im, T, H, QD, w.att, QD, L->wo, w.x, H, true);
+        rj.w = L->ffn_norm;
+        rows_run(im, rmsnorm_item, &rj);
+        matmul(im, T, 2 * F, H, w.xn, H, L->w_gu, w.gu, 2 * F, false);
+        rows_job_t sj = {.m = T, .n = F, .y = w.gu};
+        rows_run(im, swiglu_item, &sj);
+        matmul(im, T, H, F, w.gu, 2 * F, L->w_down, w.x, H, true);
     }
 
     /* Head: final norm and lm_head for each sequence's last new token only. */
-    for (int s = 0, t = 0; s < n_seqs; s++) {
-        t += seqs[s].n_tokens;
-        memcpy(w.last + (size_t)s * H, w.x + (size_t)(t - 1) * H, (size_t)H * sizeof(float));
-    }
+    for (int s = 0; s < n_seqs; s++)
+        memcpy(w.last + (size_t)s * H, w.x + (size_t)(w.first[s] + seqs[s].n_tokens - 1) * H,
+               (size_t)H * sizeof(float));
     pds_engine_cpu_rmsnorm(n_seqs, H, w.last, im->final_norm, c->norm_eps, w.xn);
-    pds_engine_cpu_matmul(im->naive, n_seqs, V, H, w.xn, H, im->lm_head, w.logits, V, false);
+    matmul(im, n_seqs, V, H, w.xn, H, im->lm_head, w.logits, V, false);
     for (int s = 0; s < n_seqs; s++) {
         const float *lg = w.logits + (size_t)s * V;
         if (seqs[s].logits) memcpy(seqs[s].logits, lg, (size_t)V * sizeof(float));
@@ -395,9 +486,10 @@ pds_status_t pds_engine_cpu_init(pds_engine_t *e, const pds_model_t *model, uint
     im->naive = naive && *naive && strcmp(naive, "0") != 0;
     im->n_threads =
         e->params.n_threads > 0 ? e->params.n_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
-    if (im->n_threads < 1) im->n_threads = 1;
-    /* OpenBLAS's thread count is process-wide: the last engine created sets it. */
-    openblas_set_num_threads(im->n_threads);
+    if (im->n_threads < 1 || im->naive) im->n_threads = 1;
+    /* Parallelism is ours (cpu_pool.c); OpenBLAS runs single-threaded inside each item. Its
+     * thread count is process-wide, so this holds for every engine in the process. */
+    openblas_set_num_threads(1);
 
     pds_status_t s = PDS_OK;
     e->kv.elem_size = (int)sizeof(float);
@@ -415,6 +507,8 @@ pds_status_t pds_engine_cpu_init(pds_engine_t *e, const pds_model_t *model, uint
                     (long long)n_weights, kv_elems);
         goto fail;
     }
+    s = pds_engine_cpu_pool_create(im->n_threads, &im->pool);
+    if (s != PDS_OK) goto fail;
     layout_weights(c, im);
     s = model ? fill_model(c, im, model) : fill_synth(c, im, seed);
     if (s != PDS_OK) goto fail;

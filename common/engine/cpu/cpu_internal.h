@@ -21,9 +21,19 @@ typedef struct {
     float *w_down;    /* [hidden, ffn] */
 } cpu_layer_t;
 
+/* Fork/join worker pool (cpu_pool.c): run(fn, n_items) calls fn(arg, item, thread) for every
+ * item across n_threads threads (thread 0 is the caller) and returns when all are done. */
+typedef struct cpu_pool cpu_pool_t;
+typedef void (*cpu_pool_fn)(void *arg, int item, int thread);
+pds_status_t pds_engine_cpu_pool_create(int n_threads, cpu_pool_t **out);
+void pds_engine_cpu_pool_destroy(cpu_pool_t *p); /* accepts NULL; joins the workers */
+int pds_engine_cpu_pool_threads(const cpu_pool_t *p);
+void pds_engine_cpu_pool_run(cpu_pool_t *p, int n_items, cpu_pool_fn fn, void *arg);
+
 typedef struct {
-    bool naive;          /* reference loops instead of BLAS (PDS_ENGINE_CPU_NAIVE=1) */
-    int n_threads;       /* OpenBLAS threads */
+    bool naive;    /* reference loops instead of BLAS (PDS_ENGINE_CPU_NAIVE=1) */
+    int n_threads; /* worker threads; OpenBLAS runs single-threaded inside them */
+    cpu_pool_t *pool;
     float *weights;      /* one allocation holding every tensor below */
     float *embed;        /* [vocab, hidden] */
     float *final_norm;   /* [hidden] */
@@ -59,7 +69,8 @@ void pds_engine_cpu_rope_freqs(const pds_model_config_t *cfg, float *inv_freq);
 void pds_engine_cpu_swiglu(int m, int n, float *gu, int ld);
 
 /* Causal attention of one sequence's n_new query tokens (positions ctx-n_new .. ctx-1) over all
- * its ctx cached tokens, K/V read from one layer's pool array through the block table.
+ * its ctx cached tokens, for the query heads sharing KV head `kv_head`, K/V read from one layer's
+ * pool array through the block table.
  * q: [n_new, q_stride] with head h at column h*head_dim; out: [n_new, out_stride] likewise.
  * scratch: pds_engine_cpu_attention_scratch(ctx, head_dim) floats (fast path only). */
 typedef struct {
@@ -74,6 +85,7 @@ typedef struct {
     int out_stride;
 } pds_engine_cpu_attn_t;
 size_t pds_engine_cpu_attention_scratch(int ctx, int head_dim);
-void pds_engine_cpu_attention(bool naive, const pds_engine_cpu_attn_t *a, float *scratch);
+void pds_engine_cpu_attention(bool naive, const pds_engine_cpu_attn_t *a, int kv_head,
+                              float *scratch);
 
 #endif /* PDS_ENGINE_CPU_INTERNAL_H */

@@ -14,7 +14,7 @@
 #include <math.h>
 #include <string.h>
 
-#define ATTN_QCHUNK 64 /* query rows per score panel: scratch is QCHUNK x ctx floats */
+#define ATTN_QCHUNK 128 /* query rows per score panel: scratch is QCHUNK x ctx floats */
 
 void pds_engine_cpu_matmul(bool naive, int m, int n, int k, const float *x, int ldx, const float *w,
                            float *y, int ldy, bool accumulate)
@@ -128,15 +128,14 @@ static const float *kv_row(const pds_engine_cpu_attn_t *a, int kv, int tok, int 
     return a->pool_layer + pds_kv_layout_offset(a->kv, a->blocks[tok / bs], kv, tok % bs, head, 0);
 }
 
-static void attention_naive(const pds_engine_cpu_attn_t *a, float *scores)
+static void attention_naive(const pds_engine_cpu_attn_t *a, int g, float *scores)
 {
     int hd = a->kv->head_dim, group = a->n_heads / a->kv->n_kv_heads;
     int n_past = a->ctx - a->n_new;
     float scale = 1.0f / sqrtf((float)hd);
     for (int i = 0; i < a->n_new; i++) {
         int pos = n_past + i;
-        for (int h = 0; h < a->n_heads; h++) {
-            int g = h / group;
+        for (int h = g * group; h < (g + 1) * group; h++) {
             const float *q = a->q + (size_t)i * a->q_stride + (size_t)h * hd;
             float *o = a->out + (size_t)i * a->out_stride + (size_t)h * hd;
             for (int j = 0; j <= pos; j++) {
@@ -155,7 +154,7 @@ static void attention_naive(const pds_engine_cpu_attn_t *a, float *scores)
     }
 }
 
-static void attention_fast(const pds_engine_cpu_attn_t *a, float *scratch)
+static void attention_fast(const pds_engine_cpu_attn_t *a, int g, float *scratch)
 {
     int hd = a->kv->head_dim, group = a->n_heads / a->kv->n_kv_heads;
     int n_past = a->ctx - a->n_new;
@@ -163,11 +162,23 @@ static void attention_fast(const pds_engine_cpu_attn_t *a, float *scratch)
     float *kp = scratch;                  /* [ctx, head_dim] */
     float *vp = kp + (size_t)a->ctx * hd; /* [ctx, head_dim] */
     float *s = vp + (size_t)a->ctx * hd;  /* [ATTN_QCHUNK, lim] */
-    for (int g = 0; g < a->kv->n_kv_heads; g++) {
-        for (int j = 0; j < a->ctx; j++) {
-            memcpy(kp + (size_t)j * hd, kv_row(a, 0, j, g), (size_t)hd * sizeof(float));
-            memcpy(vp + (size_t)j * hd, kv_row(a, 1, j, g), (size_t)hd * sizeof(float));
-        }
+    for (int j = 0; j < a->ctx; j++) {
+        memcpy(kp + (size_t)j * hd, kv_row(a, 0, j, g), (size_t)hd * sizeof(float));
+        memcpy(vp + (size_t)j * hd, kv_row(a, 1, j, g), (size_t)hd * sizeof(float));
+    }
+    if (a->n_new == 1 && group <= ATTN_QCHUNK) {
+        /* Decode: the group's query heads are adjacent in the row, so they form one
+         * [group, head_dim] matrix and the whole group is two small sgemms. */
+        const float *q = a->q + (size_t)g * group * hd;
+        float *o = a->out + (size_t)g * group * hd;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, group, a->ctx, hd, scale, q, hd, kp,
+                    hd, 0.0f, s, a->ctx);
+        for (int r = 0; r < group; r++) softmax_row(s + (size_t)r * a->ctx, a->ctx, a->ctx);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, group, hd, a->ctx, 1.0f, s, a->ctx,
+                    vp, hd, 0.0f, o, hd);
+        return;
+    }
+    {
         for (int h = g * group; h < (g + 1) * group; h++) {
             for (int i0 = 0; i0 < a->n_new; i0 += ATTN_QCHUNK) {
                 int rows = PDS_MIN(ATTN_QCHUNK, a->n_new - i0);
@@ -185,10 +196,11 @@ static void attention_fast(const pds_engine_cpu_attn_t *a, float *scratch)
     }
 }
 
-void pds_engine_cpu_attention(bool naive, const pds_engine_cpu_attn_t *a, float *scratch)
+void pds_engine_cpu_attention(bool naive, const pds_engine_cpu_attn_t *a, int kv_head,
+                              float *scratch)
 {
     if (naive)
-        attention_naive(a, scratch);
+        attention_naive(a, kv_head, scratch);
     else
-        attention_fast(a, scratch);
+        attention_fast(a, kv_head, scratch);
 }

@@ -20,18 +20,19 @@
 
 typedef __nv_bfloat16 bf16;
 
-#define LAUNCH_CHECK(name)                                                                         \
-    do {                                                                                           \
-        cudaError_t e_ = cudaGetLastError();                                                       \
-        if (e_ != cudaSuccess)                                                                     \
-            return PDS_ERR(PDS_ERR_DEVICE, "launch of %s: %s", name, cudaGetErrorString(e_));      \
+#define LAUNCH_CHECK(name)                                                                    \
+    do {                                                                                      \
+        cudaError_t e_ = cudaGetLastError();                                                  \
+        if (e_ != cudaSuccess)                                                                \
+            return PDS_ERR(PDS_ERR_DEVICE, "launch of %s: %s", name, cudaGetErrorString(e_)); \
     } while (0)
 
-#define LOG2E 1.4426950408889634f
+#define LOG2E   1.4426950408889634f
 #define PF_ROWS 64 /* query rows per prefill CTA */
 #define PF_KEYS 64 /* keys per K/V tile */
 
-/* ---- small helpers ---------------------------------------------------------------------------- */
+/* ---- small helpers ----------------------------------------------------------------------------
+ */
 __device__ __forceinline__ uint32_t pack_bf16(float a, float b)
 {
     __nv_bfloat162 v = __floats2bfloat162_rn(a, b); /* .x = a (low half) */
@@ -62,15 +63,17 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p)
                  : "r"(a));
 }
 
-__device__ __forceinline__ const bf16 *kv_row(const bf16 *kv, const int32_t *bt, int tok, int kv_sel,
-                                              int head, int n_kv_heads, int head_dim, int bs)
+__device__ __forceinline__ const bf16 *kv_row(const bf16 *kv, const int32_t *bt, int tok,
+                                              int kv_sel, int head, int n_kv_heads, int head_dim,
+                                              int bs)
 {
     int blk = bt[tok / bs];
     return kv + (((int64_t)blk * 2 + kv_sel) * bs + tok % bs) * ((int64_t)n_kv_heads * head_dim) +
            (int64_t)head * head_dim;
 }
 
-/* ---- prefill: tensor-core flash attention ------------------------------------------------------- */
+/* ---- prefill: tensor-core flash attention -------------------------------------------------------
+ */
 template <int HD>
 __global__ void __launch_bounds__(128)
     attn_prefill_mma(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
@@ -87,7 +90,8 @@ __global__ void __launch_bounds__(128)
     const int kvh = h / (n_heads / n_kv_heads);
     const int32_t *bt = bts + S.bt_off;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int wrow = row0 + warp * 16; /* first row (within the sequence's new tokens) of this warp */
+    const int wrow =
+        row0 + warp * 16; /* first row (within the sequence's new tokens) of this warp */
 
     /* Q fragments straight from global memory */
     uint32_t qa[HD / 16][4];
@@ -97,8 +101,9 @@ __global__ void __launch_bounds__(128)
         for (int r = 0; r < 4; r++) {
             int row = wrow + g + ((r & 1) ? 8 : 0);
             int col = h * HD + kk * 16 + t4 * 2 + ((r & 2) ? 8 : 0);
-            qa[kk][r] = row < S.n_new ? *(const uint32_t *)(q + (int64_t)(S.q_start + row) * q_stride + col)
-                                      : 0u;
+            qa[kk][r] = row < S.n_new
+                            ? *(const uint32_t *)(q + (int64_t)(S.q_start + row) * q_stride + col)
+                            : 0u;
         }
     }
     float o[HD / 8][4];
@@ -222,7 +227,8 @@ __global__ void __launch_bounds__(128)
     }
 }
 
-/* ---- plain kernel: one warp per (row, head); any head_dim <= 256 ------------------------------ */
+/* ---- plain kernel: one warp per (row, head); any head_dim <= 256 ------------------------------
+ */
 __global__ void attn_plain(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
                            int n_seqs, const int32_t *bts, int T, int n_heads, int n_kv_heads,
                            int hd, int bs, float scale, bf16 *out)
@@ -240,7 +246,8 @@ __global__ void attn_plain(const bf16 *q, int q_stride, const bf16 *kv, const pd
     int nd = (hd + 31) / 32;
     for (int i = 0; i < 8; i++) {
         int d = lane + 32 * i;
-        qv[i] = (i < nd && d < hd) ? __bfloat162float(q[(int64_t)row * q_stride + h * hd + d]) : 0.0f;
+        qv[i] =
+            (i < nd && d < hd) ? __bfloat162float(q[(int64_t)row * q_stride + h * hd + d]) : 0.0f;
         acc[i] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
@@ -299,9 +306,9 @@ extern "C" pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride,
     float scale = 1.0f / sqrtf((float)head_dim);
     dim3 grid(n_tiles, n_heads);
     if (head_dim == 128) {
-        attn_prefill_mma<128><<<grid, 128, 0, s>>>((const bf16 *)q, q_stride, (const bf16 *)kv_layer,
-                                                   seqs, block_tables, tiles, n_heads, n_kv_heads,
-                                                   block_size, scale * LOG2E, (bf16 *)out);
+        attn_prefill_mma<128><<<grid, 128, 0, s>>>(
+            (const bf16 *)q, q_stride, (const bf16 *)kv_layer, seqs, block_tables, tiles, n_heads,
+            n_kv_heads, block_size, scale * LOG2E, (bf16 *)out);
         LAUNCH_CHECK("attn_prefill_mma<128>");
     } else if (head_dim == 64) {
         attn_prefill_mma<64><<<grid, 128, 0, s>>>((const bf16 *)q, q_stride, (const bf16 *)kv_layer,
@@ -309,8 +316,8 @@ extern "C" pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride,
                                                   block_size, scale * LOG2E, (bf16 *)out);
         LAUNCH_CHECK("attn_prefill_mma<64>");
     } else {
-        return PDS_ERR(PDS_ERR_UNSUPPORTED, "prefill attention: head_dim %d needs pds_cuda_attn_plain",
-                       head_dim);
+        return PDS_ERR(PDS_ERR_UNSUPPORTED,
+                       "prefill attention: head_dim %d needs pds_cuda_attn_plain", head_dim);
     }
     return PDS_OK;
 }
@@ -335,7 +342,8 @@ extern "C" pds_status_t pds_cuda_attn_plain(const uint16_t *q, int q_stride,
     return PDS_OK;
 }
 
-/* ---- decode: flash-decoding, GQA-aware ----------------------------------------------------------- */
+/* ---- decode: flash-decoding, GQA-aware
+ * ----------------------------------------------------------- */
 #define DEC_THREADS 128
 
 /* smem: q [G][HD] fp32 (pre-scaled), scores [G][split] fp32, reduce [8][G][HD] fp32, m/l [G][2] */
@@ -346,9 +354,9 @@ __global__ void __launch_bounds__(DEC_THREADS)
                       int max_splits, float scale_log2, float *part_o, float *part_ml)
 {
     extern __shared__ float dsm[];
-    float *sq = dsm;                 /* [G][HD] */
-    float *ss = sq + G * HD;         /* [G][split] */
-    float *sred = ss + G * split;    /* [8][G][HD] */
+    float *sq = dsm;              /* [G][HD] */
+    float *ss = sq + G * HD;      /* [G][split] */
+    float *sred = ss + G * split; /* [8][G][HD] */
     const int sp = blockIdx.x, kvh = blockIdx.y, si = blockIdx.z;
     const pds_cuda_seq_t S = seqs[si];
     const int start = sp * split;
@@ -360,7 +368,8 @@ __global__ void __launch_bounds__(DEC_THREADS)
 
     for (int i = tid; i < G * HD; i += DEC_THREADS) {
         int gh = i / HD, d = i % HD;
-        sq[i] = __bfloat162float(q[(int64_t)S.q_start * q_stride + (kvh * G + gh) * HD + d]) * scale_log2;
+        sq[i] = __bfloat162float(q[(int64_t)S.q_start * q_stride + (kvh * G + gh) * HD + d]) *
+                scale_log2;
     }
     __syncthreads();
 
@@ -465,7 +474,8 @@ __global__ void attn_decode_combine(const pds_cuda_seq_t *seqs, int n_heads, int
     float M = -INFINITY;
     for (int i = 0; i < ns; i++) M = fmaxf(M, part_ml[(base + i) * 2]);
     float L = 0.0f;
-    for (int i = 0; i < ns; i++) L += part_ml[(base + i) * 2 + 1] * exp2f(part_ml[(base + i) * 2] - M);
+    for (int i = 0; i < ns; i++)
+        L += part_ml[(base + i) * 2 + 1] * exp2f(part_ml[(base + i) * 2] - M);
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float acc = 0.0f;
         for (int i = 0; i < ns; i++)
@@ -488,13 +498,21 @@ static pds_status_t launch_decode(const uint16_t *q, int q_stride, const uint16_
 {
     size_t smem = sizeof(float) * ((size_t)G * HD + (size_t)G * split + 8ull * G * HD);
     if (smem > 48 * 1024) {
-        static bool raised = false; /* per template instance: a one-time attribute */
+        static int raised = 0; /* per template instance: the opt-in limit, set once */
         if (!raised) {
+            int dev = 0, optin = 0;
+            PDS_CUDA_TRY(cudaGetDevice(&dev));
+            PDS_CUDA_TRY(
+                cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
             PDS_CUDA_TRY(cudaFuncSetAttribute(attn_decode_split<HD, G>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              160 * 1024));
-            raised = true;
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+            raised = optin;
         }
+        if (smem > (size_t)raised)
+            return PDS_ERR(PDS_ERR_UNSUPPORTED,
+                           "decode attention: split of %d tokens needs %zu "
+                           "bytes of shared memory",
+                           split, smem);
     }
     dim3 grid(max_splits, n_kv_heads, n_seqs);
     attn_decode_split<HD, G><<<grid, DEC_THREADS, smem, s>>>(
@@ -516,10 +534,10 @@ extern "C" pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride,
     float *part_o = part;
     float *part_ml = part + (size_t)n_seqs * n_heads * max_splits * head_dim;
     pds_status_t st = PDS_ERR_UNSUPPORTED;
-#define DEC_CASE(HD_, G_)                                                                          \
-    if (head_dim == HD_ && G == G_)                                                                \
-        st = launch_decode<HD_, G_>(q, q_stride, kv_layer, seqs, block_tables, n_seqs, n_heads,     \
-                                    n_kv_heads, block_size, split_tokens, max_splits, part_o,      \
+#define DEC_CASE(HD_, G_)                                                                       \
+    if (head_dim == HD_ && G == G_)                                                             \
+        st = launch_decode<HD_, G_>(q, q_stride, kv_layer, seqs, block_tables, n_seqs, n_heads, \
+                                    n_kv_heads, block_size, split_tokens, max_splits, part_o,   \
                                     part_ml, s);
     DEC_CASE(128, 1)
     DEC_CASE(128, 2)
@@ -533,9 +551,8 @@ extern "C" pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride,
     if (st == PDS_ERR_UNSUPPORTED)
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "decode attention: head_dim %d, group %d", head_dim, G);
     if (st != PDS_OK) return st;
-    attn_decode_combine<<<dim3(n_seqs, n_heads), 128, 0, s>>>(seqs, n_heads, head_dim, split_tokens,
-                                                              max_splits, part_o, part_ml,
-                                                              (bf16 *)out);
+    attn_decode_combine<<<dim3(n_seqs, n_heads), 128, 0, s>>>(
+        seqs, n_heads, head_dim, split_tokens, max_splits, part_o, part_ml, (bf16 *)out);
     LAUNCH_CHECK("attn_decode_combine");
     return PDS_OK;
 }

@@ -26,11 +26,11 @@ extern "C" {
 #include "model/model.h"
 
 /* Turn a CUDA runtime result into a status, naming the call (PDS_ERR adds file:line). */
-#define PDS_CUDA_TRY(call)                                                                         \
-    do {                                                                                           \
-        cudaError_t pds_cu_e_ = (call);                                                            \
-        if (pds_cu_e_ != cudaSuccess)                                                              \
-            return PDS_ERR(PDS_ERR_DEVICE, "%s: %s", #call, cudaGetErrorString(pds_cu_e_));        \
+#define PDS_CUDA_TRY(call)                                                                  \
+    do {                                                                                    \
+        cudaError_t pds_cu_e_ = (call);                                                     \
+        if (pds_cu_e_ != cudaSuccess)                                                       \
+            return PDS_ERR(PDS_ERR_DEVICE, "%s: %s", #call, cudaGetErrorString(pds_cu_e_)); \
     } while (0)
 
 /* One sequence of a forward batch as the attention kernels see it. */
@@ -119,8 +119,8 @@ pds_status_t pds_cuda_sample(const float *logits, int S, int vocab, const pds_cu
  * bf16 <-> `dtype` (F32 or BF16). block_elems = pds_kv_block_elems(). ids [n] device. */
 pds_status_t pds_cuda_kv_gather(const uint16_t *kv_layer, int64_t block_elems, const int32_t *ids,
                                 int n, pds_dtype_t dtype, void *dst, cudaStream_t s);
-pds_status_t pds_cuda_kv_scatter(uint16_t *kv_layer, int64_t block_elems, const int32_t *ids,
-                                 int n, pds_dtype_t dtype, const void *src, cudaStream_t s);
+pds_status_t pds_cuda_kv_scatter(uint16_t *kv_layer, int64_t block_elems, const int32_t *ids, int n,
+                                 pds_dtype_t dtype, const void *src, cudaStream_t s);
 
 /* dst[bytes] = src[bytes] with 16-byte loads (bytes a multiple of 16): the bandwidth probe. */
 pds_status_t pds_cuda_copy(void *dst, const void *src, size_t bytes, cudaStream_t s);

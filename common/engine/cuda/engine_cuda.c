@@ -29,14 +29,14 @@
 #include "engine/engine_internal.h"
 
 #define LT_WORKSPACE (64u << 20)
-#define GEMM_CACHE 128
-#define MAX_GRAPHS 96
+#define GEMM_CACHE   128
+#define MAX_GRAPHS   96
 
-#define LT_TRY(call)                                                                               \
-    do {                                                                                           \
-        cublasStatus_t pds_lt_s_ = (call);                                                         \
-        if (pds_lt_s_ != CUBLAS_STATUS_SUCCESS)                                                    \
-            return PDS_ERR(PDS_ERR_DEVICE, "%s: cublas status %d", #call, (int)pds_lt_s_);         \
+#define LT_TRY(call)                                                                       \
+    do {                                                                                   \
+        cublasStatus_t pds_lt_s_ = (call);                                                 \
+        if (pds_lt_s_ != CUBLAS_STATUS_SUCCESS)                                            \
+            return PDS_ERR(PDS_ERR_DEVICE, "%s: cublas status %d", #call, (int)pds_lt_s_); \
     } while (0)
 
 typedef struct {
@@ -88,17 +88,17 @@ typedef struct {
     /* workspace */
     void *ws;
     size_t ws_bytes;
-    float *x;        /* [max_T, hidden] fp32 residual */
-    uint16_t *xn;    /* [max_T, hidden] bf16 normalised */
-    uint16_t *qkv;   /* [max_T, qkv_w] */
-    uint16_t *att;   /* [max_T, H*hd] */
-    uint16_t *gu;    /* [max_T, 2*ffn] */
-    uint16_t *act;   /* [max_T, ffn] */
-    float *logits;   /* [max_S, vocab] */
-    float *part;     /* decode partials */
-    int32_t *d_tok;  /* [max_S] sampled tokens */
-    int32_t *d_ids;  /* [ids_cap] block ids for KV copies */
-    void *stage;     /* KV copy staging (device) */
+    float *x;       /* [max_T, hidden] fp32 residual */
+    uint16_t *xn;   /* [max_T, hidden] bf16 normalised */
+    uint16_t *qkv;  /* [max_T, qkv_w] */
+    uint16_t *att;  /* [max_T, H*hd] */
+    uint16_t *gu;   /* [max_T, 2*ffn] */
+    uint16_t *act;  /* [max_T, ffn] */
+    float *logits;  /* [max_S, vocab] */
+    float *part;    /* decode partials */
+    int32_t *d_tok; /* [max_S] sampled tokens */
+    int32_t *d_ids; /* [ids_cap] block ids for KV copies */
+    void *stage;    /* KV copy staging (device) */
     size_t stage_bytes;
     int ids_cap;
     int max_splits_cap;
@@ -120,7 +120,8 @@ static size_t align_up(size_t v, size_t a)
     return (v + a - 1) / a * a;
 }
 
-/* ---- probe ---------------------------------------------------------------------------------------- */
+/* ---- probe
+ * ---------------------------------------------------------------------------------------- */
 bool pds_engine_cuda_probe(char *why, size_t why_cap)
 {
     int n = 0;
@@ -134,15 +135,17 @@ bool pds_engine_cuda_probe(char *why, size_t why_cap)
     struct cudaDeviceProp prop;
     if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess || prop.major < 9) {
         if (why && why_cap)
-            snprintf(why, why_cap, "device 0 has compute capability %d.%d; this build targets sm_90",
-                     prop.major, prop.minor);
+            snprintf(why, why_cap,
+                     "device 0 has compute capability %d.%d; this build targets sm_90", prop.major,
+                     prop.minor);
         return false;
     }
     if (why && why_cap) snprintf(why, why_cap, "%s", prop.name);
     return true;
 }
 
-/* ---- cuBLASLt ---------------------------------------------------------------------------------- */
+/* ---- cuBLASLt ----------------------------------------------------------------------------------
+ */
 static void gemm_entry_free(gemm_entry_t *g)
 {
     if (!g->used) return;
@@ -172,14 +175,16 @@ static pds_status_t gemm_entry_make(cuda_impl_t *g, gemm_entry_t *e, int m, int 
                                          sizeof wsb);
     cublasLtMatmulHeuristicResult_t res;
     int got = 0;
-    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(g->lt, e->op, e->a, e->b, e->c, e->c, pref,
-                                                       1, &res, &got);
+    cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(g->lt, e->op, e->a, e->b, e->c, e->c, pref, 1, &res, &got);
     cublasLtMatmulPreferenceDestroy(pref);
     e->used = true;
     if (st != CUBLAS_STATUS_SUCCESS || got == 0) {
         gemm_entry_free(e);
-        return PDS_ERR(PDS_ERR_DEVICE, "cublasLtMatmulAlgoGetHeuristic: no algorithm for %dx%dx%d "
-                       "(status %d)", m, n, k, (int)st);
+        return PDS_ERR(PDS_ERR_DEVICE,
+                       "cublasLtMatmulAlgoGetHeuristic: no algorithm for %dx%dx%d "
+                       "(status %d)",
+                       m, n, k, (int)st);
     }
     e->algo = res.algo;
     e->m = m, e->n = n, e->k = k, e->out_f32 = out_f32, e->acc = acc;
@@ -193,7 +198,8 @@ static pds_status_t gemm(cuda_impl_t *g, int m, int n, int k, const uint16_t *w,
     gemm_entry_t *e = NULL;
     for (int i = 0; i < GEMM_CACHE; i++) {
         gemm_entry_t *c = &g->gemms[i];
-        if (c->used && c->m == m && c->n == n && c->k == k && c->out_f32 == out_f32 && c->acc == acc) {
+        if (c->used && c->m == m && c->n == n && c->k == k && c->out_f32 == out_f32 &&
+            c->acc == acc) {
             e = c;
             break;
         }
@@ -210,29 +216,50 @@ static pds_status_t gemm(cuda_impl_t *g, int m, int n, int k, const uint16_t *w,
     return PDS_OK;
 }
 
-/* ---- weights ------------------------------------------------------------------------------------- */
+/* ---- weights
+ * ------------------------------------------------------------------------------------- */
 /* Where synthetic tensor t goes: bf16 (matrices) or fp32 (norms) destination. */
-static void tensor_dst(cuda_impl_t *g, const pds_model_config_t *c, int t, uint16_t **bf,
-                       float **f)
+static void tensor_dst(cuda_impl_t *g, const pds_model_config_t *c, int t, uint16_t **bf, float **f)
 {
     *bf = NULL, *f = NULL;
     int64_t h = c->hidden, qd = (int64_t)c->n_heads * c->head_dim;
     int64_t kvd = (int64_t)c->n_kv_heads * c->head_dim;
-    if (t == 0) *bf = g->embed;
-    else if (t == 1) *f = g->final_norm;
-    else if (t == 2) *bf = g->lm_head;
+    if (t == 0)
+        *bf = g->embed;
+    else if (t == 1)
+        *f = g->final_norm;
+    else if (t == 2)
+        *bf = g->lm_head;
     else {
         cuda_layer_t *L = &g->layers[(t - 3) / 9];
         switch ((t - 3) % 9) {
-        case 0: *f = L->attn_norm; break;
-        case 1: *bf = L->wqkv; break;
-        case 2: *bf = L->wqkv + qd * h; break;
-        case 3: *bf = L->wqkv + (qd + kvd) * h; break;
-        case 4: *bf = L->wo; break;
-        case 5: *f = L->ffn_norm; break;
-        case 6: *bf = L->w_gu; break;
-        case 7: *bf = L->w_gu + (int64_t)c->ffn * h; break;
-        default: *bf = L->w_down; break;
+        case 0:
+            *f = L->attn_norm;
+            break;
+        case 1:
+            *bf = L->wqkv;
+            break;
+        case 2:
+            *bf = L->wqkv + qd * h;
+            break;
+        case 3:
+            *bf = L->wqkv + (qd + kvd) * h;
+            break;
+        case 4:
+            *bf = L->wo;
+            break;
+        case 5:
+            *f = L->ffn_norm;
+            break;
+        case 6:
+            *bf = L->w_gu;
+            break;
+        case 7:
+            *bf = L->w_gu + (int64_t)c->ffn * h;
+            break;
+        default:
+            *bf = L->w_down;
+            break;
         }
     }
 }
@@ -243,7 +270,7 @@ static const pds_tensor_view_t *model_tensor(const pds_model_t *m, int t)
     if (t == 1) return pds_model_final_norm(m);
     if (t == 2) return pds_model_lm_head(m);
     const pds_layer_weights_t *L = pds_model_layer(m, (t - 3) / 9);
-    const pds_tensor_view_t *v[9] = {&L->attn_norm, &L->wq, &L->wk,       &L->wv,    &L->wo,
+    const pds_tensor_view_t *v[9] = {&L->attn_norm, &L->wq,     &L->wk,   &L->wv,    &L->wo,
                                      &L->ffn_norm,  &L->w_gate, &L->w_up, &L->w_down};
     return v[(t - 3) % 9];
 }
@@ -321,8 +348,11 @@ static pds_status_t load_weights(pds_engine_t *e, cuda_impl_t *g, const pds_mode
     bytes = align_up(bytes + (size_t)h * 4, 256);
     size_t o_freq = bytes;
     bytes = align_up(bytes + (size_t)c->head_dim * 2, 256);
-    size_t per_layer[6] = {(size_t)((qd + 2 * kvd) * h) * 2, (size_t)(h * qd) * 2,
-                           (size_t)(2 * f * h) * 2, (size_t)(h * f) * 2, (size_t)h * 4,
+    size_t per_layer[6] = {(size_t)((qd + 2 * kvd) * h) * 2,
+                           (size_t)(h * qd) * 2,
+                           (size_t)(2 * f * h) * 2,
+                           (size_t)(h * f) * 2,
+                           (size_t)h * 4,
                            (size_t)h * 4};
     size_t o_layers = bytes;
     size_t layer_bytes = 0;
@@ -376,7 +406,8 @@ static pds_status_t load_weights(pds_engine_t *e, cuda_impl_t *g, const pds_mode
     return PDS_OK;
 }
 
-/* ---- workspace and input pack -------------------------------------------------------------------- */
+/* ---- workspace and input pack
+ * -------------------------------------------------------------------- */
 static pds_status_t alloc_workspace(pds_engine_t *e, cuda_impl_t *g)
 {
     const pds_model_config_t *c = &e->cfg;
@@ -386,15 +417,16 @@ static pds_status_t alloc_workspace(pds_engine_t *e, cuda_impl_t *g)
     /* decode split partials: the longest context in 32-token chunks at most 4096 chunks */
     g->max_splits_cap = PDS_MAX(1, PDS_DIV_UP(c->max_context, 32));
     g->max_splits_cap = PDS_MIN(g->max_splits_cap, 4096);
-    size_t part = pds_cuda_attn_decode_part_floats((int)S, c->n_heads, c->head_dim, 0);
-    (void)part;
-    size_t sz[10] = {
-        T * (size_t)c->hidden * 4,      T * (size_t)c->hidden * 2, T * (size_t)qkvw * 2,
-        T * (size_t)qd * 2,             T * (size_t)c->ffn * 4,    T * (size_t)c->ffn * 2,
-        S * (size_t)c->vocab * 4,
-        /* partials for up to S sequences x max_splits_cap, but never more than the T-token bound */
-        0,
-        S * 4, LT_WORKSPACE};
+    size_t sz[10] = {T * (size_t)c->hidden * 4,
+                     T * (size_t)c->hidden * 2,
+                     T * (size_t)qkvw * 2,
+                     T * (size_t)qd * 2,
+                     T * (size_t)c->ffn * 4,
+                     T * (size_t)c->ffn * 2,
+                     S * (size_t)c->vocab * 4,
+                     0 /* decode partials, below */,
+                     S * 4,
+                     LT_WORKSPACE};
     /* decode partials: S seqs x H heads x splits x (hd + 2); splits bounded so this stays small */
     int ms = g->max_splits_cap;
     while (ms > 1 && pds_cuda_attn_decode_part_floats((int)S, c->n_heads, c->head_dim, ms) * 4 >
@@ -443,7 +475,8 @@ static pds_status_t alloc_workspace(pds_engine_t *e, cuda_impl_t *g)
     return PDS_OK;
 }
 
-/* ---- destroy ------------------------------------------------------------------------------------- */
+/* ---- destroy
+ * ------------------------------------------------------------------------------------- */
 static void cuda_destroy(pds_engine_t *e)
 {
     cuda_impl_t *g = e->impl;
@@ -473,7 +506,8 @@ static void cuda_destroy(pds_engine_t *e)
     e->impl = NULL;
 }
 
-/* ---- forward ------------------------------------------------------------------------------------- */
+/* ---- forward
+ * ------------------------------------------------------------------------------------- */
 static uint16_t *kv_layer_ptr(cuda_impl_t *g, int layer)
 {
     return (uint16_t *)((char *)g->kv + g->kv_layer_stride * (size_t)layer);
@@ -536,10 +570,11 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
         PDS_TRY(gemm(g, qkvw, T, hid, L->wqkv, g->xn, g->qkv, 0, 0));
         PDS_TRY(pds_cuda_rope_kv_write(g->qkv, pos, slots, T, H, KV, hd, g->inv_freq, kvl,
                                        e->kv.block_size, st));
+        /* this layer's K/V are in the pool: what layer_wait (and a KV sender) waits for */
+        if (!decode) PDS_CUDA_TRY(cudaEventRecord(g->layer_ev[l], st));
         if (decode)
             PDS_TRY(pds_cuda_attn_decode(g->qkv, qkvw, kvl, seqs, bt, S, H, KV, hd,
-                                         e->kv.block_size, split, max_splits, g->part, g->att,
-                                         st));
+                                         e->kv.block_size, split, max_splits, g->part, g->att, st));
         else if (mma)
             PDS_TRY(pds_cuda_attn_prefill(g->qkv, qkvw, kvl, seqs, bt, tiles, n_tiles, H, KV, hd,
                                           e->kv.block_size, g->att, st));
@@ -547,15 +582,10 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             PDS_TRY(pds_cuda_attn_plain(g->qkv, qkvw, kvl, seqs, S, bt, T, H, KV, hd,
                                         e->kv.block_size, g->att, st));
         PDS_TRY(gemm(g, hid, T, H * hd, L->wo, g->att, g->x, 1, 1));
-        if (on_layer) {
-            /* this layer's K/V are in the pool once the attention input is written */
-            PDS_CUDA_TRY(cudaEventRecord(g->layer_ev[l], st));
-        }
         PDS_TRY(pds_cuda_rmsnorm(g->x, NULL, T, hid, L->ffn_norm, c->norm_eps, g->xn, st));
         PDS_TRY(gemm(g, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0));
         PDS_TRY(pds_cuda_silu_mul(g->gu, T, c->ffn, g->act, st));
         PDS_TRY(gemm(g, hid, T, c->ffn, L->w_down, g->act, g->x, 1, 1));
-        if (!on_layer) PDS_CUDA_TRY(cudaEventRecord(g->layer_ev[l], st));
         if (on_layer) on_layer(ctx, l);
     }
     if (want_logits || want_sample) {
@@ -606,8 +636,6 @@ static pds_status_t cuda_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_
     int32_t *hpos = (int32_t *)(h + g->pk.pos), *hsl = (int32_t *)(h + g->pk.slots);
     int32_t *hbt = (int32_t *)(h + g->pk.bt), *hti = (int32_t *)(h + g->pk.tiles);
     int row = 0, bto = 0;
-    int n_new_arr[1];
-    (void)n_new_arr;
     for (int i = 0; i < Sb; i++) {
         if (i < n_seqs) {
             const pds_engine_seq_t *q = &seqs[i];
@@ -665,8 +693,8 @@ static pds_status_t cuda_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_
         if (!ge && g->n_graphs < MAX_GRAPHS) {
             cudaGraph_t graph;
             PDS_CUDA_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal));
-            pds_status_t s = enqueue_forward(e, g, Sb, Sb, 0, true, split, max_splits, true, true,
-                                             NULL, NULL);
+            pds_status_t s =
+                enqueue_forward(e, g, Sb, Sb, 0, true, split, max_splits, true, true, NULL, NULL);
             cudaError_t ce = cudaStreamEndCapture(g->stream, &graph);
             if (s != PDS_OK) {
                 if (ce == cudaSuccess) cudaGraphDestroy(graph);
@@ -683,9 +711,9 @@ static pds_status_t cuda_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_
         if (ge)
             PDS_CUDA_TRY(cudaGraphLaunch(ge->exec, g->stream));
         else
-            PDS_TRY(enqueue_forward(e, g, Sb, Sb, 0, true, split, max_splits, true, true, NULL,
-                                    NULL));
-        want_logits = want_logits || true;
+            PDS_TRY(
+                enqueue_forward(e, g, Sb, Sb, 0, true, split, max_splits, true, true, NULL, NULL));
+        want_logits = true;
     } else {
         PDS_TRY(enqueue_forward(e, g, T, S, n_tiles, false, 0, 0, want_logits, want_sample,
                                 on_layer, ctx));
@@ -695,13 +723,13 @@ static pds_status_t cuda_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_
     for (int i = 0; i < n_seqs; i++)
         if (seqs[i].logits)
             PDS_CUDA_TRY(cudaMemcpyAsync(g->h_logit + (size_t)i * c->vocab,
-                                         g->logits + (size_t)i * c->vocab,
-                                         (size_t)c->vocab * 4, cudaMemcpyDeviceToHost, g->stream));
+                                         g->logits + (size_t)i * c->vocab, (size_t)c->vocab * 4,
+                                         cudaMemcpyDeviceToHost, g->stream));
     bool any_tok = false;
     for (int i = 0; i < n_seqs; i++) any_tok = any_tok || seqs[i].token_out;
     if (any_tok)
-        PDS_CUDA_TRY(cudaMemcpyAsync(g->h_tok, g->d_tok, (size_t)n_seqs * 4,
-                                     cudaMemcpyDeviceToHost, g->stream));
+        PDS_CUDA_TRY(cudaMemcpyAsync(g->h_tok, g->d_tok, (size_t)n_seqs * 4, cudaMemcpyDeviceToHost,
+                                     g->stream));
     PDS_CUDA_TRY(cudaStreamSynchronize(g->stream));
     for (int i = 0; i < n_seqs; i++) {
         if (seqs[i].logits)
@@ -719,7 +747,8 @@ static pds_status_t cuda_layer_wait(pds_engine_t *e, int layer)
     return PDS_OK;
 }
 
-/* ---- KV copies ------------------------------------------------------------------------------------ */
+/* ---- KV copies
+ * ------------------------------------------------------------------------------------ */
 static pds_status_t kv_stage(pds_engine_t *e, cuda_impl_t *g, int n, const int32_t *ids,
                              pds_dtype_t dtype, size_t *bytes)
 {
@@ -798,7 +827,8 @@ static const pds_engine_ops_t cuda_ops = {
     .kv_layer_memory = cuda_kv_layer_memory,
 };
 
-/* ---- init ------------------------------------------------------------------------------------------ */
+/* ---- init
+ * ------------------------------------------------------------------------------------------ */
 static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t *model,
                               uint64_t seed)
 {
@@ -813,7 +843,7 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
     struct cudaDeviceProp prop;
     PDS_CUDA_TRY(cudaGetDeviceProperties(&prop, g->device));
     g->sms = prop.multiProcessorCount;
-    snprintf(e->info.device_name, sizeof e->info.device_name, "%s", prop.name);
+    snprintf(e->info.device_name, sizeof e->info.device_name, "%.95s", prop.name);
     PDS_CUDA_TRY(cudaStreamCreateWithFlags(&g->stream, cudaStreamNonBlocking));
     LT_TRY(cublasLtCreate(&g->lt));
     g->max_T = e->params.max_batch_tokens;
@@ -878,7 +908,8 @@ pds_status_t pds_engine_cuda_init(pds_engine_t *e, const pds_model_t *model, uin
     return s;
 }
 
-/* ---- floors ---------------------------------------------------------------------------------------- */
+/* ---- floors
+ * ---------------------------------------------------------------------------------------- */
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -896,8 +927,9 @@ pds_status_t pds_engine_cuda_measure_bandwidth(int device, size_t bytes, int ite
     pds_status_t s = PDS_OK;
     cudaError_t ce;
     if (!ms) return PDS_ERR(PDS_ERR_NO_MEMORY, "bandwidth probe");
-    if ((ce = cudaMalloc(&a, bytes)) != cudaSuccess || (ce = cudaMalloc(&b, bytes)) != cudaSuccess ||
-        (ce = cudaEventCreate(&e0)) != cudaSuccess || (ce = cudaEventCreate(&e1)) != cudaSuccess) {
+    if ((ce = cudaMalloc(&a, bytes)) != cudaSuccess ||
+        (ce = cudaMalloc(&b, bytes)) != cudaSuccess || (ce = cudaEventCreate(&e0)) != cudaSuccess ||
+        (ce = cudaEventCreate(&e1)) != cudaSuccess) {
         s = PDS_ERR(PDS_ERR_DEVICE, "bandwidth probe setup: %s", cudaGetErrorString(ce));
         goto done;
     }
@@ -927,8 +959,7 @@ done:
     return s;
 }
 
-pds_status_t pds_engine_cuda_measure_gemm(int device, int m, int n, int k, int iters,
-                                          double *flops)
+pds_status_t pds_engine_cuda_measure_gemm(int device, int m, int n, int k, int iters, double *flops)
 {
     PDS_CUDA_TRY(cudaSetDevice(device));
     cuda_impl_t g;

@@ -15,16 +15,17 @@
 
 #include "engine/cuda/cuda_kernels.h"
 
-#define LAUNCH_CHECK(name)                                                                         \
-    do {                                                                                           \
-        cudaError_t e_ = cudaGetLastError();                                                       \
-        if (e_ != cudaSuccess)                                                                     \
-            return PDS_ERR(PDS_ERR_DEVICE, "launch of %s: %s", name, cudaGetErrorString(e_));      \
+#define LAUNCH_CHECK(name)                                                                    \
+    do {                                                                                      \
+        cudaError_t e_ = cudaGetLastError();                                                  \
+        if (e_ != cudaSuccess)                                                                \
+            return PDS_ERR(PDS_ERR_DEVICE, "launch of %s: %s", name, cudaGetErrorString(e_)); \
     } while (0)
 
 typedef __nv_bfloat16 bf16;
 
-/* ---- block reductions -------------------------------------------------------------------------- */
+/* ---- block reductions --------------------------------------------------------------------------
+ */
 __device__ __forceinline__ float warp_sum(float v)
 {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -43,7 +44,8 @@ __device__ float block_sum(float v, float *red /* [32] */)
     return warp_sum(t);
 }
 
-/* ---- embedding --------------------------------------------------------------------------------- */
+/* ---- embedding ---------------------------------------------------------------------------------
+ */
 __global__ void embed_kernel(const int32_t *tokens, const bf16 *table, int hidden, float *x)
 {
     int t = blockIdx.x;
@@ -61,7 +63,8 @@ extern "C" pds_status_t pds_cuda_embed(const int32_t *tokens, int n, const uint1
     return PDS_OK;
 }
 
-/* ---- RMSNorm ------------------------------------------------------------------------------------ */
+/* ---- RMSNorm ------------------------------------------------------------------------------------
+ */
 __global__ void rmsnorm_kernel(const float *x, const int32_t *rows_idx, int hidden, const float *w,
                                float eps, bf16 *out)
 {
@@ -74,7 +77,8 @@ __global__ void rmsnorm_kernel(const float *x, const int32_t *rows_idx, int hidd
     ss = block_sum(ss, red);
     float inv = 1.0f / sqrtf(ss / (float)hidden + eps);
     bf16 *o = out + (int64_t)r * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __float2bfloat16_rn(w[i] * (xr[i] * inv));
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        o[i] = __float2bfloat16_rn(w[i] * (xr[i] * inv));
 }
 
 extern "C" pds_status_t pds_cuda_rmsnorm(const float *x, const int32_t *rows_idx, int rows,
@@ -88,7 +92,8 @@ extern "C" pds_status_t pds_cuda_rmsnorm(const float *x, const int32_t *rows_idx
     return PDS_OK;
 }
 
-/* ---- RoPE + K/V write ---------------------------------------------------------------------------- */
+/* ---- RoPE + K/V write
+ * ---------------------------------------------------------------------------- */
 __global__ void rope_kv_kernel(bf16 *qkv, const int32_t *pos, const int32_t *slots, int n_heads,
                                int n_kv_heads, int head_dim, const float *inv_freq, bf16 *kv,
                                int block_size)
@@ -126,9 +131,8 @@ __global__ void rope_kv_kernel(bf16 *qkv, const int32_t *pos, const int32_t *slo
 
 extern "C" pds_status_t pds_cuda_rope_kv_write(uint16_t *qkv, const int32_t *pos,
                                                const int32_t *slots, int T, int n_heads,
-                                               int n_kv_heads, int head_dim,
-                                               const float *inv_freq, uint16_t *kv_layer,
-                                               int block_size, cudaStream_t s)
+                                               int n_kv_heads, int head_dim, const float *inv_freq,
+                                               uint16_t *kv_layer, int block_size, cudaStream_t s)
 {
     if (T <= 0) return PDS_OK;
     rope_kv_kernel<<<T, 256, 0, s>>>((bf16 *)qkv, pos, slots, n_heads, n_kv_heads, head_dim,
@@ -137,7 +141,8 @@ extern "C" pds_status_t pds_cuda_rope_kv_write(uint16_t *qkv, const int32_t *pos
     return PDS_OK;
 }
 
-/* ---- SiLU * mul ------------------------------------------------------------------------------------ */
+/* ---- SiLU * mul
+ * ------------------------------------------------------------------------------------ */
 __global__ void silu_mul_kernel(const bf16 *gu, int64_t T, int ffn, bf16 *out)
 {
     int64_t n = T * ffn;
@@ -187,9 +192,10 @@ extern "C" pds_status_t pds_cuda_silu_mul(const uint16_t *gu, int T, int ffn, ui
     return PDS_OK;
 }
 
-/* ---- sampling ------------------------------------------------------------------------------------- */
+/* ---- sampling
+ * ------------------------------------------------------------------------------------- */
 #define SAMPLE_THREADS 1024
-#define MASS_ONE 17592186044416.0f /* 2^44: exp((l - max) / T) in (0, 1] as fixed point */
+#define MASS_ONE       17592186044416.0f /* 2^44: exp((l - max) / T) in (0, 1] as fixed point */
 
 __device__ __forceinline__ float clean_logit(float v)
 {
@@ -256,7 +262,8 @@ __device__ uint64_t radix_select(const float *l, int V, float mx, float T, uint6
 }
 
 /* Summed fixed-point mass of tokens with rank key >= lo. */
-__device__ uint64_t kept_mass(const float *l, int V, float mx, float T, uint64_t lo, sample_smem *sm)
+__device__ uint64_t kept_mass(const float *l, int V, float mx, float T, uint64_t lo,
+                              sample_smem *sm)
 {
     if (threadIdx.x == 0) sm->total = 0;
     __syncthreads();
@@ -272,9 +279,8 @@ __device__ uint64_t kept_mass(const float *l, int V, float mx, float T, uint64_t
     return t;
 }
 
-__global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(const float *logits, int V,
-                                                                const pds_cuda_sample_t *params,
-                                                                int32_t *tokens)
+__global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_kernel(const float *logits, int V, const pds_cuda_sample_t *params, int32_t *tokens)
 {
     __shared__ sample_smem sm;
     __shared__ float wb[32];
@@ -330,8 +336,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(const float *log
 }
 
 extern "C" pds_status_t pds_cuda_sample(const float *logits, int S, int vocab,
-                                        const pds_cuda_sample_t *p, int32_t *tokens,
-                                        cudaStream_t s)
+                                        const pds_cuda_sample_t *p, int32_t *tokens, cudaStream_t s)
 {
     if (S <= 0) return PDS_OK;
     sample_kernel<<<S, SAMPLE_THREADS, 0, s>>>(logits, vocab, p, tokens);
@@ -339,7 +344,8 @@ extern "C" pds_status_t pds_cuda_sample(const float *logits, int S, int vocab,
     return PDS_OK;
 }
 
-/* ---- KV block gather / scatter -------------------------------------------------------------------- */
+/* ---- KV block gather / scatter
+ * -------------------------------------------------------------------- */
 __global__ void kv_gather_kernel(const bf16 *kv, int64_t be, const int32_t *ids, int n, int f32,
                                  void *dst)
 {
@@ -368,8 +374,8 @@ __global__ void kv_scatter_kernel(bf16 *kv, int64_t be, const int32_t *ids, int 
 }
 
 extern "C" pds_status_t pds_cuda_kv_gather(const uint16_t *kv_layer, int64_t block_elems,
-                                           const int32_t *ids, int n, pds_dtype_t dtype,
-                                           void *dst, cudaStream_t s)
+                                           const int32_t *ids, int n, pds_dtype_t dtype, void *dst,
+                                           cudaStream_t s)
 {
     if (n <= 0) return PDS_OK;
     int64_t total = block_elems * n;
@@ -393,7 +399,8 @@ extern "C" pds_status_t pds_cuda_kv_scatter(uint16_t *kv_layer, int64_t block_el
     return PDS_OK;
 }
 
-/* ---- copy and conversion -------------------------------------------------------------------------- */
+/* ---- copy and conversion
+ * -------------------------------------------------------------------------- */
 __global__ void copy_kernel(uint4 *dst, const uint4 *src, int64_t n)
 {
     int64_t stride = (int64_t)gridDim.x * blockDim.x;
@@ -410,7 +417,8 @@ __global__ void copy_kernel(uint4 *dst, const uint4 *src, int64_t n)
 
 extern "C" pds_status_t pds_cuda_copy(void *dst, const void *src, size_t bytes, cudaStream_t s)
 {
-    if (bytes % 16) return PDS_ERR(PDS_ERR_INVALID_ARG, "copy of %zu bytes: not a multiple of 16", bytes);
+    if (bytes % 16)
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "copy of %zu bytes: not a multiple of 16", bytes);
     int dev = 0, sms = 132;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
