@@ -17,6 +17,7 @@ typedef struct {
 
 static const subcommand_t subcommands[] = {
     {"engine", pds_bench_engine_main, "prefill tok/s (TTFT) and decode step time of one engine"},
+    {"load", pds_bench_load_main, "open-loop Poisson load on a router: TTFT, TPOT, throughput"},
 };
 
 static void usage(FILE *f)

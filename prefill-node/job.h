@@ -65,8 +65,8 @@ struct pf_job {
     /* ---- compute: engine loop ---- */
     pds_kv_seq_t kv; /* this node's blocks; all allocated at once before the first chunk */
     bool has_kv;
-    int done_tokens;  /* tokens computed so far (chunked prefill) */
-    bool counted;     /* still in the queued-tokens load figures */
+    int done_tokens; /* tokens computed so far (chunked prefill) */
+    bool counted;    /* still in the queued-tokens load figures */
     int64_t t_start_ns, t_end_ns;
     int32_t first_token;
     pds_status_t status; /* first error on the job (compute, send_layer, ...); PDS_OK otherwise */
@@ -77,9 +77,9 @@ struct pf_job {
     /* ---- hand-over ---- */
     pf_work_t work;
     pf_sched_cmd_t cmd;
-    pf_job_t *fifo_next;             /* link in whichever FIFO holds the job */
-    pf_job_t *tbl_prev, *tbl_next;   /* service's table of live jobs (under its mutex) */
-    pf_job_t *wait_next;             /* engine loop's FCFS wait list */
+    pf_job_t *fifo_next;           /* link in whichever FIFO holds the job */
+    pf_job_t *tbl_prev, *tbl_next; /* service's table of live jobs (under its mutex) */
+    pf_job_t *wait_next;           /* engine loop's FCFS wait list */
 };
 
 /* Frees the job's own memory (not its KV blocks: the engine loop releases those first; not its

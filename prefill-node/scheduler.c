@@ -56,7 +56,8 @@ typedef struct {
     int n;
 } batch_t;
 
-/* ---- wait list ---------------------------------------------------------------------------------- */
+/* ---- wait list ----------------------------------------------------------------------------------
+ */
 static void wait_append(pf_sched_t *s, pf_job_t *j)
 {
     j->wait_next = NULL;
@@ -89,7 +90,8 @@ static void job_done(pf_sched_t *s, pf_job_t *j)
     s->p.done_fn(s->p.ctx, j);
 }
 
-/* ---- inbox -------------------------------------------------------------------------------------- */
+/* ---- inbox --------------------------------------------------------------------------------------
+ */
 static void release_job(pf_sched_t *s, pf_job_t *j)
 {
     if (j->has_kv) {
@@ -115,7 +117,8 @@ static bool take_inbox(pf_sched_t *s, bool wait)
     return !closed;
 }
 
-/* ---- batch formation ----------------------------------------------------------------------------- */
+/* ---- batch formation
+ * ----------------------------------------------------------------------------- */
 /* Drops cancelled or failed queued jobs (a running chunked job stops between chunks). */
 static void drop_dead(pf_sched_t *s)
 {
@@ -176,7 +179,8 @@ static void form_batch(pf_sched_t *s, batch_t *b)
     }
 }
 
-/* ---- forward ------------------------------------------------------------------------------------- */
+/* ---- forward
+ * ------------------------------------------------------------------------------------- */
 static void send_layer(pf_job_t *j, int layer, const void *base, const int32_t *ids)
 {
     if (j->status != PDS_OK || !j->send) return;
@@ -191,7 +195,8 @@ static void on_layer(void *ctx, int layer)
     batch_t *b = ctx;
     if (b->s->on_device) return; /* staged after the forward */
     for (int i = 0; i < b->n; i++)
-        if (b->last[i]) send_layer(b->jobs[i], layer, b->s->layer_base[layer], b->jobs[i]->kv.blocks);
+        if (b->last[i])
+            send_layer(b->jobs[i], layer, b->s->layer_base[0], b->jobs[i]->kv.blocks);
 }
 
 /* Device pools: copy the job's KV to host and send every layer from there. */
@@ -307,7 +312,8 @@ static void free_tables(pf_sched_t *s)
     pds_free(s);
 }
 
-/* ---- public ------------------------------------------------------------------------------------- */
+/* ---- public -------------------------------------------------------------------------------------
+ */
 pds_status_t pf_sched_create(pds_engine_t *e, const pf_sched_params_t *p, pf_sched_t **out)
 {
     if (!e || !p || !p->done_fn || !p->release_fn || p->max_batch_tokens < 1 ||

@@ -30,7 +30,7 @@ typedef struct {
 typedef struct {
     int free_blocks;
     int total_blocks;
-    int running_seqs;     /* sequences in the forward now running (0 when idle) */
+    int running_seqs;      /* sequences in the forward now running (0 when idle) */
     float recent_batch_ms; /* exponential mean of forward durations */
 } pf_sched_load_t;
 

@@ -1003,6 +1003,48 @@ Test(engine, blas_path_equals_naive_reference_loops)
     pds_engine_destroy(f);
 }
 
+Test(engine, worker_threads_compute_the_same_as_one_thread)
+{
+    pds_model_config_t c = tiny();
+    pds_engine_params_t p = pds_engine_default_params();
+    p.n_threads = 3;
+    pds_engine_t *one = make_engine(), *three = make_engine_cfg(&c, &p);
+    pds_engine_info_t info;
+    pds_engine_info(three, &info);
+    cr_expect(strstr(info.device_name, "3 threads") != NULL, "%s", info.device_name);
+    int32_t prompts[NB][40], a[NB][STEPS], b[NB][STEPS];
+    float la[NB][272], lb[NB][272];
+    for (int i = 0; i < NB; i++) {
+        fill_tokens(prompts[i], batch_lens[i], 200 + i);
+        run_alone(one, prompts[i], batch_lens[i], a[i], la[i]);
+    }
+    /* The threaded engine runs all four as one batch (prefill and decode). */
+    pds_sample_params_t g = pds_sample_default_params();
+    pds_kv_seq_t kv[NB];
+    pds_engine_seq_t s[NB];
+    for (int k = 0; k < STEPS; k++) {
+        for (int i = 0; i < NB; i++) {
+            if (k == 0) pds_kv_seq_init(&kv[i]);
+            int n = k == 0 ? batch_lens[i] : 1;
+            cr_assert_eq(pds_kv_seq_grow(&kv[i], pds_engine_kv_pool(three), 16, n, NULL), PDS_OK);
+            s[i] = (pds_engine_seq_t){.tokens = k == 0 ? prompts[i] : &b[i][k - 1],
+                                      .n_tokens = n,
+                                      .kv = &kv[i],
+                                      .sample = &g,
+                                      .token_out = &b[i][k],
+                                      .logits = k == STEPS - 1 ? lb[i] : NULL};
+        }
+        cr_assert_eq(pds_engine_forward(three, s, NB, NULL, NULL), PDS_OK);
+    }
+    for (int i = 0; i < NB; i++) {
+        cr_expect_arr_eq(a[i], b[i], sizeof a[i], "sequence %d", i);
+        cr_expect_lt(max_abs_diff(la[i], lb[i], 272), 1e-5f);
+        drop(three, &kv[i]);
+    }
+    pds_engine_destroy(one);
+    pds_engine_destroy(three);
+}
+
 Test(engine, llama3_rope_scaling_changes_long_range_logits_only_through_rope)
 {
     /* Same weights; the small preset's llama3 scaling on the tiny shape. The first position has

@@ -132,9 +132,29 @@ static bool parse_ids(const char *s, int32_t *ids, int cap, int *n)
     return *n > 0;
 }
 
+/* Errors are shown with their gRPC code name, as every other client of the API would. */
 static int fail(const char *what, pds_status_t s)
 {
-    fprintf(stderr, "pdserve-cli: %s: %s: %s\n", what, pds_status_name(s),
+    static const char *const codes[] = {"OK",
+                                        "CANCELLED",
+                                        "UNKNOWN",
+                                        "INVALID_ARGUMENT",
+                                        "DEADLINE_EXCEEDED",
+                                        "NOT_FOUND",
+                                        "ALREADY_EXISTS",
+                                        "PERMISSION_DENIED",
+                                        "RESOURCE_EXHAUSTED",
+                                        "FAILED_PRECONDITION",
+                                        "ABORTED",
+                                        "OUT_OF_RANGE",
+                                        "UNIMPLEMENTED",
+                                        "INTERNAL",
+                                        "UNAVAILABLE",
+                                        "DATA_LOSS",
+                                        "UNAUTHENTICATED"};
+    int code = pds_rpc_status_to_code(s);
+    fprintf(stderr, "pdserve-cli: %s: %s: %s\n", what,
+            code >= 0 && code < (int)PDS_ARRAY_LEN(codes) ? codes[code] : "UNKNOWN",
             pds_err_detail()[0] ? pds_err_detail() : pds_status_text(s));
     return 1;
 }
@@ -168,43 +188,45 @@ typedef struct {
     bool raw;
 } text_out_t;
 
+static void pending_drop(text_out_t *t, size_t k)
+{
+    memmove(t->pending, t->pending + k, t->n_pending - k);
+    t->n_pending -= k;
+}
+
+/* Writes what can be written of the pending bytes; `final`: no more bytes will come. */
+static void pending_flush(text_out_t *t, bool final)
+{
+    while (t->n_pending > 0) {
+        unsigned char c = t->pending[0];
+        if (c == '\n' || c == '\t' || (c >= 0x20 && c < 0x7f)) {
+            fputc(c, t->out);
+            pending_drop(t, 1);
+            continue;
+        }
+        int l = c >= 0x80 ? utf8_seq(t->pending, t->n_pending) : 0;
+        if (l < 0 && !final) return; /* wait for the rest of the character */
+        if (l > 0) {
+            fwrite(t->pending, 1, (size_t)l, t->out);
+            pending_drop(t, (size_t)l);
+        } else {
+            fprintf(t->out, "\\x%02x", c);
+            pending_drop(t, 1);
+        }
+    }
+}
+
 static void text_emit(text_out_t *t, const unsigned char *b, size_t n, bool final)
 {
     if (t->raw) {
-        fwrite(b, 1, n, t->out);
+        if (n) fwrite(b, 1, n, t->out);
         return;
     }
-    unsigned char buf[4096];
-    while (n > 0 || (final && t->n_pending)) {
-        size_t take = PDS_MIN(n, sizeof buf - t->n_pending);
-        memcpy(buf, t->pending, t->n_pending);
-        memcpy(buf + t->n_pending, b, take);
-        size_t len = t->n_pending + take, i = 0;
-        b += take;
-        n -= take;
-        t->n_pending = 0;
-        while (i < len) {
-            unsigned char c = buf[i];
-            if (c == '\n' || c == '\t' || (c >= 0x20 && c < 0x7f)) {
-                fputc(c, t->out);
-                i++;
-                continue;
-            }
-            int l = c >= 0x80 ? utf8_seq(buf + i, len - i) : 0;
-            if (l < 0 && !(final && n == 0)) { /* wait for the rest of the character */
-                t->n_pending = len - i;
-                memcpy(t->pending, buf + i, t->n_pending);
-                break;
-            }
-            if (l > 0) {
-                fwrite(buf + i, 1, (size_t)l, t->out);
-                i += (size_t)l;
-            } else {
-                fprintf(t->out, "\\x%02x", c);
-                i++;
-            }
-        }
+    for (size_t k = 0; k < n; k++) {
+        t->pending[t->n_pending++] = b[k];
+        pending_flush(t, false);
     }
+    if (final) pending_flush(t, true);
 }
 
 /* ---- generate ---------------------------------------------------------------------------------

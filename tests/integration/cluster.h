@@ -68,6 +68,8 @@ bool pdt_cluster_check_alive(pdt_cluster_t *c);
 bool pdt_cluster_wait_up(pdt_cluster_t *c, int timeout_ms);
 /* Node `id` is listed with state (Pdserve__V1__NodeState), or, for DOWN, no longer listed. */
 bool pdt_cluster_wait_state(pdt_cluster_t *c, const char *id, int state, int timeout_ms);
+/* Node `id` reports at least min_seqs running sequences. */
+bool pdt_cluster_wait_running(pdt_cluster_t *c, const char *id, int min_seqs, int timeout_ms);
 /* Every node listed UP has free_kv_blocks == total_kv_blocks > 0, and the router has no active
  * or queued request. */
 bool pdt_cluster_wait_idle(pdt_cluster_t *c, int timeout_ms);
@@ -75,7 +77,7 @@ bool pdt_cluster_wait_idle(pdt_cluster_t *c, int timeout_ms);
 /* ---- requests -------------------------------------------------------------------------------- */
 typedef struct {
     char id[48];
-    const char *text;             /* text prompt, or NULL for prompt[] */
+    const char *text; /* text prompt, or NULL for prompt[] */
     int32_t prompt[PDT_MAX_PROMPT];
     int n_prompt;
     uint32_t max_tokens;
@@ -93,11 +95,12 @@ typedef struct {
     char message[512];   /* the server's status message when not OK */
     int32_t tokens[PDT_MAX_OUT];
     int n_tokens;
-    bool in_order;       /* every chunk's index == tokens received before it */
-    bool text_matches;   /* every chunk's text == the byte decoding of its ids */
+    bool in_order;     /* every chunk's index == tokens received before it */
+    bool text_matches; /* every chunk's text == the byte decoding of its ids */
     int n_chunks;
     bool has_summary;
-    bool summary_last;   /* nothing came after the summary */
+    bool summary_last;   /* exactly one summary, and nothing came after it */
+    int n_after_summary; /* messages after the first summary */
     /* Summary */
     char request_id[64], prefill_node[64], decode_node[64];
     int finish_reason; /* Pdserve__V1__FinishReason */
@@ -107,8 +110,7 @@ typedef struct {
 } pdt_res_t;
 
 /* One Generate call, collecting everything. Returns res->status. */
-pds_status_t pdt_generate(const char *router, const pdt_req_t *req, pdt_res_t *res,
-                          int timeout_ms);
+pds_status_t pdt_generate(const char *router, const pdt_req_t *req, pdt_res_t *res, int timeout_ms);
 /* n calls at once, one thread each. */
 void pdt_generate_many(const char *router, const pdt_req_t *reqs, pdt_res_t *res, int n,
                        int timeout_ms);

@@ -9,6 +9,11 @@
  * or from pds_model_synth_value rounded to cfg.dtype exactly as pds_model_synth_write stores it),
  * so a synthesized engine and one loaded from a synthesized file compute bit-identical logits.
  * q/k/v and gate/up are stored stacked so each pair is one GEMM.
+ *
+ * Threads: the engine's own pool (cpu_pool.c) splits each GEMM by output columns (each thread
+ * streams its share of the weights, which is what bandwidth-bound decode needs), attention by
+ * (sequence, KV head), and norms by rows; every item writes disjoint memory, so the result does not
+ * depend on the thread count beyond BLAS blocking. OpenBLAS is set to one thread (process-wide).
  */
 #include "engine/cpu/cpu_internal.h"
 

@@ -27,7 +27,6 @@ typedef struct cpu_pool cpu_pool_t;
 typedef void (*cpu_pool_fn)(void *arg, int item, int thread);
 pds_status_t pds_engine_cpu_pool_create(int n_threads, cpu_pool_t **out);
 void pds_engine_cpu_pool_destroy(cpu_pool_t *p); /* accepts NULL; joins the workers */
-int pds_engine_cpu_pool_threads(const cpu_pool_t *p);
 void pds_engine_cpu_pool_run(cpu_pool_t *p, int n_items, cpu_pool_fn fn, void *arg);
 
 typedef struct {
@@ -47,17 +46,15 @@ typedef struct {
     void *sample_scratch; /* pds_sample_scratch_bytes(vocab) */
 } cpu_impl_t;
 
-/* ---- kernels (cpu_kernels.c) ------------------------------------------------------------------
- */
+/* ---- kernels (cpu_kernels.c) ------------------------------------------------------------- */
 /* y[m, n] (+)= x[m, k] . w[n, k]^T, rows of x, w and y at strides ldx, k and ldy; accumulate adds
  * into y (the residual connection) instead of overwriting it. */
 void pds_engine_cpu_matmul(bool naive, int m, int n, int k, const float *x, int ldx, const float *w,
                            float *y, int ldy, bool accumulate);
 /* y[i] = x[i] / sqrt(mean(x^2) + eps) * w[i] for each of the m rows of length n. */
 void pds_engine_cpu_rmsnorm(int m, int n, const float *x, const float *w, float eps, float *y);
-/* cos/sin[head_dim/2] for position pos: angle = (float)pos * inv_freq[i], in fp32 as transformers
- * computes it (so a GPU kernel doing the same fp32 product matches to the last ulp of the angle).
- */
+/* cos/sin[head_dim/2] for position pos: angle = (float)pos * inv_freq[i] in fp32, as transformers
+ * computes it (a GPU kernel doing the same fp32 product gets the same angle). */
 void pds_engine_cpu_rope_table(int pos, int head_dim, const float *inv_freq, float *cos_out,
                                float *sin_out);
 /* Rotates one head vector in place, HF Llama "rotate half": element i pairs with i + head_dim/2. */

@@ -107,19 +107,17 @@ size_t pds_engine_cpu_attention_scratch(int ctx, int head_dim)
     return (size_t)ctx * head_dim * 2 + (size_t)ATTN_QCHUNK * ctx;
 }
 
-/* In-place softmax of s[0..valid), zeroing s[valid..lim). */
-static void softmax_row(float *s, int valid, int lim)
+/* In-place softmax of s[0..n). */
+static void softmax_row(float *s, int n)
 {
     float mx = s[0];
-    for (int j = 1; j < valid; j++) mx = s[j] > mx ? s[j] : mx;
+    for (int j = 1; j < n; j++) mx = s[j] > mx ? s[j] : mx;
     float sum = 0.0f;
-    for (int j = 0; j < valid; j++) {
+    for (int j = 0; j < n; j++) {
         s[j] = expf(s[j] - mx);
         sum += s[j];
     }
-    float inv = 1.0f / sum;
-    for (int j = 0; j < valid; j++) s[j] *= inv;
-    for (int j = valid; j < lim; j++) s[j] = 0.0f;
+    for (int j = 0; j < n; j++) s[j] /= sum;
 }
 
 static const float *kv_row(const pds_engine_cpu_attn_t *a, int kv, int tok, int head)
@@ -144,7 +142,7 @@ static void attention_naive(const pds_engine_cpu_attn_t *a, int g, float *scores
                 for (int d = 0; d < hd; d++) dot += q[d] * k[d];
                 scores[j] = dot * scale;
             }
-            softmax_row(scores, pos + 1, pos + 1);
+            softmax_row(scores, pos + 1);
             for (int d = 0; d < hd; d++) o[d] = 0.0f;
             for (int j = 0; j <= pos; j++) {
                 const float *v = kv_row(a, 1, j, g);
@@ -152,6 +150,38 @@ static void attention_naive(const pds_engine_cpu_attn_t *a, int g, float *scores
             }
         }
     }
+}
+
+/* exp(s[j] - max) over s[0..valid), zeros in s[valid..lim); returns 1 / sum, so the caller can
+ * normalise the (head_dim-long) output row instead of the (ctx-long) probability row. */
+static float softmax_unnormalised(float *s, int valid, int lim)
+{
+    float mx = s[0];
+    for (int j = 1; j < valid; j++) mx = s[j] > mx ? s[j] : mx;
+    float sum = 0.0f;
+    for (int j = 0; j < valid; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    for (int j = valid; j < lim; j++) s[j] = 0.0f;
+    return 1.0f / sum;
+}
+
+/* softmax(scale * q . K^T) . V for `rows` query rows (row stride ldq) against the first `lim`
+ * keys of the panels; row r may see keys [0, first_valid + r). Output rows at stride ldo. */
+static void attend_rows(const float *q, int ldq, int rows, int first_valid, int lim,
+                        const float *kp, const float *vp, int hd, float scale, float *s, float *o,
+                        int ldo)
+{
+    float inv[ATTN_QCHUNK];
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, lim, hd, scale, q, ldq, kp, hd, 0.0f,
+                s, lim);
+    for (int r = 0; r < rows; r++)
+        inv[r] = softmax_unnormalised(s + (size_t)r * lim, PDS_MIN(first_valid + r, lim), lim);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, lim, 1.0f, s, lim, vp, hd,
+                0.0f, o, ldo);
+    for (int r = 0; r < rows; r++)
+        for (int d = 0; d < hd; d++) o[(size_t)r * ldo + d] *= inv[r];
 }
 
 static void attention_fast(const pds_engine_cpu_attn_t *a, int g, float *scratch)
@@ -168,30 +198,18 @@ static void attention_fast(const pds_engine_cpu_attn_t *a, int g, float *scratch
     }
     if (a->n_new == 1 && group <= ATTN_QCHUNK) {
         /* Decode: the group's query heads are adjacent in the row, so they form one
-         * [group, head_dim] matrix and the whole group is two small sgemms. */
-        const float *q = a->q + (size_t)g * group * hd;
-        float *o = a->out + (size_t)g * group * hd;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, group, a->ctx, hd, scale, q, hd, kp,
-                    hd, 0.0f, s, a->ctx);
-        for (int r = 0; r < group; r++) softmax_row(s + (size_t)r * a->ctx, a->ctx, a->ctx);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, group, hd, a->ctx, 1.0f, s, a->ctx,
-                    vp, hd, 0.0f, o, hd);
+         * [group, head_dim] matrix that sees every key. */
+        attend_rows(a->q + (size_t)g * group * hd, hd, group, a->ctx, a->ctx, kp, vp, hd, scale, s,
+                    a->out + (size_t)g * group * hd, hd);
         return;
     }
-    {
-        for (int h = g * group; h < (g + 1) * group; h++) {
-            for (int i0 = 0; i0 < a->n_new; i0 += ATTN_QCHUNK) {
-                int rows = PDS_MIN(ATTN_QCHUNK, a->n_new - i0);
-                int lim = n_past + i0 + rows; /* keys the last row of the chunk may see */
-                const float *q = a->q + (size_t)i0 * a->q_stride + (size_t)h * hd;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, lim, hd, scale, q,
-                            a->q_stride, kp, hd, 0.0f, s, lim);
-                for (int r = 0; r < rows; r++)
-                    softmax_row(s + (size_t)r * lim, n_past + i0 + r + 1, lim);
-                float *o = a->out + (size_t)i0 * a->out_stride + (size_t)h * hd;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, lim, 1.0f, s, lim,
-                            vp, hd, 0.0f, o, a->out_stride);
-            }
+    for (int h = g * group; h < (g + 1) * group; h++) {
+        for (int i0 = 0; i0 < a->n_new; i0 += ATTN_QCHUNK) {
+            int rows = PDS_MIN(ATTN_QCHUNK, a->n_new - i0);
+            int lim = n_past + i0 + rows; /* keys the last row of the chunk may see */
+            attend_rows(a->q + (size_t)i0 * a->q_stride + (size_t)h * hd, a->q_stride, rows,
+                        n_past + i0 + 1, lim, kp, vp, hd, scale, s,
+                        a->out + (size_t)i0 * a->out_stride + (size_t)h * hd, a->out_stride);
         }
     }
 }

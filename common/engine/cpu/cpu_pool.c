@@ -133,11 +133,6 @@ void pds_engine_cpu_pool_destroy(cpu_pool_t *p)
     pds_free(p);
 }
 
-int pds_engine_cpu_pool_threads(const cpu_pool_t *p)
-{
-    return p->n_threads;
-}
-
 void pds_engine_cpu_pool_run(cpu_pool_t *p, int n_items, cpu_pool_fn fn, void *arg)
 {
     if (n_items <= 0) return;
