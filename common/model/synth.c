@@ -69,8 +69,16 @@ pds_status_t pds_model_synth_tensor_info(const pds_model_config_t *cfg, int t, c
     shape[0] = s0;
     shape[1] = s1;
     *ndim = norm ? 1 : 2;
-    /* embeddings are looked up, not multiplied: keep them O(1); matrices 1/sqrt(fan_in) */
-    *scale = norm || t == 0 ? 1.0f : 1.0f / sqrtf((float)s1);
+    /* Matrices 1/sqrt(fan_in). An untied embedding is only looked up: O(1). A tied one is also
+     * the lm_head, where O(1) entries give logits with a std of ~sqrt(hidden/3) — so peaked that
+     * every sampler degenerates to greedy (the `small` preset produced one repeated byte): scale
+     * it like the matrix it also is. The first RMSNorm undoes the scale on the input side. */
+    if (norm)
+        *scale = 1.0f;
+    else if (t == 0)
+        *scale = cfg->tied_embeddings ? 1.0f / sqrtf((float)s1) : 1.0f;
+    else
+        *scale = 1.0f / sqrtf((float)s1);
     *is_norm = norm;
     return PDS_OK;
 }

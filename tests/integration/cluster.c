@@ -37,6 +37,7 @@ struct pdt_cluster {
     char dir[512];
     char bin[512];
     char tls[64];
+    char preset[32];
     proc_t procs[PDT_MAX_PROCS];
     int n;
     pds_rpc_channel_t *ch; /* to the router */
@@ -132,6 +133,7 @@ pdt_cluster_t *pdt_cluster_create(const char *name, const char *ucx_tls)
              (int)getpid(), counter++);
     snprintf(c->bin, sizeof c->bin, "%s/bin", build && *build ? build : ".");
     snprintf(c->tls, sizeof c->tls, "%s", ucx_tls ? ucx_tls : "tcp");
+    snprintf(c->preset, sizeof c->preset, "tiny");
     if (mkdir_p(c->dir) != 0) {
         fprintf(stderr, "cluster: cannot create %s: %s\n", c->dir, strerror(errno));
         pds_free(c);
@@ -186,6 +188,11 @@ void pdt_cluster_destroy(pdt_cluster_t *c)
         }
     }
     pds_free(c);
+}
+
+void pdt_cluster_set_preset(pdt_cluster_t *c, const char *preset)
+{
+    snprintf(c->preset, sizeof c->preset, "%s", preset);
 }
 
 const char *pdt_cluster_error(const pdt_cluster_t *c)
@@ -360,10 +367,11 @@ bool pdt_cluster_spawn_node(pdt_cluster_t *c, pdt_role_t role, const char *id, i
 {
     const char *router = pdt_cluster_router(c);
     if (!router) return set_err(c, "cluster: start the router before the nodes");
-    char path[600], a_id[96], a_router[160], a_kv[64];
+    char path[600], a_id[96], a_router[160], a_kv[64], a_preset[64];
     snprintf(path, sizeof path, "%s/%s", c->bin, role_flag(role));
     snprintf(a_id, sizeof a_id, "--node.id=%s", id);
     snprintf(a_router, sizeof a_router, "--node.router=%s", router);
+    snprintf(a_preset, sizeof a_preset, "--model.preset=%s", c->preset);
     snprintf(a_kv, sizeof a_kv, "--engine.kv_tokens=%lld",
              (long long)(kv_tokens > 0 ? kv_tokens : 4096));
     char *argv[40];
@@ -373,7 +381,7 @@ bool pdt_cluster_spawn_node(pdt_cluster_t *c, pdt_role_t role, const char *id, i
     argv[n++] = a_router;
     argv[n++] = (char *)"--node.listen=127.0.0.1:0";
     argv[n++] = (char *)"--node.report_interval=100ms";
-    argv[n++] = (char *)"--model.preset=tiny";
+    argv[n++] = a_preset;
     argv[n++] = (char *)"--model.seed=1";
     argv[n++] = (char *)"--engine.threads=1";
     argv[n++] = a_kv;
@@ -531,6 +539,19 @@ static bool wait_cond(pdt_cluster_t *c, cond_t cond, const char *id, int state, 
     proc_t *rp = find_proc(c, "router");
     if (rp) append_tail(c, rp->log_path);
     return false;
+}
+
+int pdt_cluster_active(pdt_cluster_t *c)
+{
+    Pdserve__V1__ClusterStatusRequest req = PDSERVE__V1__CLUSTER_STATUS_REQUEST__INIT;
+    Pdserve__V1__ClusterStatusReply *r = NULL;
+    if (!c->ch || pds_rpc_channel_call(c->ch, "/pdserve.v1.Pdserve/ClusterStatus", &req.base,
+                                       &pdserve__v1__cluster_status_reply__descriptor, 2000,
+                                       (ProtobufCMessage **)&r) != PDS_OK)
+        return -1;
+    int n = (int)r->active_requests;
+    pds_rpc_msg_free(&r->base);
+    return n;
 }
 
 bool pdt_cluster_wait_up(pdt_cluster_t *c, int timeout_ms)
@@ -762,7 +783,7 @@ struct pdt_ref {
     pds_model_config_t cfg;
 };
 
-pdt_ref_t *pdt_ref_create(void)
+pdt_ref_t *pdt_ref_create(const char *preset)
 {
     pdt_ref_t *r = pds_calloc(1, sizeof *r);
     if (!r) return NULL;
@@ -770,7 +791,7 @@ pdt_ref_t *pdt_ref_create(void)
     p.backend = PDS_ENGINE_CPU;
     p.n_threads = 1;
     p.kv_tokens = 1024;
-    if (pds_model_preset("tiny", &r->cfg) != PDS_OK ||
+    if (pds_model_preset(preset, &r->cfg) != PDS_OK ||
         pds_engine_create_synth(&r->cfg, 1, &p, &r->e) != PDS_OK) {
         fprintf(stderr, "reference engine: %s\n", pds_err_detail());
         pds_free(r);

@@ -38,14 +38,16 @@ pdt_cluster_t *pdt_cluster_create(const char *name, const char *ucx_tls);
 /* Stops every child (SIGTERM, up to 5 s, then SIGKILL) and frees. Children that had died on
  * their own are reported on stderr with their log tail. Accepts NULL. */
 void pdt_cluster_destroy(pdt_cluster_t *c);
+/* Model preset of the nodes spawned from now on (default "tiny"). */
+void pdt_cluster_set_preset(pdt_cluster_t *c, const char *preset);
 const char *pdt_cluster_error(const pdt_cluster_t *c);
 const char *pdt_cluster_dir(const pdt_cluster_t *c);
 
 /* Starts pdserve-router and waits for its READY line (timeout 20 s). extra: NULL-terminated list
  * of more flags, or NULL. */
 bool pdt_cluster_start_router(pdt_cluster_t *c, const char *const *extra);
-/* Starts a node (tiny preset, model seed 1, one engine thread, kvx ucx, registered with the
- * router) without waiting; kv_tokens 0 = 4096. */
+/* Starts a node (the cluster's preset, model seed 1, one engine thread, kvx ucx, registered with
+ * the router) without waiting; kv_tokens 0 = 4096. */
 bool pdt_cluster_spawn_node(pdt_cluster_t *c, pdt_role_t role, const char *id, int64_t kv_tokens,
                             const char *const *extra);
 /* Waits for the READY line of every spawned child that has not printed it yet. */
@@ -63,6 +65,8 @@ bool pdt_cluster_kill(pdt_cluster_t *c, const char *id, int sig);
 /* False (error names it, with its log tail) if a child we did not stop has exited. */
 bool pdt_cluster_check_alive(pdt_cluster_t *c);
 
+/* ClusterStatusReply.active_requests now; -1 if the call fails. */
+int pdt_cluster_active(pdt_cluster_t *c);
 /* ClusterStatus polling (every 50 ms, up to timeout_ms). */
 /* Every started, not killed node is listed UP. */
 bool pdt_cluster_wait_up(pdt_cluster_t *c, int timeout_ms);
@@ -127,8 +131,8 @@ pds_status_t pdt_call_raw(const char *router, const char *method, const void *by
 
 /* ---- the reference ------------------------------------------------------------------------- */
 typedef struct pdt_ref pdt_ref_t;
-/* The tiny preset with model seed 1 on the CPU backend, as every test node runs it. */
-pdt_ref_t *pdt_ref_create(void);
+/* The preset with model seed 1 on the CPU backend, as the test nodes run it. */
+pdt_ref_t *pdt_ref_create(const char *preset);
 void pdt_ref_destroy(pdt_ref_t *r);
 int pdt_ref_vocab(const pdt_ref_t *r);
 int pdt_ref_context(const pdt_ref_t *r);

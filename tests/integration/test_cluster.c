@@ -40,16 +40,19 @@ static void teardown(void)
     g_ref = NULL;
 }
 
-/* A cluster of n_prefill + n_decode nodes over `tls`, plus the reference engine. */
-static void setup_cluster(const char *name, const char *tls, int n_prefill, int n_decode,
-                          int64_t decode_kv_tokens)
+/* A cluster of n_prefill + n_decode nodes of `preset` over `tls` (kv_tokens 0 = the harness
+ * default for every node, else that pool on every node), plus the reference engine. */
+static void setup_cluster(const char *name, const char *tls, const char *preset, int n_prefill,
+                          int n_decode, int64_t prefill_kv_tokens, int64_t decode_kv_tokens)
 {
-    g_ref = pdt_ref_create();
+    g_ref = pdt_ref_create(preset);
     cr_assert(g_ref, "reference engine");
     g_cluster = pdt_cluster_create(name, tls);
     cr_assert(g_cluster, "cluster directory");
-    cr_assert(pdt_cluster_start(g_cluster, n_prefill, n_decode, 0, decode_kv_tokens), "%s",
-              pdt_cluster_error(g_cluster));
+    pdt_cluster_set_preset(g_cluster, preset);
+    cr_assert(
+        pdt_cluster_start(g_cluster, n_prefill, n_decode, prefill_kv_tokens, decode_kv_tokens),
+        "%s", pdt_cluster_error(g_cluster));
 }
 
 /* The reference for req (seed: what the router reported, for requests without one). */
@@ -140,7 +143,7 @@ static const char *const one_decode[] = {"d0", NULL};
 /* 64 concurrent requests through 2 prefill + 2 decode nodes over `tls`. */
 static void run_concurrent(const char *name, const char *tls)
 {
-    setup_cluster(name, tls, 2, 2, 0);
+    setup_cluster(name, tls, "tiny", 2, 2, 0, 0);
     enum { N = 64 };
     pdt_req_t *reqs = pds_calloc(N, sizeof *reqs);
     pdt_res_t *res = pds_calloc(N, sizeof *res);
@@ -189,9 +192,11 @@ Test(cluster, concurrent_requests_equal_reference_over_ucx_shared_memory, .fini 
     run_concurrent("concurrent-sm", "sm,self");
 }
 
-Test(cluster, cancelled_streams_return_every_kv_block, .fini = teardown, .timeout = 120)
+Test(cluster, cancelled_streams_return_every_kv_block, .fini = teardown, .timeout = 150)
 {
-    setup_cluster("cancel", "tcp", 1, 2, 0);
+    /* The `small` model (a few ms per decode step on one core), so that streams are surely
+     * still running when they are cancelled; the tiny one finishes 500 tokens in 30 ms. */
+    setup_cluster("cancel", "tcp", "small", 1, 2, 2048, 2048);
     const char *router = pdt_cluster_router(g_cluster);
     enum { N = 16 };
     pds_rpc_channel_t *ch[N] = {0};
@@ -201,8 +206,8 @@ Test(cluster, cancelled_streams_return_every_kv_block, .fini = teardown, .timeou
     for (int i = 0; i < N; i++) {
         memset(q, 0, sizeof *q);
         snprintf(q->id, sizeof q->id, "cancel-%02d", i);
-        pdt_fill_prompt(q, 20 + 9 * i, 500 + (uint64_t)i);
-        q->max_tokens = (uint32_t)(512 - q->n_prompt); /* long enough to be mid-stream */
+        pdt_fill_prompt(q, 20 + 3 * i, 500 + (uint64_t)i);
+        q->max_tokens = 100;
         q->ignore_eos = true;
         q->temperature = i % 2 ? 0.8f : 0.0f;
         q->has_seed = true;
@@ -212,7 +217,10 @@ Test(cluster, cancelled_streams_return_every_kv_block, .fini = teardown, .timeou
         pds_status_t s = pdt_generate_open(router, q, i < 4 ? 0 : 2, &ch[i], &st[i], &got, 60000);
         cr_assert_eq(s, PDS_OK, "%s: %s", q->id, pds_err_detail());
     }
+    int active = pdt_cluster_active(g_cluster);
     for (int i = 0; i < N; i++) pdt_generate_cancel(ch[i], st[i]);
+    cr_assert_geq(active, N - 2, "only %d of %d requests were still running when cancelled", active,
+                  N);
     cr_assert(pdt_cluster_wait_idle(g_cluster, 15000), "after cancelling %d streams: %s", N,
               pdt_cluster_error(g_cluster));
     cr_assert(pdt_cluster_check_alive(g_cluster), "%s", pdt_cluster_error(g_cluster));
@@ -221,7 +229,10 @@ Test(cluster, cancelled_streams_return_every_kv_block, .fini = teardown, .timeou
     pdt_res_t *res = pds_calloc(2, sizeof *res);
     pdt_req_t *after = pds_calloc(2, sizeof *after);
     cr_assert(res && after);
-    for (int i = 0; i < 2; i++) mixed_request(&after[i], 40 + i);
+    for (int i = 0; i < 2; i++) {
+        mixed_request(&after[i], 40 + i);
+        after[i].max_tokens = 12;
+    }
     pdt_generate_many(router, after, res, 2, 60000);
     for (int i = 0; i < 2; i++) check_result(&after[i], &res[i], one_prefill, two_decodes, false);
     cr_assert(pdt_cluster_wait_idle(g_cluster, 10000), "%s", pdt_cluster_error(g_cluster));
@@ -246,7 +257,7 @@ static void expect_invalid(const pdt_req_t *q, const char *what)
 Test(cluster, bad_requests_are_invalid_argument_and_change_nothing, .fini = teardown,
      .timeout = 120)
 {
-    setup_cluster("bad-input", "tcp", 1, 1, 0);
+    setup_cluster("bad-input", "tcp", "tiny", 1, 1, 0, 0);
     const char *router = pdt_cluster_router(g_cluster);
     const int ctx = pdt_ref_context(g_ref), vocab = pdt_ref_vocab(g_ref);
 
@@ -365,7 +376,7 @@ static void run_batch(const char *tag, int n, const char *const *decodes)
 
 Test(cluster, dead_or_full_decode_node_does_not_fail_requests, .fini = teardown, .timeout = 150)
 {
-    g_ref = pdt_ref_create();
+    g_ref = pdt_ref_create("tiny");
     cr_assert(g_ref);
     g_cluster = pdt_cluster_create("decode-failures", "tcp");
     cr_assert(g_cluster);
@@ -396,7 +407,7 @@ Test(cluster, more_work_than_the_decode_pool_holds_finishes_exactly, .fini = tea
      .timeout = 150)
 {
     /* 20 blocks of 16 tokens; 20 requests of 40 prompt + 40 output tokens need 100. */
-    setup_cluster("preempt", "tcp", 1, 1, 320);
+    setup_cluster("preempt", "tcp", "tiny", 1, 1, 0, 320);
     enum { N = 20 };
     pdt_req_t *reqs = pds_calloc(N, sizeof *reqs);
     pdt_res_t *res = pds_calloc(N, sizeof *res);
@@ -432,15 +443,16 @@ static void *batch_thread(void *arg)
 
 Test(cluster, decode_node_killed_mid_generation_loses_no_request, .fini = teardown, .timeout = 150)
 {
-    setup_cluster("kill-mid", "tcp", 1, 2, 0);
-    enum { N = 8 };
+    /* `small`, so that generation lasts long enough to kill a node in the middle of it. */
+    setup_cluster("kill-mid", "tcp", "small", 1, 2, 2048, 2048);
+    enum { N = 6 };
     batch_t b = {pds_calloc(N, sizeof(pdt_req_t)), pds_calloc(N, sizeof(pdt_res_t)), N};
     cr_assert(b.reqs && b.res);
     for (int i = 0; i < N; i++) {
         mixed_request(&b.reqs[i], i);
         snprintf(b.reqs[i].id, sizeof b.reqs[i].id, "survive-%d", i);
         pdt_fill_prompt(&b.reqs[i], 24 + i, 700 + (uint64_t)i);
-        b.reqs[i].max_tokens = 400;
+        b.reqs[i].max_tokens = 150;
         b.reqs[i].ignore_eos = true;
     }
     pthread_t th;
@@ -452,8 +464,11 @@ Test(cluster, decode_node_killed_mid_generation_loses_no_request, .fini = teardo
     cr_assert(killed, "%s", pdt_cluster_error(g_cluster));
     int replaced = 0;
     for (int i = 0; i < N; i++) {
-        check_result(&b.reqs[i], &b.res[i], one_prefill, one_decode, true);
+        check_result(&b.reqs[i], &b.res[i], one_prefill, two_decodes, true);
         replaced += b.res[i].replacements > 0;
+        if (b.res[i].replacements)
+            cr_assert_str_eq(b.res[i].decode_node, "d0", "%s re-placed onto a dead node",
+                             b.reqs[i].id);
     }
     cr_assert_gt(replaced, 0, "no request was running on d1 when it was killed");
     cr_assert(pdt_cluster_wait_idle(g_cluster, 10000), "%s", pdt_cluster_error(g_cluster));
@@ -507,7 +522,7 @@ static void ids_arg(const pdt_req_t *q, char *buf, size_t cap)
 
 Test(cluster, python_client_and_cli_stream_reference_tokens, .fini = teardown, .timeout = 120)
 {
-    setup_cluster("clients", "tcp", 1, 1, 0);
+    setup_cluster("clients", "tcp", "tiny", 1, 1, 0, 0);
     const char *router = pdt_cluster_router(g_cluster);
     const char *src = getenv("PDS_SOURCE_DIR"), *build = getenv("PDS_BUILD_DIR");
     cr_assert(src && build, "PDS_SOURCE_DIR and PDS_BUILD_DIR must be set (ctest sets them)");
