@@ -40,7 +40,7 @@ struct request {
     bool ignore_eos;
     /* output */
     int32_t *out;    /* (max_tokens) token at each output index */
-    int64_t *t_recv; /* (max_tokens) when each token reached the router */
+    int64_t *t_sent; /* (max_tokens) when each token was sent to the client */
     uint8_t *have;   /* (max_tokens) */
     int n_sent;      /* tokens [0, n_sent) sent to the client, in order */
     int final_count; /* -1 until the finishing token is known */
@@ -132,7 +132,7 @@ static void req_free(request_t *q)
     pds_free(q->prompt);
     pds_free(q->stop);
     pds_free(q->out);
-    pds_free(q->t_recv);
+    pds_free(q->t_sent);
     pds_free(q->have);
     pds_free(q);
 }
@@ -242,6 +242,9 @@ static bool req_flush_locked(request_t *q)
             /* the client is gone or reads far too slowly: stop the request everywhere */
             return req_fail_locked(q, s, "client stream failed");
         }
+        /* TTFT/TPOT are what the client sees: the time each token left the router */
+        int64_t now = pds_time_now_ns();
+        for (int k = q->n_sent; k < end; k++) q->t_sent[k] = now;
         q->n_sent = end;
     }
     if (q->final_count < 0 || q->n_sent < q->final_count) return false;
@@ -252,11 +255,11 @@ static bool req_flush_locked(request_t *q)
     sum.finish_reason = (Pdserve__V1__FinishReason)q->finish_reason;
     sum.prompt_tokens = (uint32_t)q->n_prompt;
     sum.output_tokens = (uint32_t)q->n_sent;
-    sum.ttft_ms = (float)(q->t_recv[0] - q->t_arrival) / 1e6f;
+    sum.ttft_ms = (float)(q->t_sent[0] - q->t_arrival) / 1e6f;
     if (q->n_sent > 1) {
         sum.tpot_mean_ms =
-            (float)(q->t_recv[q->n_sent - 1] - q->t_recv[0]) / 1e6f / (float)(q->n_sent - 1);
-        sum.tpot_p90_ms = gap_p90(q->t_recv, q->n_sent);
+            (float)(q->t_sent[q->n_sent - 1] - q->t_sent[0]) / 1e6f / (float)(q->n_sent - 1);
+        sum.tpot_p90_ms = gap_p90(q->t_sent, q->n_sent);
     }
     sum.queue_ms = q->queue_ms;
     sum.kv_transfer_bytes = q->kv_bytes;
@@ -282,13 +285,11 @@ static bool req_flush_locked(request_t *q)
 /* q->mu held. Stores tokens [index, index + n); later duplicates are ignored. */
 static void req_store_locked(request_t *q, uint32_t index, const int32_t *ids, size_t n)
 {
-    int64_t now = pds_time_now_ns();
     for (size_t i = 0; i < n; i++) {
         uint32_t k = index + (uint32_t)i;
         if (k >= q->max_tokens || q->have[k]) continue;
         q->out[k] = ids[i];
         q->have[k] = 1;
-        q->t_recv[k] = now;
     }
 }
 
@@ -355,9 +356,9 @@ static pds_status_t req_build(router_t *r, const Pdserve__V1__GenerateRequest *g
     }
     q->ignore_eos = g->ignore_eos;
     q->out = pds_calloc(q->max_tokens, sizeof *q->out);
-    q->t_recv = pds_calloc(q->max_tokens, sizeof *q->t_recv);
+    q->t_sent = pds_calloc(q->max_tokens, sizeof *q->t_sent);
     q->have = pds_calloc(q->max_tokens, 1);
-    if (!q->out || !q->t_recv || !q->have) return PDS_ERR(PDS_ERR_NO_MEMORY, "output buffers");
+    if (!q->out || !q->t_sent || !q->have) return PDS_ERR(PDS_ERR_NO_MEMORY, "output buffers");
     return PDS_OK;
 }
 
