@@ -67,6 +67,7 @@ int pds_bench_engine_cuda_main(int argc, char **argv)
         {"kv-mem-fraction", required_argument, 0, 'f'}, {"out", required_argument, 0, 'o'},
         {"backend", required_argument, 0, 'B'},         {0, 0, 0, 0}};
     int ch;
+    setvbuf(stdout, NULL, _IOLBF, 0); /* lines reach a log even if the run is cut short */
     optind = 1;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (ch) {

@@ -38,8 +38,8 @@ typedef struct {
 
 static int fail(const char *what, pds_status_t s)
 {
-    PDS_LOG_ERROR(MOD, "startup_failed step=%s status=%s detail=\"%s\"", what,
-                  pds_status_name(s), pds_err_detail());
+    PDS_LOG_ERROR(MOD, "startup_failed step=%s status=%s detail=\"%s\"", what, pds_status_name(s),
+                  pds_err_detail());
     fprintf(stderr, "pdserve-decode: %s: %s\n", what,
             pds_err_detail()[0] ? pds_err_detail() : pds_status_text(s));
     return 1;
@@ -92,8 +92,9 @@ static void node_address(node_t *n)
     char *colon = strrchr(host, ':');
     if (colon) *colon = '\0';
     if (!host[0] || strcmp(host, "0.0.0.0") == 0 || strcmp(host, "[::]") == 0) {
-        PDS_LOG_WARN(MOD, "advertise_guess listen=%s using=127.0.0.1 (set [node] advertise for "
-                          "other machines)",
+        PDS_LOG_WARN(MOD,
+                     "advertise_guess listen=%s using=127.0.0.1 (set [node] advertise for "
+                     "other machines)",
                      n->cfg.listen);
         snprintf(host, sizeof host, "127.0.0.1");
     }

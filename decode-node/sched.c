@@ -19,7 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- sequence table ---------------------------------------------------------------------------- */
+/* ---- sequence table ----------------------------------------------------------------------------
+ */
 void seq_free(dseq_t *q)
 {
     if (!q) return;
@@ -82,7 +83,8 @@ uint32_t seq_next_index(const dseq_t *q)
 int seq_finish_reason(const pds_decode_sched_t *s, const dseq_t *q)
 {
     int32_t t = q->tokens[q->n_tok - 1];
-    if (pds_sample_is_stop(t, q->stop, q->n_stop)) return PDSERVE__V1__FINISH_REASON__FINISH_REASON_STOP;
+    if (pds_sample_is_stop(t, q->stop, q->n_stop))
+        return PDSERVE__V1__FINISH_REASON__FINISH_REASON_STOP;
     if (!q->ignore_eos && t == s->info.model.eos_id)
         return PDSERVE__V1__FINISH_REASON__FINISH_REASON_EOS;
     if ((int)seq_next_index(q) >= q->max_tokens)
@@ -131,8 +133,8 @@ static void seq_emit(pds_decode_sched_t *s, dseq_t *q, int n_new, int reason, co
         protobuf_c_enum_descriptor_get_value(&pdserve__v1__finish_reason__descriptor, reason);
     PDS_LOG_INFO(MOD, "finish req=%s reason=%s outputs=%u steps=%u tpot_ms=%.2f%s%s%s",
                  q->request_id, rv ? rv->name : "?", seq_next_index(q), q->steps,
-                 (double)fin.tpot_mean_ms,
-                 error ? " error=\"" : "", error ? error : "", error ? "\"" : "");
+                 (double)fin.tpot_mean_ms, error ? " error=\"" : "", error ? error : "",
+                 error ? "\"" : "");
     seq_drop_kv(s, q);
     s->n_finished++;
     sched_remove_seq(s, q);
@@ -143,7 +145,8 @@ void sched_end_seq(pds_decode_sched_t *s, dseq_t *q, int reason, const char *err
     seq_emit(s, q, 0, reason, error);
 }
 
-/* ---- batching --------------------------------------------------------------------------------- */
+/* ---- batching ---------------------------------------------------------------------------------
+ */
 static int cmp_order(const void *a, const void *b)
 {
     const dseq_t *x = *(dseq_t *const *)a, *y = *(dseq_t *const *)b;
@@ -253,7 +256,6 @@ static void step(pds_decode_sched_t *s)
         dseq_t *q = act[i];
         if (q->state != SEQ_RUNNING || !grow_one(s, q)) continue;
         q->in_tok = q->tokens[q->n_tok - 1];
-        q->batch_n = 1;
         s->batch[nb] = (pds_engine_seq_t){.tokens = &q->in_tok,
                                           .n_tokens = 1,
                                           .kv = &q->kv,
@@ -270,7 +272,6 @@ static void step(pds_decode_sched_t *s)
             preempt(s, q); /* the reservation covers it; only a bug lands here */
             continue;
         }
-        q->batch_n = chunk;
         s->batch[nb] = (pds_engine_seq_t){
             .tokens = q->tokens + q->kv.n_tokens - chunk, .n_tokens = chunk, .kv = &q->kv};
         s->batch_seqs[nb++] = q;
@@ -296,7 +297,6 @@ static void step(pds_decode_sched_t *s)
     }
     for (int i = 0; i < nb; i++) {
         dseq_t *q = s->batch_seqs[i];
-        q->batch_n = 0;
         if (q->state == SEQ_RECOMPUTE) {
             if (q->kv.n_tokens == q->n_tok - 1) {
                 pds_kv_pool_release(s->pool, q->resv);
@@ -316,7 +316,8 @@ static void step(pds_decode_sched_t *s)
     s->step_ema_ms = s->step_ema_ms == 0.0f ? step_ms : 0.8f * s->step_ema_ms + 0.2f * step_ms;
 }
 
-/* ---- commands --------------------------------------------------------------------------------- */
+/* ---- commands ---------------------------------------------------------------------------------
+ */
 static pds_status_t submit(pds_decode_sched_t *s, cmd_kind_t kind, void *call,
                            const ProtobufCMessage *req, uint64_t id)
 {
@@ -356,8 +357,7 @@ pds_status_t pds_decode_sched_cancel(pds_decode_sched_t *s, void *call,
 }
 
 pds_status_t pds_decode_sched_stream(pds_decode_sched_t *s, void *call,
-                                     const Pdserve__V1__TokenStreamRequest *req,
-                                     uint64_t stream_id)
+                                     const Pdserve__V1__TokenStreamRequest *req, uint64_t stream_id)
 {
     if (!req->router_id || !req->router_id[0])
         return PDS_ERR(PDS_ERR_INVALID_ARG, "TokenStream without router_id");
@@ -428,7 +428,8 @@ static void refuse(pds_decode_sched_t *s, cmd_t *c)
     pds_free(c);
 }
 
-/* ---- loop ------------------------------------------------------------------------------------- */
+/* ---- loop -------------------------------------------------------------------------------------
+ */
 static void publish(pds_decode_sched_t *s, bool stopped)
 {
     pds_decode_stats_t st = {0};
@@ -474,6 +475,10 @@ static bool iterate(pds_decode_sched_t *s, bool may_block)
     if (may_block && count_state(s, ACTIVE) == 0) {
         int64_t next = xfer_deadlines(s, pds_time_now_ns());
         wait_ms = next == INT64_MAX ? -1.0 : (double)next / 1e6 + 0.01;
+        /* tokens held back by a router's full send queue: retry now and then */
+        if (pds_decode_streams_pending(s->streams) > 0 &&
+            pds_decode_streams_open_count(s->streams) > 0 && (wait_ms < 0 || wait_ms > 100))
+            wait_ms = 100;
     }
     void *item = NULL;
     bool go = true;
@@ -486,6 +491,8 @@ static bool iterate(pds_decode_sched_t *s, bool may_block)
     xfer_deadlines(s, pds_time_now_ns());
     admit(s);
     step(s);
+    /* what commands produced outside a step (a cancel's finish, a finish at commit) */
+    pds_decode_streams_flush(s->streams, s->step, 0.0f);
     publish(s, false);
     return true;
 }
@@ -535,12 +542,13 @@ bool pds_decode_sched_run_once(pds_decode_sched_t *s)
     return count_state(s, ACTIVE) > 0 || pds_queue_len(s->q) > 0;
 }
 
-/* ---- create / destroy ------------------------------------------------------------------------- */
+/* ---- create / destroy -------------------------------------------------------------------------
+ */
 pds_status_t pds_decode_sched_create(const pds_decode_sched_params_t *p, pds_decode_sched_t **out)
 {
-    if (!p || !out || !p->engine || !p->kvx || !p->node_id || !p->kvx_backend ||
-        !p->kvx_address || !p->pool_blob || p->transfer_timeout_ms <= 0 || !p->calls.send ||
-        !p->calls.reply || !p->calls.finish)
+    if (!p || !out || !p->engine || !p->kvx || !p->node_id || !p->kvx_backend || !p->kvx_address ||
+        !p->pool_blob || p->transfer_timeout_ms <= 0 || !p->calls.send || !p->calls.reply ||
+        !p->calls.finish)
         return PDS_ERR(PDS_ERR_INVALID_ARG, "decode scheduler: missing parameters");
     pds_decode_sched_t *s = pds_calloc(1, sizeof *s);
     if (!s) return PDS_ERR(PDS_ERR_NO_MEMORY, "decode scheduler");
@@ -565,8 +573,7 @@ pds_status_t pds_decode_sched_create(const pds_decode_sched_params_t *p, pds_dec
     s->order_buf = pds_calloc(64, sizeof *s->order_buf);
     s->seqs = pds_calloc(64, sizeof *s->seqs);
     s->cap_seqs = 64;
-    if (!s->node_id || !s->kvx_backend || !s->batch || !s->batch_seqs || !s->order_buf ||
-        !s->seqs)
+    if (!s->node_id || !s->kvx_backend || !s->batch || !s->batch_seqs || !s->order_buf || !s->seqs)
         goto fail;
     st = pds_queue_create(&s->q);
     if (st != PDS_OK) goto fail;
@@ -589,8 +596,9 @@ pds_status_t pds_decode_sched_start(pds_decode_sched_t *s)
     if (pthread_create(&s->thread, NULL, engine_main, s) != 0)
         return PDS_ERR(PDS_ERR_INTERNAL, "cannot start the engine thread");
     s->started = true;
-    PDS_LOG_INFO(MOD, "engine_loop_started node=%s max_batch_seqs=%d max_batch_tokens=%d "
-                      "blocks=%d block_size=%d",
+    PDS_LOG_INFO(MOD,
+                 "engine_loop_started node=%s max_batch_seqs=%d max_batch_tokens=%d "
+                 "blocks=%d block_size=%d",
                  s->node_id, s->max_seqs, s->info.max_batch_tokens, s->info.kv.n_blocks,
                  s->info.kv.block_size);
     return PDS_OK;
@@ -633,7 +641,8 @@ void pds_decode_sched_destroy(pds_decode_sched_t *s)
     pds_free(s);
 }
 
-/* ---- load ------------------------------------------------------------------------------------- */
+/* ---- load -------------------------------------------------------------------------------------
+ */
 void pds_decode_sched_snapshot(pds_decode_sched_t *s, pds_decode_stats_t *out)
 {
     pthread_mutex_lock(&s->snap_mu);

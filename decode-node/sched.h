@@ -43,25 +43,24 @@
 #include "proto/pdserve.pb-c.h"
 
 typedef struct {
-    const char *node_id;          /* copied */
-    pds_engine_t *engine;         /* used only by the engine thread from create on; not owned */
-    pds_kvx_t *kvx;               /* pool of `engine` registered; not owned */
-    const char *kvx_backend;      /* "ucx" / "loopback": OpenTransfer must name the same */
-    const void *kvx_address;      /* pds_kvx_address blob; must outlive the scheduler */
+    const char *node_id;     /* copied */
+    pds_engine_t *engine;    /* used only by the engine thread from create on; not owned */
+    pds_kvx_t *kvx;          /* pool of `engine` registered; not owned */
+    const char *kvx_backend; /* "ucx" / "loopback": OpenTransfer must name the same */
+    const void *kvx_address; /* pds_kvx_address blob; must outlive the scheduler */
     size_t kvx_address_len;
-    const void *pool_blob;        /* pds_kvx_register_pool blob; must outlive the scheduler */
+    const void *pool_blob; /* pds_kvx_register_pool blob; must outlive the scheduler */
     size_t pool_blob_len;
-    int64_t transfer_timeout_ms;  /* KV must arrive within this after OpenTransfer (> 0) */
-    int64_t commit_timeout_ms;    /* and CommitTransfer within this after that; 0 = the same */
-    int max_batch_seqs;           /* 0 = the engine's */
-    int64_t max_buffered_tokens;  /* per router without a stream; 0 = 65536 */
+    int64_t transfer_timeout_ms; /* KV must arrive within this after OpenTransfer (> 0) */
+    int64_t commit_timeout_ms;   /* and CommitTransfer within this after that; 0 = the same */
+    int max_batch_seqs;          /* 0 = the engine's */
+    int64_t max_buffered_tokens; /* per router without a stream; 0 = 65536 */
     pds_decode_calls_t calls;
 } pds_decode_sched_params_t;
 
 typedef struct pds_decode_sched pds_decode_sched_t;
 
-pds_status_t pds_decode_sched_create(const pds_decode_sched_params_t *p,
-                                     pds_decode_sched_t **out);
+pds_status_t pds_decode_sched_create(const pds_decode_sched_params_t *p, pds_decode_sched_t **out);
 /* Starts the engine thread. */
 pds_status_t pds_decode_sched_start(pds_decode_sched_t *s);
 /* Ends everything: no new commands; queued ones are answered UNAVAILABLE; open transfers are
@@ -91,16 +90,16 @@ void pds_decode_sched_stream_gone(pds_decode_sched_t *s, uint64_t stream_id);
 
 /* What the engine loop published after its last iteration (mutex-protected copy). */
 typedef struct {
-    int running;           /* RUNNING + RECOMPUTE */
-    int waiting;           /* WAITING + PREEMPTED */
-    int open_transfers;    /* OPEN */
+    int running;        /* RUNNING + RECOMPUTE */
+    int waiting;        /* WAITING + PREEMPTED */
+    int open_transfers; /* OPEN */
     int64_t context_tokens;
     int free_blocks, reserved_blocks, total_blocks;
-    float recent_step_ms;  /* moving average of decode steps */
+    float recent_step_ms; /* moving average of decode steps */
     uint64_t steps;
     uint64_t preemptions;
     uint64_t finished;
-    int streams;           /* open TokenStreams */
+    int streams; /* open TokenStreams */
     int64_t pending_tokens;
     bool stopped;
 } pds_decode_stats_t;

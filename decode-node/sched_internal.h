@@ -27,39 +27,38 @@ typedef struct {
 
     /* transfer (OPEN / FAILED) */
     uint64_t transfer_id;
-    pds_kvx_recv_t *recv;      /* OPEN; closed before its blocks are freed or adopted */
-    int32_t *xfer_blocks;      /* (n_xfer_blocks) block ids allocated at OpenTransfer */
+    pds_kvx_recv_t *recv; /* OPEN; closed before its blocks are freed or adopted */
+    int32_t *xfer_blocks; /* (n_xfer_blocks) block ids allocated at OpenTransfer */
     int n_xfer_blocks;
-    bool data_ok;              /* every layer arrived and verified */
-    int64_t deadline_ns;       /* OPEN: data (then commit) deadline; FAILED: forget after */
-    void *commit_call;         /* a CommitTransfer parked until the data is final */
+    bool data_ok;        /* every layer arrived and verified */
+    int64_t deadline_ns; /* OPEN: data (then commit) deadline; FAILED: forget after */
+    void *commit_call;   /* a CommitTransfer parked until the data is final */
     const Pdserve__V1__CommitTransferRequest *commit_req;
-    pds_status_t fail_status;  /* FAILED */
+    pds_status_t fail_status; /* FAILED */
     char fail_detail[256];
 
     /* tokens: (n_tok) transferred prompt+generated ids, then this sequence's outputs */
     int32_t *tokens;
     int n_tok, cap_tok;
-    int n_xfer;                /* tokens whose KV came over (n_tokens of OpenTransfer) */
-    int n_generated;           /* outputs already sent before this node (re-placement) */
-    int max_tokens;            /* total output budget, n_generated included */
+    int n_xfer;      /* tokens whose KV came over (n_tokens of OpenTransfer) */
+    int n_generated; /* outputs already sent before this node (re-placement) */
+    int max_tokens;  /* total output budget, n_generated included */
     int32_t *stop;
     int n_stop;
     bool ignore_eos;
     pds_sample_params_t sample;
 
     /* KV (engine thread's pool) */
-    pds_kv_seq_t kv;           /* covers tokens[0 .. kv.n_tokens) */
-    pds_kv_resv_t *resv;       /* RECOMPUTE: blocks set aside for the rest of the recompute */
-    uint64_t order;            /* commit order: the preemption victim is the largest */
+    pds_kv_seq_t kv;     /* covers tokens[0 .. kv.n_tokens) */
+    pds_kv_resv_t *resv; /* RECOMPUTE: blocks set aside for the rest of the recompute */
+    uint64_t order;      /* commit order: the preemption victim is the largest */
 
     /* per step */
     int32_t in_tok, out_tok;
-    int batch_n;               /* tokens this sequence has in the current forward (0 = none) */
 
     /* timings */
     int64_t t_commit_ns, t_first_step_ns, t_last_ns;
-    float *gaps;               /* (n_gaps) ms between consecutive output tokens of this node */
+    float *gaps; /* (n_gaps) ms between consecutive output tokens of this node */
     int n_gaps, cap_gaps;
     uint32_t steps;
 } dseq_t;

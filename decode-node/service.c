@@ -65,8 +65,8 @@ static void on_stream(pds_rpc_call_t *call, const ProtobufCMessage *req, void *a
     pds_decode_service_t *svc = arg;
     uint64_t id = atomic_fetch_add(&svc->next_stream_id, 1);
     pds_rpc_call_set_data(call, (void *)(uintptr_t)id);
-    pds_status_t s = pds_decode_sched_stream(svc->sched, call,
-                                             (const Pdserve__V1__TokenStreamRequest *)req, id);
+    pds_status_t s =
+        pds_decode_sched_stream(svc->sched, call, (const Pdserve__V1__TokenStreamRequest *)req, id);
     if (s != PDS_OK) refused(call, s);
 }
 
@@ -84,8 +84,8 @@ pds_status_t pds_decode_service_create(pds_rpc_server_t *srv, pds_decode_sched_t
     svc->sched = sched;
     atomic_init(&svc->next_stream_id, 1);
     const pds_rpc_method_t methods[] = {
-        {PDS_DECODE_M_OPEN, PDS_RPC_UNARY, &pdserve__v1__open_transfer_request__descriptor,
-         on_open, NULL, svc},
+        {PDS_DECODE_M_OPEN, PDS_RPC_UNARY, &pdserve__v1__open_transfer_request__descriptor, on_open,
+         NULL, svc},
         {PDS_DECODE_M_COMMIT, PDS_RPC_UNARY, &pdserve__v1__commit_transfer_request__descriptor,
          on_commit, NULL, svc},
         {PDS_DECODE_M_CANCEL, PDS_RPC_UNARY, &pdserve__v1__cancel_request__descriptor,

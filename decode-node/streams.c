@@ -169,8 +169,8 @@ static pend_t *pend_for(router_t *r, const char *request_id, uint32_t index)
     return p;
 }
 
-void pds_decode_streams_add(pds_decode_streams_t *st, const char *router_id,
-                            const char *request_id, const int32_t *tokens, int n, uint32_t index,
+void pds_decode_streams_add(pds_decode_streams_t *st, const char *router_id, const char *request_id,
+                            const int32_t *tokens, int n, uint32_t index,
                             const pds_decode_finish_t *fin)
 {
     router_t *r = router_find(st, router_id, true);
@@ -257,16 +257,18 @@ static void router_flush(pds_decode_streams_t *st, router_t *r, uint64_t step, f
     if (s == PDS_OK) {
         router_clear(r);
     } else if (s == PDS_ERR_CANCELLED) {
-        PDS_LOG_WARN(MOD, "stream_lost router=%s stream=%llu pending=%lld (kept for its next "
-                          "TokenStream)",
+        PDS_LOG_WARN(MOD,
+                     "stream_lost router=%s stream=%llu pending=%lld (kept for its next "
+                     "TokenStream)",
                      r->router_id, (unsigned long long)r->stream_id, (long long)r->pend_units);
         st->calls.finish(r->call, PDS_ERR_CANCELLED, "TokenStream gone");
         r->call = NULL;
     } else if (s == PDS_ERR_EXHAUSTED) {
-        PDS_LOG_ERROR(MOD,
-                      "stream_backlog router=%s stream=%llu pending=%lld: the router is not reading "
-                      "its TokenStream; tokens are held and retried every step",
-                      r->router_id, (unsigned long long)r->stream_id, (long long)r->pend_units);
+        PDS_LOG_ERROR(
+            MOD,
+            "stream_backlog router=%s stream=%llu pending=%lld: the router is not reading "
+            "its TokenStream; tokens are held and retried every step",
+            r->router_id, (unsigned long long)r->stream_id, (long long)r->pend_units);
     } else {
         PDS_LOG_ERROR(MOD, "stream_send_failed router=%s status=%s detail=\"%s\"", r->router_id,
                       pds_status_name(s), pds_err_detail());

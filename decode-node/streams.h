@@ -63,8 +63,8 @@ void pds_decode_streams_gone(pds_decode_streams_t *st, uint64_t stream_id);
 
 /* Adds n tokens of request_id (output positions index..index+n-1) and, if fin is non-NULL, its
  * finish, to router_id's pending list. n may be 0 (a finish without tokens). */
-void pds_decode_streams_add(pds_decode_streams_t *st, const char *router_id,
-                            const char *request_id, const int32_t *tokens, int n, uint32_t index,
+void pds_decode_streams_add(pds_decode_streams_t *st, const char *router_id, const char *request_id,
+                            const int32_t *tokens, int n, uint32_t index,
                             const pds_decode_finish_t *fin);
 /* Sends one TokenBatch to each router that has pending tokens and an open stream. */
 void pds_decode_streams_flush(pds_decode_streams_t *st, uint64_t step, float step_ms);

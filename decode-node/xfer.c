@@ -60,15 +60,17 @@ static pds_status_t open_validate(const pds_decode_sched_t *s,
     if (!r->request_id || !r->request_id[0])
         return PDS_ERR(PDS_ERR_INVALID_ARG, "OpenTransfer without request_id");
     if (!r->router_id || !r->router_id[0])
-        return PDS_ERR(PDS_ERR_INVALID_ARG, "OpenTransfer %s without router_id (whose "
-                                            "TokenStream gets the tokens?)",
+        return PDS_ERR(PDS_ERR_INVALID_ARG,
+                       "OpenTransfer %s without router_id (whose "
+                       "TokenStream gets the tokens?)",
                        r->request_id);
     if (!r->kv)
         return PDS_ERR(PDS_ERR_INVALID_ARG, "OpenTransfer %s without KV geometry", r->request_id);
     Pdserve__V1__KvDtype dt = kv_dtype_wire(s->info.kv_dtype);
-    if (r->kv->n_layers != (uint32_t)kv->n_layers || r->kv->n_kv_heads != (uint32_t)kv->n_kv_heads ||
-        r->kv->head_dim != (uint32_t)kv->head_dim || r->kv->block_size != (uint32_t)kv->block_size ||
-        r->kv->dtype != dt)
+    if (r->kv->n_layers != (uint32_t)kv->n_layers ||
+        r->kv->n_kv_heads != (uint32_t)kv->n_kv_heads ||
+        r->kv->head_dim != (uint32_t)kv->head_dim ||
+        r->kv->block_size != (uint32_t)kv->block_size || r->kv->dtype != dt)
         return PDS_ERR(PDS_ERR_FAILED_PRECONDITION,
                        "KV geometry mismatch: sender has layers=%u kv_heads=%u head_dim=%u "
                        "block_size=%u dtype=%s, decode node %s has layers=%d kv_heads=%d "
@@ -152,7 +154,8 @@ static void xfer_release(pds_decode_sched_t *s, dseq_t *q)
 {
     pds_kvx_recv_close(q->recv);
     q->recv = NULL;
-    if (q->n_xfer_blocks > 0 && pds_kv_pool_free(s->pool, q->n_xfer_blocks, q->xfer_blocks) != PDS_OK)
+    if (q->n_xfer_blocks > 0 &&
+        pds_kv_pool_free(s->pool, q->n_xfer_blocks, q->xfer_blocks) != PDS_OK)
         PDS_LOG_ERROR(MOD, "free_failed req=%s detail=\"%s\"", q->request_id, pds_err_detail());
     q->n_xfer_blocks = 0;
 }
@@ -392,7 +395,8 @@ void xfer_cancel(pds_decode_sched_t *s, void *call, const Pdserve__V1__CancelReq
     s->p.calls.reply(call, &rep.base);
 }
 
-/* ---- kvx events and deadlines ----------------------------------------------------------------- */
+/* ---- kvx events and deadlines -----------------------------------------------------------------
+ */
 void xfer_notify(void *ctx, uint64_t transfer_id, pds_status_t status)
 {
     pds_decode_sched_t *s = ctx;
@@ -448,7 +452,7 @@ int64_t xfer_deadlines(pds_decode_sched_t *s, int64_t now)
                          (long long)s->p.commit_timeout_ms);
                 xfer_fail(s, q, PDS_ERR_TIMEOUT, msg);
             }
-            if (i >= s->n_seqs || s->seqs[i] != q) continue; /* removed */
+            if (i >= s->n_seqs || s->seqs[i] != q) continue;              /* removed */
             if (q->state != SEQ_OPEN && q->state != SEQ_FAILED) continue; /* committed */
         }
         if (q->deadline_ns - now < next) next = PDS_MAX(q->deadline_ns - now, 0);

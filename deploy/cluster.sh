@@ -87,7 +87,7 @@ case $cmd in
     mkdir -p "$dir"
     [ -f "$dir/pids" ] && die "a cluster already runs from $dir (deploy/cluster.sh stop --dir $dir)"
     export UCX_TLS=$tls UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo} UCX_WARN_UNUSED_ENV_VARS=n
-    "$bin/pdserve-router" --router.listen=127.0.0.1:$port --router.id=router-0 \
+    "$bin/pdserve-router" --router.listen=127.0.0.1:$port --router.id=router-0 </dev/null \
       >"$dir/router.out" 2>"$dir/router.log" &
     echo "router $!" >"$dir/pids"
     router=$(wait_ready router $!) || { stop_all; exit 1; }
@@ -97,12 +97,12 @@ case $cmd in
     [ "$kv_tokens" != 0 ] && node_flags+=(--engine.kv_tokens="$kv_tokens")
     started=()
     for i in $(seq 0 $((n_prefill - 1))); do
-      "$bin/pdserve-prefill" --node.id="p$i" "${node_flags[@]}" "${extra[@]}" \
+      "$bin/pdserve-prefill" --node.id="p$i" "${node_flags[@]}" "${extra[@]}" </dev/null \
         >"$dir/p$i.out" 2>"$dir/p$i.log" &
       echo "p$i $!" >>"$dir/pids"; started+=("p$i:$!")
     done
     for i in $(seq 0 $((n_decode - 1))); do
-      "$bin/pdserve-decode" --node.id="d$i" "${node_flags[@]}" "${extra[@]}" \
+      "$bin/pdserve-decode" --node.id="d$i" "${node_flags[@]}" "${extra[@]}" </dev/null \
         >"$dir/d$i.out" 2>"$dir/d$i.log" &
       echo "d$i $!" >>"$dir/pids"; started+=("d$i:$!")
     done

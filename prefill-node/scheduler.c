@@ -196,7 +196,7 @@ static void on_layer(void *ctx, int layer)
     if (b->s->on_device) return; /* staged after the forward */
     for (int i = 0; i < b->n; i++)
         if (b->last[i])
-            send_layer(b->jobs[i], layer, b->s->layer_base[0], b->jobs[i]->kv.blocks);
+            send_layer(b->jobs[i], layer, b->s->layer_base[layer], b->jobs[i]->kv.blocks);
 }
 
 /* Device pools: copy the job's KV to host and send every layer from there. */

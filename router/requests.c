@@ -314,7 +314,8 @@ static pds_status_t req_build(router_t *r, const Pdserve__V1__GenerateRequest *g
         if (n >= (size_t)ctx)
             return PDS_ERR(PDS_ERR_INVALID_ARG,
                            "prompt of %zu tokens does not fit the context of %d", n, ctx);
-        PDS_TRY(pds_tok_validate(g->token_ids->ids, (int)n, (int)r->vocab));
+        if (pds_tok_validate(g->token_ids->ids, (int)n, (int)r->vocab) != PDS_OK)
+            return PDS_ERR(PDS_ERR_INVALID_ARG, "prompt %s", pds_err_detail());
         q->prompt = pds_malloc(sizeof(int32_t) * n);
         if (!q->prompt) return PDS_ERR(PDS_ERR_NO_MEMORY, "prompt");
         memcpy(q->prompt, g->token_ids->ids, sizeof(int32_t) * n);
@@ -348,7 +349,8 @@ static pds_status_t req_build(router_t *r, const Pdserve__V1__GenerateRequest *g
     q->top_p = sp.top_p;
     q->seed = sp.seed;
     if (g->n_stop_token_ids > 0) {
-        PDS_TRY(pds_tok_validate(g->stop_token_ids, (int)g->n_stop_token_ids, (int)r->vocab));
+        if (pds_tok_validate(g->stop_token_ids, (int)g->n_stop_token_ids, (int)r->vocab) != PDS_OK)
+            return PDS_ERR(PDS_ERR_INVALID_ARG, "stop_token_ids: %s", pds_err_detail());
         q->stop = pds_malloc(sizeof(int32_t) * g->n_stop_token_ids);
         if (!q->stop) return PDS_ERR(PDS_ERR_NO_MEMORY, "stop ids");
         memcpy(q->stop, g->stop_token_ids, sizeof(int32_t) * g->n_stop_token_ids);

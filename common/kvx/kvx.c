@@ -253,9 +253,11 @@ void pds_kvx_destroy(pds_kvx_t *x)
     pthread_mutex_lock(&x->mu);
     for (pds_kvx_recv_t *r = x->recvs; r; r = r->next)
         kvx_recv_finish(r, PDS_ERR_CANCELLED, "kvx destroyed");
-    if (x->recvs || x->sends)
+    bool open_sends = false;
+    for (pds_kvx_send_t *t = x->sends; t; t = t->next) open_sends |= !t->closed;
+    if (x->recvs || open_sends)
         PDS_LOG_WARN(MOD, "destroy with open handles (recv %s, send %s): closing them",
-                     x->recvs ? "yes" : "no", x->sends ? "yes" : "no");
+                     x->recvs ? "yes" : "no", open_sends ? "yes" : "no");
     pthread_mutex_unlock(&x->mu);
     if (x->p.backend == PDS_KVX_UCX) {
         kvx_ucx_destroy(x);
@@ -379,7 +381,7 @@ pds_kvx_recv_t *kvx_recv_find(pds_kvx_t *x, uint64_t id)
 pds_kvx_send_t *kvx_send_find(pds_kvx_t *x, uint64_t id)
 {
     for (pds_kvx_send_t *t = x->sends; t; t = t->next)
-        if (t->id == id) return t;
+        if (t->id == id && !t->closed) return t;
     return NULL;
 }
 
@@ -466,7 +468,7 @@ void kvx_recv_finish(pds_kvx_recv_t *r, pds_status_t s, const char *fmt, ...)
         x->stats.bytes_received += recv_units(r) * x->block_bytes;
     } else {
         x->stats.recv_failed++;
-        PDS_LOG_WARN(MOD, "recv_failed transfer=%llu status=%s detail=\"%s\"",
+        PDS_LOG(s == PDS_ERR_CANCELLED ? PDS_LOG_DEBUG : PDS_LOG_WARN, MOD, "recv_failed transfer=%llu status=%s detail=\"%s\"",
                      (unsigned long long)r->id, pds_status_name(s), r->detail);
     }
     r->notify_pending = r->notify != NULL && !r->closed;
@@ -888,14 +890,17 @@ void pds_kvx_send_close(pds_kvx_send_t *t)
         x->stats.msgs_sent += t->msgs;
         x->stats.transfers_failed++;
     }
-    bool freeable = t->inflight == 0;
+    t->closed = true;
+    if (t->inflight > 0) {
+        /* Parked (see kvx_ucx_send_close): a transport request still names it; freed with x. */
+        pthread_mutex_unlock(&x->mu);
+        return;
+    }
     for (pds_kvx_send_t **pp = &x->sends; *pp; pp = &(*pp)->next)
         if (*pp == t) {
             *pp = t->next;
             break;
         }
     pthread_mutex_unlock(&x->mu);
-    if (freeable) send_free(t);
-    /* else: kvx_ucx_send_close logged it; the handle is leaked rather than freed under a live
-     * transport request. */
+    send_free(t);
 }

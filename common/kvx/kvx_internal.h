@@ -97,7 +97,7 @@ struct pds_kvx_send {
     int64_t bytes, msgs, t_open_ns;
     pds_status_t status;  /* first transport error (PDS_OK while fine) */
     pds_status_t verdict; /* receiver's ACK, PDS_IN_PROGRESS until it arrives */
-    bool committing, committed_ok;
+    bool committing, committed_ok, closed;
     int inflight;         /* UCX requests not completed */
     kvx_peer_t *peer;     /* UCX */
     uint64_t loop_peer;   /* loopback: receiver's hub id */

@@ -132,7 +132,9 @@ __global__ void __launch_bounds__(128)
             *(uint4 *)&sv[r * LD + col] = vx;
         }
         __syncthreads();
-        if (wrow >= S.n_new || kb > qpos1) continue; /* whole warp idle or beyond its diagonal */
+        /* warp-uniform skip (mma.sync needs all lanes): rows past the end, or keys all beyond
+         * the diagonal of the warp's last row */
+        if (wrow >= S.n_new || kb > n_past + wrow + 15) continue;
 
         float s[PF_KEYS / 8][4];
 #pragma unroll
@@ -346,7 +348,8 @@ extern "C" pds_status_t pds_cuda_attn_plain(const uint16_t *q, int q_stride,
  * ----------------------------------------------------------- */
 #define DEC_THREADS 128
 
-/* smem: q [G][HD] fp32 (pre-scaled), scores [G][split] fp32, reduce [8][G][HD] fp32, m/l [G][2] */
+/* smem: q [G][HD] fp32 (pre-scaled), scores [G][split] fp32, reduce [RG][G][HD] fp32 with
+ * RG = DEC_THREADS / (HD / 8) rows of V in flight */
 template <int HD, int G>
 __global__ void __launch_bounds__(DEC_THREADS)
     attn_decode_split(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
@@ -381,15 +384,24 @@ __global__ void __launch_bounds__(DEC_THREADS)
     for (int gh = 0; gh < G; gh++)
 #pragma unroll
         for (int d = 0; d < DL; d++) qr[gh][d] = sq[gh * HD + sub * DL + d];
-    for (int j = start + warp * 4 + (lane >> 3); j < end; j += 16) {
-        const bf16 *k = kv + ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD + sub * DL;
+    /* warp-uniform trip count: the shuffles below need all 32 lanes */
+    for (int j0 = start + warp * 4; j0 < end; j0 += 16) {
+        const int j = j0 + (lane >> 3);
+        const bool valid = j < end;
         float kf[DL];
+        if (valid) {
+            const bf16 *k =
+                kv + ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD + sub * DL;
 #pragma unroll
-        for (int c = 0; c < DL; c += 8) {
-            uint4 x = *(const uint4 *)(k + c);
-            const bf16 *xb = (const bf16 *)&x;
+            for (int c = 0; c < DL; c += 8) {
+                uint4 x = *(const uint4 *)(k + c);
+                const bf16 *xb = (const bf16 *)&x;
 #pragma unroll
-            for (int e = 0; e < 8; e++) kf[c + e] = __bfloat162float(xb[e]);
+                for (int e = 0; e < 8; e++) kf[c + e] = __bfloat162float(xb[e]);
+            }
+        } else {
+#pragma unroll
+            for (int d = 0; d < DL; d++) kf[d] = 0.0f;
         }
 #pragma unroll
         for (int gh = 0; gh < G; gh++) {
@@ -399,7 +411,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
             dot += __shfl_xor_sync(0xffffffffu, dot, 1);
             dot += __shfl_xor_sync(0xffffffffu, dot, 2);
             dot += __shfl_xor_sync(0xffffffffu, dot, 4);
-            if (sub == 0) ss[gh * split + (j - start)] = dot;
+            if (valid && sub == 0) ss[gh * split + (j - start)] = dot;
         }
     }
     __syncthreads();
@@ -496,7 +508,8 @@ static pds_status_t launch_decode(const uint16_t *q, int q_stride, const uint16_
                                   int n_heads, int n_kv_heads, int bs, int split, int max_splits,
                                   float *part_o, float *part_ml, cudaStream_t s)
 {
-    size_t smem = sizeof(float) * ((size_t)G * HD + (size_t)G * split + 8ull * G * HD);
+    const size_t RG = DEC_THREADS / (HD / 8);
+    size_t smem = sizeof(float) * ((size_t)G * HD + (size_t)G * split + RG * G * HD);
     if (smem > 48 * 1024) {
         static int raised = 0; /* per template instance: the opt-in limit, set once */
         if (!raised) {
