@@ -9,6 +9,9 @@
 
 int pds_bench_engine_main(int argc, char **argv);
 int pds_bench_load_main(int argc, char **argv); /* bench_load.c: Poisson load on a router */
+#ifdef PDS_HAVE_CUDA
+int pds_bench_engine_cuda_main(int argc, char **argv); /* bench_engine_cuda.c: vs GPU floors */
+#endif
 
 /* "128,512,1024" -> values in [lo, hi]; false on anything malformed or more than cap values. */
 bool pds_bench_parse_list(const char *s, int lo, int hi, int *out, int cap, int *n);

@@ -18,13 +18,17 @@ typedef struct {
 static const subcommand_t subcommands[] = {
     {"engine", pds_bench_engine_main, "prefill tok/s (TTFT) and decode step time of one engine"},
     {"load", pds_bench_load_main, "open-loop Poisson load on a router: TTFT, TPOT, throughput"},
+#ifdef PDS_HAVE_CUDA
+    {"engine-cuda", pds_bench_engine_cuda_main,
+     "CUDA engine vs the GPU's measured floors (HBM copy rate, bf16 GEMM rate)"},
+#endif
 };
 
 static void usage(FILE *f)
 {
     fprintf(f, "usage: pdserve-bench <subcommand> [options]   (<subcommand> --help for more)\n");
     for (size_t i = 0; i < PDS_ARRAY_LEN(subcommands); i++)
-        fprintf(f, "  %-10s %s\n", subcommands[i].name, subcommands[i].help);
+        fprintf(f, "  %-12s %s\n", subcommands[i].name, subcommands[i].help);
 }
 
 bool pds_bench_parse_list(const char *s, int lo, int hi, int *out, int cap, int *n)

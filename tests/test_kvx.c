@@ -20,27 +20,31 @@
 
 #include "kvx/kvx.h"
 
-#define NL       4
+#define NL        4
 #define RX_BLOCKS 40
 #define TX_BLOCKS 24
-#define NSEQ     12
+#define NSEQ      12
 
 static const int32_t SRC[NSEQ] = {0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17};
 static const int32_t DST[NSEQ] = {3, 4, 5, 9, 20, 21, 22, 23, 24, 25, 26, 27};
 #define RUNS_PER_LAYER 3
-#define TX_SEED 0x1234
-#define RX_SEED 0xabcd
+#define TX_SEED        0x1234
+#define RX_SEED        0xabcd
 
 static pds_kv_layout_t layout_of(int n_blocks)
 {
-    return (pds_kv_layout_t){.n_layers = NL, .n_blocks = n_blocks, .block_size = 16,
-                             .n_kv_heads = 2, .head_dim = 32, .elem_size = 4};
+    return (pds_kv_layout_t){.n_layers = NL,
+                             .n_blocks = n_blocks,
+                             .block_size = 16,
+                             .n_kv_heads = 2,
+                             .head_dim = 32,
+                             .elem_size = 4};
 }
 
 typedef struct {
     pds_kv_layout_t lay;
     size_t layer_bytes, bytes;
-    uint8_t *mem;       /* (NL, n_blocks, 2, 16, 2, 32) fp32 as bytes */
+    uint8_t *mem; /* (NL, n_blocks, 2, 16, 2, 32) fp32 as bytes */
     void *layer[NL];
 } pool_t;
 
@@ -131,10 +135,11 @@ static void *read_blob(int fd, size_t *n)
     return p;
 }
 
-/* ---- the receiving child ------------------------------------------------------------------------ */
+/* ---- the receiving child ------------------------------------------------------------------------
+ */
 typedef struct {
-    bool corrupt;      /* flip a byte of (layer 2, block index 5) before verification */
-    bool linger;       /* after sending the blobs, just wait to be killed */
+    bool corrupt; /* flip a byte of (layer 2, block index 5) before verification */
+    bool linger;  /* after sending the blobs, just wait to be killed */
     int64_t timeout_ms;
 } child_cfg_t;
 
@@ -150,8 +155,8 @@ _Noreturn static void child_main(int rfd, int wfd, child_cfg_t cfg)
     const void *addr = NULL, *pool = NULL;
     size_t addr_len = 0, pool_len = 0;
     pds_kvx_recv_t *r = NULL;
-    if (st == PDS_OK) st = pds_kvx_register_pool(x, &rx.lay, rx.layer, PDS_KVX_MEM_HOST, &pool,
-                                                 &pool_len);
+    if (st == PDS_OK)
+        st = pds_kvx_register_pool(x, &rx.lay, rx.layer, PDS_KVX_MEM_HOST, &pool, &pool_len);
     if (st == PDS_OK) st = pds_kvx_address(x, &addr, &addr_len);
     if (st == PDS_OK && cfg.corrupt) pds_kvx_test_corrupt_next(x, 2, 5, 100);
     if (st == PDS_OK) st = pds_kvx_expect(x, TID, NSEQ, DST, cfg.timeout_ms, NULL, NULL, &r);
@@ -231,8 +236,8 @@ static pds_status_t send_sequence(pds_kvx_t *x, const child_t *c, pds_kvx_stats_
     pool_t tx;
     pool_init(&tx, TX_BLOCKS, TX_SEED);
     pds_kvx_send_t *t = NULL;
-    pds_status_t s = pds_kvx_send_open(x, c->addr, c->addr_len, c->pool, c->pool_len, &tx.lay,
-                                       TID, NSEQ, DST, &t);
+    pds_status_t s = pds_kvx_send_open(x, c->addr, c->addr_len, c->pool, c->pool_len, &tx.lay, TID,
+                                       NSEQ, DST, &t);
     cr_assert_eq(s, PDS_OK, "open: %s %s", pds_status_name(s), pds_err_detail());
     for (int l = 0; l < NL; l++) {
         s = pds_kvx_send_layer(t, l, tx.layer[l], SRC);
@@ -270,8 +275,8 @@ static void two_process_transfer(const char *tls, pds_kvx_path_t path)
     int64_t bb = pds_kv_block_bytes(&got.lay);
     for (int l = 0; l < NL; l++)
         for (int b = 0; b < RX_BLOCKS; b++)
-            cr_expect(memcmp((uint8_t *)got.layer[l] + b * bb,
-                             want + l * got.layer_bytes + b * bb, (size_t)bb) == 0,
+            cr_expect(memcmp((uint8_t *)got.layer[l] + b * bb, want + l * got.layer_bytes + b * bb,
+                             (size_t)bb) == 0,
                       "layer %d block %d differs", l, b);
     cr_expect_eq(st.bytes_sent, (int64_t)NL * NSEQ * bb);
     cr_expect_eq(st.msgs_sent, NL * RUNS_PER_LAYER, "runs merged: %lld messages",
@@ -329,9 +334,9 @@ static void receiver_killed(const char *tls)
     pool_t tx;
     pool_init(&tx, TX_BLOCKS, TX_SEED);
     pds_kvx_send_t *t = NULL;
-    cr_assert_eq(pds_kvx_send_open(x, c.addr, c.addr_len, c.pool, c.pool_len, &tx.lay, TID, NSEQ,
-                                   DST, &t),
-                 PDS_OK);
+    cr_assert_eq(
+        pds_kvx_send_open(x, c.addr, c.addr_len, c.pool, c.pool_len, &tx.lay, TID, NSEQ, DST, &t),
+        PDS_OK);
     pds_status_t s = pds_kvx_send_layer(t, 0, tx.layer[0], SRC);
     cr_expect(s == PDS_OK, "first layer: %s", pds_status_name(s));
     kill(c.pid, SIGKILL);
@@ -365,7 +370,8 @@ Test(kvx, sender_gets_an_error_when_the_receiver_is_killed_over_shared_memory, .
     receiver_killed("posix,cma");
 }
 
-/* ---- in-process ------------------------------------------------------------------------------- */
+/* ---- in-process -------------------------------------------------------------------------------
+ */
 static atomic_int notified;
 static atomic_int notified_status;
 static void on_notify(void *ctx, uint64_t id, pds_status_t s)
@@ -440,8 +446,7 @@ static local_result_t local_transfer(pds_kvx_params_t prm, bool corrupt, bool ab
     pool_init(&tx, TX_BLOCKS, TX_SEED);
     const void *pb, *ab;
     size_t pl, al;
-    cr_assert_eq(pds_kvx_register_pool(rxk, &rx.lay, rx.layer, PDS_KVX_MEM_HOST, &pb, &pl),
-                 PDS_OK);
+    cr_assert_eq(pds_kvx_register_pool(rxk, &rx.lay, rx.layer, PDS_KVX_MEM_HOST, &pb, &pl), PDS_OK);
     cr_assert_eq(pds_kvx_address(rxk, &ab, &al), PDS_OK);
     if (corrupt) pds_kvx_test_corrupt_next(rxk, 1, 0, 7);
     pds_kvx_recv_t *r = NULL;
@@ -587,8 +592,7 @@ Test(kvx, bad_input_gets_a_status_not_a_crash)
     cr_expect_eq(pds_kvx_send_open(y, ab, al, pb, pl, &other, 1, NSEQ, DST, &t),
                  PDS_ERR_INVALID_ARG);
     cr_expect(strstr(pds_err_detail(), "layout mismatch") != NULL);
-    cr_expect_eq(pds_kvx_send_open(y, ab, al, pb, pl, &tx.lay, 1, 2, oob, &t),
-                 PDS_ERR_INVALID_ARG);
+    cr_expect_eq(pds_kvx_send_open(y, ab, al, pb, pl, &tx.lay, 1, 2, oob, &t), PDS_ERR_INVALID_ARG);
     cr_assert_eq(pds_kvx_send_open(y, ab, al, pb, pl, &tx.lay, 1, NSEQ, DST, &t), PDS_OK);
     int32_t bad_src[NSEQ];
     memcpy(bad_src, SRC, sizeof bad_src);
@@ -619,7 +623,8 @@ Test(kvx, bad_input_gets_a_status_not_a_crash)
     pool_fini(&tx);
 }
 
-/* ---- allocation failure ------------------------------------------------------------------------ */
+/* ---- allocation failure ------------------------------------------------------------------------
+ */
 /* A whole loopback transfer with the nth allocation failing: every step either works or returns a
  * clean status, and everything is released. */
 static pds_status_t loop_scenario(pool_t *rx, pool_t *tx)
@@ -698,7 +703,8 @@ Test(kvx, ucx_create_register_expect_under_allocation_failure_leaks_nothing, .ti
         size_t pl;
         pds_alloc_fail_nth(n);
         pds_status_t s = pds_kvx_create(NULL, &x);
-        if (s == PDS_OK) s = pds_kvx_register_pool(x, &rx.lay, rx.layer, PDS_KVX_MEM_HOST, &pb, &pl);
+        if (s == PDS_OK)
+            s = pds_kvx_register_pool(x, &rx.lay, rx.layer, PDS_KVX_MEM_HOST, &pb, &pl);
         if (s == PDS_OK) s = pds_kvx_expect(x, 5, NSEQ, DST, 1000, NULL, NULL, &r);
         bool hit = pds_alloc_fail_triggered();
         pds_alloc_fail_nth(0);
@@ -714,4 +720,11 @@ Test(kvx, ucx_create_register_expect_under_allocation_failure_leaks_nothing, .ti
     }
     cr_expect(n > 3 && n < 100, "swept %d allocations", n);
     pool_fini(&rx);
+}
+
+Test(kvx, reports_the_ucx_version_it_runs_with)
+{
+    char v[64] = "";
+    pds_kvx_transport_version(v, sizeof v);
+    cr_expect(strncmp(v, "ucx 1.", 6) == 0, "version text: %s", v);
 }

@@ -71,7 +71,9 @@ static struct {
     int n_xf;
     pds_rpc_call_t *held; /* D_HOLD: an OpenTransfer not answered yet */
     int held_xf;
-} D = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+} D = {.mu = PTHREAD_ERRORCHECK_MUTEX_INITIALIZER_NP, .cv = PTHREAD_COND_INITIALIZER};
+/* (error-checking: a failed assertion may leave the test's thread holding D.mu; teardown then
+ * unlocks it, and an unlock by a thread that does not hold it is a harmless EPERM) */
 
 static xfer_t *d_find(const char *request_id)
 {
@@ -326,6 +328,7 @@ static void setup(void)
 
 static void teardown(void)
 {
+    pthread_mutex_unlock(&D.mu); /* held if an assertion failed inside a locked section */
     if (P.ch) pds_rpc_channel_destroy(P.ch);
     P.ch = NULL;
     if (P.pid > 0) {

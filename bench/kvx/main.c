@@ -9,11 +9,12 @@
  * sizes; 1k and 4k-token prompts. Destination ids are either consecutive (one message per layer:
  * the common case, the pool hands out runs) or scattered (every other block: one message per
  * block, which shows the per-message cost). Time = send_open .. commit returned (includes DONE,
- * the receiver's verdict and, with --checksum, hashing on both sides). JSON on stdout.
+ * the receiver's verdict and, with --checksum, hashing on both sides). JSON to --out (default
+ * stdout; UCX writes its own log lines to stdout too, so prefer --out).
  *
  * usage: pdserve-kvx-bench [--reps N] [--transports tcp,shm] [--paths am,put] [--tokens 1024,4096]
  *                          [--dtypes fp32,bf16] [--layers 8] [--kv-heads 4] [--head-dim 64]
- *                          [--block 16] [--checksum]
+ *                          [--block 16] [--checksum] [--out FILE]
  */
 #include <errno.h>
 #include <signal.h>
@@ -32,6 +33,7 @@
 typedef struct {
     int reps, layers, kv_heads, head_dim, block;
     bool checksum;
+    const char *out;
     int n_transports, n_paths, n_tokens, n_dtypes;
     const char *transports[MAX_LIST];
     const char *paths[MAX_LIST];
@@ -63,15 +65,26 @@ static bool parse(int argc, char **argv, opts_t *o)
             return false;
         }
         i++;
-        if (!strcmp(a, "--reps")) o->reps = atoi(v);
-        else if (!strcmp(a, "--layers")) o->layers = atoi(v);
-        else if (!strcmp(a, "--kv-heads")) o->kv_heads = atoi(v);
-        else if (!strcmp(a, "--head-dim")) o->head_dim = atoi(v);
-        else if (!strcmp(a, "--block")) o->block = atoi(v);
-        else if (!strcmp(a, "--transports")) t_arg = argv[i];
-        else if (!strcmp(a, "--paths")) p_arg = argv[i];
-        else if (!strcmp(a, "--tokens")) k_arg = argv[i];
-        else if (!strcmp(a, "--dtypes")) d_arg = argv[i];
+        if (!strcmp(a, "--reps"))
+            o->reps = atoi(v);
+        else if (!strcmp(a, "--layers"))
+            o->layers = atoi(v);
+        else if (!strcmp(a, "--kv-heads"))
+            o->kv_heads = atoi(v);
+        else if (!strcmp(a, "--head-dim"))
+            o->head_dim = atoi(v);
+        else if (!strcmp(a, "--block"))
+            o->block = atoi(v);
+        else if (!strcmp(a, "--transports"))
+            t_arg = argv[i];
+        else if (!strcmp(a, "--paths"))
+            p_arg = argv[i];
+        else if (!strcmp(a, "--tokens"))
+            k_arg = argv[i];
+        else if (!strcmp(a, "--dtypes"))
+            d_arg = argv[i];
+        else if (!strcmp(a, "--out"))
+            o->out = v;
         else {
             fprintf(stderr, "kvx-bench: unknown option %s\n", a);
             return false;
@@ -84,8 +97,10 @@ static bool parse(int argc, char **argv, opts_t *o)
     for (int i = 0; i < o->n_tokens; i++) o->tokens[i] = atoi(tmp[i]);
     o->n_dtypes = split(d_arg, tmp);
     for (int i = 0; i < o->n_dtypes; i++) {
-        if (!strcmp(tmp[i], "fp32")) o->dtypes[i] = 4;
-        else if (!strcmp(tmp[i], "bf16")) o->dtypes[i] = 2;
+        if (!strcmp(tmp[i], "fp32"))
+            o->dtypes[i] = 4;
+        else if (!strcmp(tmp[i], "bf16"))
+            o->dtypes[i] = 2;
         else {
             fprintf(stderr, "kvx-bench: dtype %s (want fp32 or bf16)\n", tmp[i]);
             return false;
@@ -111,7 +126,8 @@ static bool set_transport(const char *t)
     return true;
 }
 
-/* ---- pipes ------------------------------------------------------------------------------------ */
+/* ---- pipes ------------------------------------------------------------------------------------
+ */
 static bool wr(int fd, const void *p, size_t n)
 {
     const char *b = p;
@@ -145,8 +161,11 @@ typedef struct {
 
 static pds_kv_layout_t layout_of(const opts_t *o, int elem, int n_blocks)
 {
-    return (pds_kv_layout_t){.n_layers = o->layers, .n_blocks = n_blocks, .block_size = o->block,
-                             .n_kv_heads = o->kv_heads, .head_dim = o->head_dim,
+    return (pds_kv_layout_t){.n_layers = o->layers,
+                             .n_blocks = n_blocks,
+                             .block_size = o->block,
+                             .n_kv_heads = o->kv_heads,
+                             .head_dim = o->head_dim,
                              .elem_size = elem};
 }
 
@@ -212,8 +231,8 @@ static int cmp_d(const void *a, const void *b)
 
 /* memcpy of the same bytes in one process: per layer one range (consecutive) or one block per
  * copy (scattered), into a separate pool. Median seconds over reps. */
-static double memcpy_floor(const opts_t *o, const pds_kv_layout_t *l, void **src, void **dst,
-                           int n, int stride)
+static double memcpy_floor(const opts_t *o, const pds_kv_layout_t *l, void **src, void **dst, int n,
+                           int stride)
 {
     int64_t bb = pds_kv_block_bytes(l);
     double t[64];
@@ -235,7 +254,7 @@ static double memcpy_floor(const opts_t *o, const pds_kv_layout_t *l, void **src
     return t[reps / 2];
 }
 
-static int run_group(const opts_t *o, const char *transport, const char *path, int elem,
+static int run_group(const opts_t *o, const char *transport, const char *path, int elem, FILE *out,
                      bool *first)
 {
     int max_tokens = 0;
@@ -301,8 +320,8 @@ static int run_group(const opts_t *o, const char *transport, const char *path, i
                 }
                 int64_t t0 = pds_time_now_ns();
                 pds_kvx_send_t *t = NULL;
-                pds_status_t s = pds_kvx_send_open(x, addr, al, pool, pl, &src_lay, c.id, n,
-                                                   dst_ids, &t);
+                pds_status_t s =
+                    pds_kvx_send_open(x, addr, al, pool, pl, &src_lay, c.id, n, dst_ids, &t);
                 for (int l = 0; l < o->layers && s == PDS_OK; l++)
                     s = pds_kvx_send_layer(t, l, src[l], src_ids);
                 if (s == PDS_OK) s = pds_kvx_send_commit(t, 30000);
@@ -324,18 +343,19 @@ static int run_group(const opts_t *o, const char *transport, const char *path, i
             double med = times[o->reps / 2], best = times[0];
             int64_t bytes = (int64_t)o->layers * n * pds_kv_block_bytes(&src_lay);
             double floor_s = memcpy_floor(o, &src_lay, src, dst, n, stride);
-            printf("%s    {\"transport\": \"%s\", \"path\": \"%s\", \"dtype\": \"%s\", "
-                   "\"tokens\": %d, \"dst_ids\": \"%s\", \"checksum\": %s, \"bytes\": %lld, "
-                   "\"msgs_per_transfer\": %lld, \"reps\": %d, \"time_ms_median\": %.3f, "
-                   "\"time_ms_min\": %.3f, \"gbps_median\": %.3f, \"memcpy_gbps\": %.3f, "
-                   "\"fraction_of_memcpy\": %.3f}",
-                   *first ? "" : ",\n", transport, path, elem == 4 ? "fp32" : "bf16",
-                   o->tokens[ti], stride == 1 ? "consecutive" : "scattered",
-                   o->checksum ? "true" : "false", (long long)bytes,
-                   (long long)((s1.msgs_sent - s0.msgs_sent) / o->reps), o->reps, med * 1e3,
-                   best * 1e3, (double)bytes / med / 1e9, (double)bytes / floor_s / 1e9,
-                   floor_s / med);
-            fflush(stdout);
+            fprintf(out,
+                    "%s    {\"transport\": \"%s\", \"path\": \"%s\", \"dtype\": \"%s\", "
+                    "\"tokens\": %d, \"dst_ids\": \"%s\", \"checksum\": %s, \"bytes\": %lld, "
+                    "\"msgs_per_transfer\": %lld, \"reps\": %d, \"time_ms_median\": %.3f, "
+                    "\"time_ms_min\": %.3f, \"gbps_median\": %.3f, \"memcpy_gbps\": %.3f, "
+                    "\"fraction_of_memcpy\": %.3f}",
+                    *first ? "" : ",\n", transport, path, elem == 4 ? "fp32" : "bf16",
+                    o->tokens[ti], stride == 1 ? "consecutive" : "scattered",
+                    o->checksum ? "true" : "false", (long long)bytes,
+                    (long long)((s1.msgs_sent - s0.msgs_sent) / o->reps), o->reps, med * 1e3,
+                    best * 1e3, (double)bytes / med / 1e9, (double)bytes / floor_s / 1e9,
+                    floor_s / med);
+            fflush(out);
             *first = false;
         }
     free(times);
@@ -362,7 +382,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: pdserve-kvx-bench [--reps N] [--transports tcp,shm] "
                         "[--paths am,put] [--tokens 1024,4096] [--dtypes fp32,bf16] "
                         "[--layers 8] [--kv-heads 4] [--head-dim 64] [--block 16] "
-                        "[--checksum]\n");
+                        "[--checksum] [--out FILE]\n");
         return 2;
     }
     if (o.layers > 64) {
@@ -385,19 +405,36 @@ int main(int argc, char **argv)
             }
         fclose(f);
     }
-    printf("{\n  \"bench\": \"kvx\",\n  \"machine\": {\"cpu\": \"%s\", \"online_cpus\": %ld, "
-           "\"kernel\": \"%s %s\"},\n",
-           cpu, sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release);
-    printf("  \"shape\": {\"layers\": %d, \"kv_heads\": %d, \"head_dim\": %d, \"block\": %d},\n",
-           o.layers, o.kv_heads, o.head_dim, o.block);
-    printf("  \"time\": \"send_open .. commit returned (DONE + receiver verdict included)\",\n");
-    printf("  \"results\": [\n");
+    double load = -1;
+    f = fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%lf", &load) != 1) load = -1;
+        fclose(f);
+    }
+    char ucp_version[64];
+    pds_kvx_transport_version(ucp_version, sizeof ucp_version);
+    FILE *out = o.out ? fopen(o.out, "w") : stdout;
+    if (!out) {
+        fprintf(stderr, "kvx-bench: cannot write %s\n", o.out);
+        return 2;
+    }
+    fprintf(out,
+            "{\n  \"bench\": \"kvx\",\n  \"machine\": {\"cpu\": \"%s\", \"online_cpus\": %ld, "
+            "\"kernel\": \"%s %s\", \"loadavg_1m_at_start\": %.2f, \"ucx\": \"%s\"},\n",
+            cpu, sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release, load, ucp_version);
+    fprintf(out,
+            "  \"shape\": {\"layers\": %d, \"kv_heads\": %d, \"head_dim\": %d, \"block\": %d},\n",
+            o.layers, o.kv_heads, o.head_dim, o.block);
+    fprintf(out,
+            "  \"time\": \"send_open .. commit returned (DONE + receiver verdict included)\",\n");
+    fprintf(out, "  \"results\": [\n");
     bool first = true;
     int rc = 0;
     for (int t = 0; t < o.n_transports && !rc; t++)
         for (int p = 0; p < o.n_paths && !rc; p++)
             for (int d = 0; d < o.n_dtypes && !rc; d++)
-                rc = run_group(&o, o.transports[t], o.paths[p], o.dtypes[d], &first);
-    printf("\n  ]\n}\n");
+                rc = run_group(&o, o.transports[t], o.paths[p], o.dtypes[d], out, &first);
+    fprintf(out, "\n  ]\n}\n");
+    if (out != stdout) fclose(out);
     return rc;
 }

@@ -98,8 +98,8 @@ pds_status_t kvx_wire_check(const void *hdr, size_t len, int kind, kvx_wire_t *o
         return PDS_ERR(PDS_ERR_PARSE, "kvx message header of %zu bytes (want %zu)", len,
                        sizeof(kvx_wire_t));
     memcpy(out, hdr, sizeof *out);
-    if (out->magic != KVX_MAGIC_MSG || out->version != KVX_VERSION ||
-        out->length != sizeof *out || out->kind != kind)
+    if (out->magic != KVX_MAGIC_MSG || out->version != KVX_VERSION || out->length != sizeof *out ||
+        out->kind != kind)
         return PDS_ERR(PDS_ERR_PARSE, "bad kvx message header (magic %08x version %u kind %u)",
                        out->magic, out->version, out->kind);
     return PDS_OK;
@@ -128,8 +128,8 @@ pds_status_t kvx_addr_parse(const void *blob, size_t len, pds_kvx_backend_t back
     memcpy(&h, blob, sizeof h);
     if (h.magic != KVX_MAGIC_ADDR || h.version != KVX_VERSION || h.length != len ||
         h.payload != len - sizeof h)
-        return PDS_ERR(PDS_ERR_PARSE, "malformed kvx address blob (magic %08x, %zu bytes)",
-                       h.magic, len);
+        return PDS_ERR(PDS_ERR_PARSE, "malformed kvx address blob (magic %08x, %zu bytes)", h.magic,
+                       len);
     if (h.backend != backend)
         return PDS_ERR(PDS_ERR_INVALID_ARG, "peer address is for backend %s, this kvx is %s",
                        pds_kvx_backend_name((pds_kvx_backend_t)h.backend),
@@ -202,7 +202,8 @@ pds_status_t kvx_pool_entries(const void *blob, size_t len, const kvx_pool_hdr_t
         rkey_lens[l] = rl;
         off += 16 + pad8(rl);
     }
-    if (off != len) return PDS_ERR(PDS_ERR_PARSE, "kvx pool blob has %zu trailing bytes", len - off);
+    if (off != len)
+        return PDS_ERR(PDS_ERR_PARSE, "kvx pool blob has %zu trailing bytes", len - off);
     return PDS_OK;
 }
 
@@ -225,8 +226,7 @@ pds_status_t pds_kvx_create(const pds_kvx_params_t *p, pds_kvx_t **out)
     pthread_mutex_init(&x->mu, NULL);
     pthread_cond_init(&x->cv, &ca);
     pthread_condattr_destroy(&ca);
-    pds_status_t s =
-        prm.backend == PDS_KVX_UCX ? kvx_ucx_create(x) : kvx_loop_attach(x);
+    pds_status_t s = prm.backend == PDS_KVX_UCX ? kvx_ucx_create(x) : kvx_loop_attach(x);
     if (s != PDS_OK) goto undo_sync;
     *out = x;
     return PDS_OK;
@@ -391,7 +391,8 @@ pds_status_t pds_kvx_expect(pds_kvx_t *x, uint64_t transfer_id, int n_blocks,
 {
     if (!x || !dst_ids || !out) return PDS_ERR(PDS_ERR_INVALID_ARG, "NULL argument");
     if (n_blocks <= 0) return PDS_ERR(PDS_ERR_INVALID_ARG, "transfer of %d blocks", n_blocks);
-    if (timeout_ms <= 0) return PDS_ERR(PDS_ERR_INVALID_ARG, "timeout %lld ms", (long long)timeout_ms);
+    if (timeout_ms <= 0)
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "timeout %lld ms", (long long)timeout_ms);
     pthread_mutex_lock(&x->mu);
     pds_status_t s = PDS_OK;
     uint8_t *seen = NULL;
@@ -415,8 +416,8 @@ pds_status_t pds_kvx_expect(pds_kvx_t *x, uint64_t transfer_id, int n_blocks,
     if (!seen || !r) goto oom;
     for (int i = 0; i < n_blocks; i++) {
         if (dst_ids[i] < 0 || dst_ids[i] >= nb || seen[dst_ids[i]]) {
-            s = PDS_ERR(PDS_ERR_INVALID_ARG, "destination block id %d (index %d) %s", dst_ids[i],
-                        i, dst_ids[i] < 0 || dst_ids[i] >= nb ? "out of range" : "repeated");
+            s = PDS_ERR(PDS_ERR_INVALID_ARG, "destination block id %d (index %d) %s", dst_ids[i], i,
+                        dst_ids[i] < 0 || dst_ids[i] >= nb ? "out of range" : "repeated");
             goto out;
         }
         seen[dst_ids[i]] = 1;
@@ -468,8 +469,9 @@ void kvx_recv_finish(pds_kvx_recv_t *r, pds_status_t s, const char *fmt, ...)
         x->stats.bytes_received += recv_units(r) * x->block_bytes;
     } else {
         x->stats.recv_failed++;
-        PDS_LOG(s == PDS_ERR_CANCELLED ? PDS_LOG_DEBUG : PDS_LOG_WARN, MOD, "recv_failed transfer=%llu status=%s detail=\"%s\"",
-                     (unsigned long long)r->id, pds_status_name(s), r->detail);
+        PDS_LOG(s == PDS_ERR_CANCELLED ? PDS_LOG_DEBUG : PDS_LOG_WARN, MOD,
+                "recv_failed transfer=%llu status=%s detail=\"%s\"", (unsigned long long)r->id,
+                pds_status_name(s), r->detail);
     }
     r->notify_pending = r->notify != NULL && !r->closed;
     if (x->p.backend == PDS_KVX_UCX) kvx_ucx_recv_final(r);
@@ -531,10 +533,9 @@ void kvx_recv_on_done(pds_kvx_recv_t *r, const kvx_wire_t *h, const void *data, 
     int64_t units = recv_units(r);
     if (h->n_layers != (uint32_t)r->n_layers || h->n_blocks != (uint32_t)r->n_blocks ||
         h->bytes != (uint64_t)(units * r->x->block_bytes)) {
-        kvx_recv_finish(r, PDS_ERR_CORRUPT,
-                        "DONE for %u layers x %u blocks (%llu bytes), expected %d x %d",
-                        h->n_layers, h->n_blocks, (unsigned long long)h->bytes, r->n_layers,
-                        r->n_blocks);
+        kvx_recv_finish(
+            r, PDS_ERR_CORRUPT, "DONE for %u layers x %u blocks (%llu bytes), expected %d x %d",
+            h->n_layers, h->n_blocks, (unsigned long long)h->bytes, r->n_layers, r->n_blocks);
         return;
     }
     if (h->flags & KVX_FLAG_CHECKSUM) {
@@ -583,8 +584,8 @@ void kvx_verify_queued(pds_kvx_t *x)
         if (r->have_sums) {
             for (int l = 0; l < r->n_layers && bad_layer < 0; l++)
                 for (int i = 0; i < r->n_blocks; i++) {
-                    uint64_t h = pds_kvx_checksum(x->pool_base[l] + (int64_t)r->dst_ids[i] * bb,
-                                                  (size_t)bb);
+                    uint64_t h =
+                        pds_kvx_checksum(x->pool_base[l] + (int64_t)r->dst_ids[i] * bb, (size_t)bb);
                     if (h != r->sums[(int64_t)l * r->n_blocks + i]) {
                         bad_layer = l;
                         bad_index = i;

@@ -28,8 +28,9 @@
  *
  * Memory: host memory only (Debian's UCX 1.13 has no CUDA memory support). GPU pools stage: the
  * decode node registers a pinned host mirror of the pool and copies the blocks to the GPU when the
- * transfer completes; the prefill node copies each layer's blocks to host before send_layer.
- * pds_kvx_register_pool says PDS_ERR_UNSUPPORTED for PDS_KVX_MEM_CUDA where UCX cannot do it.
+ * transfer completes (the notify callback is the hook for that copy); the prefill node copies each
+ * layer's blocks to host before send_layer. pds_kvx_register_pool says PDS_ERR_UNSUPPORTED for
+ * PDS_KVX_MEM_CUDA (the seam where a CUDA-aware UCX build would register device memory).
  *
  * Threads: a UCX kvx owns one progress thread that drives the UCX worker (all UCX calls happen
  * under one kvx lock, so the worker runs in serialized mode), verifies checksums of arrived
@@ -58,15 +59,17 @@ void pds_kvx_hub_destroy(pds_kvx_hub_t *h); /* accepts NULL */
 
 typedef struct {
     pds_kvx_backend_t backend;
-    pds_kvx_path_t path;  /* how this node sends (UCX); ignored by loopback */
-    bool checksum;        /* sender computes per-(layer, block) checksums; receiver verifies them */
-    pds_kvx_hub_t *hub;   /* LOOPBACK: required */
+    pds_kvx_path_t path; /* how this node sends (UCX); ignored by loopback */
+    bool checksum;       /* sender computes per-(layer, block) checksums; receiver verifies them */
+    pds_kvx_hub_t *hub;  /* LOOPBACK: required */
 } pds_kvx_params_t;
 
 /* UCX, AM path, checksums on. */
 pds_kvx_params_t pds_kvx_default_params(void);
 const char *pds_kvx_backend_name(pds_kvx_backend_t b); /* "ucx", "loopback" */
 const char *pds_kvx_path_name(pds_kvx_path_t p);       /* "am", "put" */
+/* Writes "ucx 1.13.1" (the UCX library this process runs with, for reports) into buf. */
+void pds_kvx_transport_version(char *buf, size_t cap);
 
 /* One per node process. UCX: reads UCX_* environment variables (UCX_TLS, UCX_NET_DEVICES, ...) at
  * create, so set them before. Starts the progress thread. */
@@ -85,21 +88,24 @@ pds_status_t pds_kvx_address(pds_kvx_t *x, const void **blob, size_t *len);
  * destination block after arrival. */
 uint64_t pds_kvx_checksum(const void *data, size_t n);
 
-/* ---- receiver (decode node) ------------------------------------------------------------------- */
+/* ---- receiver (decode node) -------------------------------------------------------------------
+ */
 
 /* Registers the node's KV pool: layer_base[l] points at layer l's block array of
  * pds_kv_layer_bytes(layout) bytes (layout as in kv/kv.h). Once per kvx; the memory must stay
  * mapped until destroy. Writes a pool blob (magic, version, length, layout, per-layer address and
  * remote key) owned by the kvx and valid until destroy. PDS_ERR_UNSUPPORTED for CUDA memory (stage
- * through host; see above), PDS_ERR_ALREADY_EXISTS if a pool is already registered. */
+ * through host; see above), PDS_ERR_ALREADY_EXISTS if a pool is already registered. Re-registering
+ * needs a new kvx. */
 pds_status_t pds_kvx_register_pool(pds_kvx_t *x, const pds_kv_layout_t *layout,
                                    void *const *layer_base, pds_kvx_mem_t mem,
                                    const void **pool_blob, size_t *pool_len);
 
-/* Called once when a recv handle reaches its final state (ok or error), from the transfer
- * progress (the kvx's progress thread; for loopback, the sender's thread), with no kvx lock held.
- * Keep it short: hand the news to your own loop and read the state with pds_kvx_recv_poll. It may
- * still run while pds_kvx_recv_close is returning for the same id; match by transfer id. */
+/* Called once when a recv handle reaches its final state (ok or error), with no kvx lock held, on
+ * whichever thread saw it become final: the UCX progress thread, a loopback sender's thread, or
+ * the caller of pds_kvx_recv_poll / _wait / _cancel (a deadline noticed there). Keep it short: hand
+ * the news to your own loop and read the state with pds_kvx_recv_poll. It may still run while
+ * pds_kvx_recv_close is returning for the same id; match by transfer id. */
 typedef void (*pds_kvx_notify_fn)(void *ctx, uint64_t transfer_id, pds_status_t status);
 
 typedef struct pds_kvx_recv pds_kvx_recv_t;
@@ -125,7 +131,8 @@ void pds_kvx_recv_cancel(pds_kvx_recv_t *r);
 void pds_kvx_recv_close(pds_kvx_recv_t *r);
 uint64_t pds_kvx_recv_id(const pds_kvx_recv_t *r);
 
-/* ---- sender (prefill node) ---------------------------------------------------------------------- */
+/* ---- sender (prefill node) ----------------------------------------------------------------------
+ */
 typedef struct pds_kvx_send pds_kvx_send_t;
 /* Opens transfer `transfer_id` to the peer whose address and pool blobs the control plane
  * delivered, into its blocks dst_ids[0..n_blocks). src_layout (this node's pool) must have the
@@ -152,21 +159,23 @@ pds_status_t pds_kvx_send_commit(pds_kvx_send_t *t, int64_t timeout_ms);
  * still in flight is closed). Accepts NULL. */
 void pds_kvx_send_close(pds_kvx_send_t *t);
 
-/* ---- stats ------------------------------------------------------------------------------------ */
+/* ---- stats ------------------------------------------------------------------------------------
+ */
 typedef struct {
-    int64_t bytes_sent;      /* payload bytes handed to the transport by send_layer */
-    int64_t msgs_sent;       /* data messages / puts (one per merged run) */
-    int64_t transfers_sent;  /* commits that returned PDS_OK */
+    int64_t bytes_sent;     /* payload bytes handed to the transport by send_layer */
+    int64_t msgs_sent;      /* data messages / puts (one per merged run) */
+    int64_t transfers_sent; /* commits that returned PDS_OK */
     int64_t transfers_failed;
-    int64_t send_ns;         /* sum over committed transfers of open -> commit return */
-    int64_t bytes_received;  /* payload bytes of transfers that completed OK here */
+    int64_t send_ns;        /* sum over committed transfers of open -> commit return */
+    int64_t bytes_received; /* payload bytes of transfers that completed OK here */
     int64_t transfers_received;
     int64_t recv_failed;
-    int64_t verify_ns;       /* receiver time spent computing checksums */
+    int64_t verify_ns; /* receiver time spent computing checksums */
 } pds_kvx_stats_t;
 void pds_kvx_stats(pds_kvx_t *x, pds_kvx_stats_t *out);
 
-/* ---- test hooks ------------------------------------------------------------------------------- */
+/* ---- test hooks -------------------------------------------------------------------------------
+ */
 /* The next transfer this receiver verifies gets byte `byte` of destination block index
  * `block_index` of layer `layer` flipped just before verification (a stand-in for a bit error in
  * transit). */

@@ -64,22 +64,23 @@ typedef struct {
 typedef struct kvx_ucx kvx_ucx_t;
 typedef struct kvx_peer kvx_peer_t;
 
-/* A transfer this node expects (receiver side). unit = (layer, block index), n_layers * n_blocks. */
+/* A transfer this node expects (receiver side). unit = (layer, block index), n_layers * n_blocks.
+ */
 struct pds_kvx_recv {
     pds_kvx_t *x;
     pds_kvx_recv_t *next;
     uint64_t id;
     int n_layers, n_blocks;
-    int32_t *dst_ids;   /* [n_blocks] */
-    uint8_t *unit;      /* [n_layers * n_blocks] 0 = nothing, 1 = receiving, 2 = landed */
-    uint64_t *sums;     /* [n_layers * n_blocks] from DONE */
-    int64_t n_landed;   /* units in state 2 */
+    int32_t *dst_ids; /* [n_blocks] */
+    uint8_t *unit;    /* [n_layers * n_blocks] 0 = nothing, 1 = receiving, 2 = landed */
+    uint64_t *sums;   /* [n_layers * n_blocks] from DONE */
+    int64_t n_landed; /* units in state 2 */
     int64_t deadline_ns;
     pds_status_t status; /* PDS_IN_PROGRESS until final */
     char detail[192];
     bool done_received, have_sums, verify_queued, verifying, acked, closed, notify_pending;
-    int inflight;        /* UCX receives writing into its blocks */
-    void *reply_ep;      /* UCX: endpoint DONE arrived on, for the ACK */
+    int inflight;   /* UCX receives writing into its blocks */
+    void *reply_ep; /* UCX: endpoint DONE arrived on, for the ACK */
     pds_kvx_notify_fn notify;
     void *ctx;
 };
@@ -91,16 +92,16 @@ struct pds_kvx_send {
     uint64_t id;
     int n_layers, n_blocks, src_n_blocks;
     int64_t block_bytes;
-    int32_t *dst_ids;   /* [n_blocks] */
+    int32_t *dst_ids;    /* [n_blocks] */
     uint8_t *layer_sent; /* [n_layers] */
-    uint64_t *sums;     /* [n_layers * n_blocks] */
+    uint64_t *sums;      /* [n_layers * n_blocks] */
     int64_t bytes, msgs, t_open_ns;
     pds_status_t status;  /* first transport error (PDS_OK while fine) */
     pds_status_t verdict; /* receiver's ACK, PDS_IN_PROGRESS until it arrives */
     bool committing, committed_ok, closed;
-    int inflight;         /* UCX requests not completed */
-    kvx_peer_t *peer;     /* UCX */
-    uint64_t loop_peer;   /* loopback: receiver's hub id */
+    int inflight;       /* UCX requests not completed */
+    kvx_peer_t *peer;   /* UCX */
+    uint64_t loop_peer; /* loopback: receiver's hub id */
 };
 
 struct pds_kvx {
@@ -125,8 +126,8 @@ struct pds_kvx {
         int layer, block;
         size_t byte;
     } corrupt;
-    kvx_ucx_t *ucx;     /* UCX backend state */
-    uint64_t loop_id;   /* loopback: id on the hub */
+    kvx_ucx_t *ucx;   /* UCX backend state */
+    uint64_t loop_id; /* loopback: id on the hub */
 };
 
 /* ---- core (kvx.c), all with x->mu held unless said otherwise ---- */
@@ -170,12 +171,12 @@ bool kvx_cv_wait_until(pds_kvx_t *x, int64_t deadline_ns);
 
 /* ---- UCX backend (kvx_ucx.c) ---- */
 pds_status_t kvx_ucx_create(pds_kvx_t *x);
-void kvx_ucx_destroy(pds_kvx_t *x); /* without x->mu; stops the progress thread first */
+void kvx_ucx_destroy(pds_kvx_t *x);          /* without x->mu; stops the progress thread first */
 pds_status_t kvx_ucx_register(pds_kvx_t *x); /* mu held: maps the pool, builds the blob */
 pds_status_t kvx_ucx_open(pds_kvx_send_t *t, const void *addr, size_t addr_len, const void *pool,
                           size_t pool_len); /* mu held */
 pds_status_t kvx_ucx_send_run(pds_kvx_send_t *t, int layer, int index, const uint8_t *src,
-                              int n); /* mu held */
+                              int n);                                /* mu held */
 pds_status_t kvx_ucx_commit(pds_kvx_send_t *t, int64_t deadline_ns); /* mu held */
 void kvx_ucx_send_close(pds_kvx_send_t *t);                          /* mu held */
 void kvx_ucx_recv_final(pds_kvx_recv_t *r); /* mu held: send the ACK if DONE arrived */

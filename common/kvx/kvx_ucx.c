@@ -29,6 +29,7 @@
 
 #include <poll.h>
 #include <sched.h>
+#include <stdio.h>
 #include <string.h>
 #include <ucp/api/ucp.h>
 
@@ -79,19 +80,26 @@ typedef struct kvx_op {
 static pds_status_t ucs_to_pds(ucs_status_t s)
 {
     switch (s) {
-    case UCS_OK: return PDS_OK;
-    case UCS_ERR_NO_MEMORY: return PDS_ERR_NO_MEMORY;
-    case UCS_ERR_TIMED_OUT: return PDS_ERR_TIMEOUT;
-    case UCS_ERR_CANCELED: return PDS_ERR_CANCELLED;
-    case UCS_ERR_INVALID_PARAM: return PDS_ERR_INVALID_ARG;
+    case UCS_OK:
+        return PDS_OK;
+    case UCS_ERR_NO_MEMORY:
+        return PDS_ERR_NO_MEMORY;
+    case UCS_ERR_TIMED_OUT:
+        return PDS_ERR_TIMEOUT;
+    case UCS_ERR_CANCELED:
+        return PDS_ERR_CANCELLED;
+    case UCS_ERR_INVALID_PARAM:
+        return PDS_ERR_INVALID_ARG;
     case UCS_ERR_UNREACHABLE:
     case UCS_ERR_CONNECTION_RESET:
     case UCS_ERR_ENDPOINT_TIMEOUT:
     case UCS_ERR_REJECTED:
     case UCS_ERR_NOT_CONNECTED:
     case UCS_ERR_NO_DEVICE:
-    case UCS_ERR_IO_ERROR: return PDS_ERR_UNAVAILABLE;
-    default: return PDS_ERR_TRANSPORT;
+    case UCS_ERR_IO_ERROR:
+        return PDS_ERR_UNAVAILABLE;
+    default:
+        return PDS_ERR_TRANSPORT;
     }
 }
 
@@ -114,8 +122,10 @@ static void op_live(kvx_ucx_t *u, kvx_op_t *op)
 /* A request finished: unlink and free its op. */
 static void op_done(kvx_ucx_t *u, kvx_op_t *op)
 {
-    if (op->prev) op->prev->next = op->next;
-    else u->live = op->next;
+    if (op->prev)
+        op->prev->next = op->next;
+    else
+        u->live = op->next;
     if (op->next) op->next->prev = op->prev;
     pds_free(op);
 }
@@ -139,7 +149,8 @@ static void send_ack(pds_kvx_t *x, ucp_ep_h ep, uint64_t id, pds_status_t verdic
                                .flags = UCP_AM_SEND_FLAG_EAGER,
                                .cb.send = send_cb,
                                .user_data = op};
-    ucs_status_ptr_t req = ucp_am_send_nbx(ep, KVX_MSG_ACK, &op->hdr, sizeof op->hdr, NULL, 0, &prm);
+    ucs_status_ptr_t req =
+        ucp_am_send_nbx(ep, KVX_MSG_ACK, &op->hdr, sizeof op->hdr, NULL, 0, &prm);
     if (UCS_PTR_IS_ERR(req)) {
         PDS_LOG_WARN(MOD, "ack_failed transfer=%llu error=%s", (unsigned long long)id,
                      ucs_status_string(UCS_PTR_STATUS(req)));
@@ -151,6 +162,8 @@ static void send_ack(pds_kvx_t *x, ucp_ep_h ep, uint64_t id, pds_status_t verdic
     }
 }
 
+/* The reply endpoint is UCX's (created by wire-up when the sender connected); we only keep its
+ * handle from DONE until the verdict is known, normally within the same progress pass. */
 void kvx_ucx_recv_final(pds_kvx_recv_t *r)
 {
     if (!r->done_received || r->acked || !r->reply_ep) return;
@@ -207,8 +220,8 @@ static ucs_status_t am_data(void *arg, const void *header, size_t header_length,
     op->layer = (int)h.layer;
     op->index = (int)h.index;
     op->n = (int)h.n_blocks;
-    ucp_request_param_t prm = {.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK |
-                                               UCP_OP_ATTR_FIELD_USER_DATA,
+    ucp_request_param_t prm = {.op_attr_mask =
+                                   UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
                                .cb.recv_am = recv_cb,
                                .user_data = op};
     ucs_status_ptr_t req = ucp_am_recv_data_nbx(x->ucx->worker, data, dst, length, &prm);
@@ -235,8 +248,7 @@ static ucs_status_t am_done(void *arg, const void *header, size_t header_length,
         PDS_LOG_WARN(MOD, "done_dropped reason=\"%s\"", pds_err_detail());
         return UCS_OK;
     }
-    ucp_ep_h reply =
-        (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
+    ucp_ep_h reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
     pds_kvx_recv_t *r = kvx_recv_find(x, h.transfer_id);
     if (!r) {
         if (reply) send_ack(x, reply, h.transfer_id, PDS_ERR_CANCELLED);
@@ -292,8 +304,8 @@ static void send_cb(void *req, ucs_status_t st, void *user)
         t->inflight--;
         if (st != UCS_OK && t->status == PDS_OK) {
             t->status = ucs_to_pds(st);
-            PDS_LOG_WARN(MOD, "send_failed transfer=%llu op=%d error=%s",
-                         (unsigned long long)t->id, op->kind, ucs_status_string(st));
+            PDS_LOG_WARN(MOD, "send_failed transfer=%llu op=%d error=%s", (unsigned long long)t->id,
+                         op->kind, ucs_status_string(st));
         }
     }
     pthread_cond_broadcast(&op->x->cv);
@@ -625,8 +637,8 @@ pds_status_t kvx_ucx_commit(pds_kvx_send_t *t, int64_t deadline_ns)
         return PDS_ERR(t->status, "transfer %llu failed waiting for the receiver",
                        (unsigned long long)t->id);
     if (t->verdict != PDS_OK)
-        return PDS_ERR(t->verdict, "receiver refused transfer %llu: %s",
-                       (unsigned long long)t->id, pds_status_text(t->verdict));
+        return PDS_ERR(t->verdict, "receiver refused transfer %llu: %s", (unsigned long long)t->id,
+                       pds_status_text(t->verdict));
     return PDS_OK;
 }
 
@@ -643,9 +655,9 @@ void kvx_ucx_send_close(pds_kvx_send_t *t)
             op->t = t;
             kvx_wire_init(&op->hdr, KVX_MSG_ABORT, t->id);
             ucp_request_param_t prm = send_param(op, UCP_AM_SEND_FLAG_EAGER);
-            (void)track(op, ucp_am_send_nbx(p->ep, KVX_MSG_ABORT, &op->hdr, sizeof op->hdr, NULL,
-                                            0, &prm),
-                        "ucp_am_send_nbx(abort)");
+            (void)track(
+                op, ucp_am_send_nbx(p->ep, KVX_MSG_ABORT, &op->hdr, sizeof op->hdr, NULL, 0, &prm),
+                "ucp_am_send_nbx(abort)");
             kvx_ucx_wake(x);
         }
     }
@@ -667,8 +679,8 @@ void kvx_ucx_send_close(pds_kvx_send_t *t)
             /* Only on endpoints without peer failure detection (shared memory) whose peer is
              * gone: nobody is left to read the source. The handle stays on x->sends (closed) and
              * is freed with the kvx. */
-            PDS_LOG_WARN(MOD, "close_parked transfer=%llu inflight=%d",
-                         (unsigned long long)t->id, t->inflight);
+            PDS_LOG_WARN(MOD, "close_parked transfer=%llu inflight=%d", (unsigned long long)t->id,
+                         t->inflight);
             return;
         }
     }
@@ -722,6 +734,11 @@ static void *progress_main(void *arg)
     }
     pthread_mutex_unlock(&x->mu);
     return NULL;
+}
+
+void pds_kvx_transport_version(char *buf, size_t cap)
+{
+    if (buf && cap) snprintf(buf, cap, "ucx %s", ucp_get_version_string());
 }
 
 /* ---- lifecycle ------------------------------------------------------------------------------- */

@@ -288,6 +288,7 @@ typedef struct {
     int64_t decode_kv_blocks; /* per decode (or colocated) node; 0 = unlimited */
     int block_size;
     double ttft_ms, tpot_ms; /* the targets of every request */
+    int32_t max_context;     /* goodput: generated lengths are clipped to it; 0 = no clip */
     pds_slo_place_params_t place;
 } pds_slo_sim_config_t;
 pds_slo_sim_config_t pds_slo_sim_default_config(void);

@@ -433,6 +433,19 @@ bool pdt_cluster_kill(pdt_cluster_t *c, const char *id, int sig)
     return true;
 }
 
+int pdt_cluster_log_count(pdt_cluster_t *c, const char *id, const char *needle)
+{
+    proc_t *p = find_proc(c, id);
+    FILE *f = p ? fopen(p->log_path, "r") : NULL;
+    if (!f) return -1;
+    char line[4096];
+    int n = 0;
+    while (fgets(line, sizeof line, f))
+        if (strstr(line, needle)) n++;
+    fclose(f);
+    return n;
+}
+
 bool pdt_cluster_check_alive(pdt_cluster_t *c)
 {
     for (int i = 0; i < c->n; i++) {

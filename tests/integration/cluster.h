@@ -62,6 +62,9 @@ const char *pdt_cluster_router(const pdt_cluster_t *c); /* host:port of the rout
 const char *pdt_cluster_addr(const pdt_cluster_t *c, const char *id);
 /* Sends `sig` to a child; with SIGKILL also reaps it (it is then expected to be dead). */
 bool pdt_cluster_kill(pdt_cluster_t *c, const char *id, int sig);
+/* Lines of child `id`'s log containing `needle` (-1 if there is no log): what a test uses to
+ * check that a path it means to exercise (a refusal, a preemption) was taken. */
+int pdt_cluster_log_count(pdt_cluster_t *c, const char *id, const char *needle);
 /* False (error names it, with its log tail) if a child we did not stop has exited. */
 bool pdt_cluster_check_alive(pdt_cluster_t *c);
 

@@ -139,6 +139,7 @@ static const char *const two_prefills[] = {"p0", "p1", NULL};
 static const char *const two_decodes[] = {"d0", "d1", NULL};
 static const char *const one_prefill[] = {"p0", NULL};
 static const char *const one_decode[] = {"d0", NULL};
+static const char *const two_decodes_full[] = {"d0", "d-full", NULL};
 
 /* 64 concurrent requests through 2 prefill + 2 decode nodes over `tls`. */
 static void run_concurrent(const char *name, const char *tls)
@@ -374,6 +375,55 @@ static void run_batch(const char *tag, int n, const char *const *decodes)
     pds_free(res);
 }
 
+/* Reserves n_tokens of KV on a decode node the way a prefill node would (OpenTransfer for tiny's
+ * geometry), without ever sending the data: the node then has no room, while the router's view
+ * of it stays stale until its next load report. */
+static void hog(const char *addr, const char *id, int n_tokens)
+{
+    static int32_t ids[PDT_MAX_PROMPT];
+    Pdserve__V1__OpenTransferRequest r = PDSERVE__V1__OPEN_TRANSFER_REQUEST__INIT;
+    Pdserve__V1__KvGeometry kv = PDSERVE__V1__KV_GEOMETRY__INIT;
+    kv.n_layers = 2;
+    kv.n_kv_heads = 2;
+    kv.head_dim = 16;
+    kv.block_size = 16;
+    kv.dtype = PDSERVE__V1__KV_DTYPE__KV_DTYPE_F32;
+    r.request_id = (char *)id;
+    r.n_tokens = (uint32_t)n_tokens;
+    r.n_token_ids = (size_t)n_tokens;
+    r.token_ids = ids;
+    r.max_tokens = 1;
+    r.router_id = (char *)"r0";
+    r.prefill_node_id = (char *)"test";
+    r.kvx_backend = (char *)"ucx";
+    r.kv = &kv;
+    pds_rpc_channel_t *ch = NULL;
+    ProtobufCMessage *reply = NULL;
+    pds_status_t s = pds_rpc_channel_create(addr, &ch);
+    if (s == PDS_OK)
+        s = pds_rpc_channel_call(ch, "/pdserve.v1.DecodeNode/OpenTransfer", &r.base,
+                                 &pdserve__v1__open_transfer_reply__descriptor, 5000, &reply);
+    cr_assert_eq(s, PDS_OK, "hog %s on %s: %s", id, addr, pds_err_detail());
+    pds_rpc_msg_free(reply);
+    pds_rpc_channel_destroy(ch);
+}
+
+static void unhog(const char *addr, const char *id)
+{
+    Pdserve__V1__CancelRequest r = PDSERVE__V1__CANCEL_REQUEST__INIT;
+    r.request_id = (char *)id;
+    r.reason = (char *)"test done";
+    pds_rpc_channel_t *ch = NULL;
+    ProtobufCMessage *reply = NULL;
+    pds_status_t s = pds_rpc_channel_create(addr, &ch);
+    if (s == PDS_OK)
+        s = pds_rpc_channel_call(ch, "/pdserve.v1.DecodeNode/Cancel", &r.base,
+                                 &pdserve__v1__cancel_reply__descriptor, 5000, &reply);
+    cr_assert_eq(s, PDS_OK, "unhog %s: %s", id, pds_err_detail());
+    pds_rpc_msg_free(reply);
+    pds_rpc_channel_destroy(ch);
+}
+
 Test(cluster, dead_or_full_decode_node_does_not_fail_requests, .fini = teardown, .timeout = 150)
 {
     g_ref = pdt_ref_create("tiny");
@@ -382,23 +432,38 @@ Test(cluster, dead_or_full_decode_node_does_not_fail_requests, .fini = teardown,
     cr_assert(g_cluster);
     pdt_cluster_t *c = g_cluster;
     cr_assert(pdt_cluster_start_router(c, NULL), "%s", pdt_cluster_error(c));
-    /* d-dead has the biggest pool, so a router that prefers free blocks tries it first; d-tiny
-     * has one block (16 tokens) and must refuse every request below. */
+    /* A router that prefers free blocks tries d-dead (128 blocks) first, then d-full (64, but
+     * all reserved behind its back), and must end on d0 (32) for every request. */
     cr_assert(pdt_cluster_spawn_node(c, PDT_PREFILL, "p0", 0, NULL), "%s", pdt_cluster_error(c));
-    cr_assert(pdt_cluster_spawn_node(c, PDT_DECODE, "d0", 2048, NULL), "%s", pdt_cluster_error(c));
-    cr_assert(pdt_cluster_spawn_node(c, PDT_DECODE, "d-dead", 8192, NULL), "%s",
+    cr_assert(pdt_cluster_spawn_node(c, PDT_DECODE, "d0", 512, NULL), "%s", pdt_cluster_error(c));
+    cr_assert(pdt_cluster_spawn_node(c, PDT_DECODE, "d-full", 1024, NULL), "%s",
               pdt_cluster_error(c));
-    cr_assert(pdt_cluster_spawn_node(c, PDT_DECODE, "d-tiny", 16, NULL), "%s",
+    cr_assert(pdt_cluster_spawn_node(c, PDT_DECODE, "d-dead", 2048, NULL), "%s",
               pdt_cluster_error(c));
     cr_assert(pdt_cluster_wait_ready(c, 30000), "%s", pdt_cluster_error(c));
     cr_assert(pdt_cluster_wait_up(c, 20000), "%s", pdt_cluster_error(c));
+    const char *full = pdt_cluster_addr(c, "d-full");
 
-    /* Down at request time, before the router noticed. */
+    /* Down at request time, before the router noticed; d-full without room while the router
+     * still believes it has 64 free blocks (its next report is up to 100 ms away, so retry the
+     * round a few times until d-full has refused at least once). */
     cr_assert(pdt_cluster_kill(c, "d-dead", SIGKILL), "%s", pdt_cluster_error(c));
-    run_batch("unnoticed", 12, one_decode);
-    /* ... and after it did. */
+    int refused = 0;
+    for (int round = 0; round < 5 && refused == 0; round++) {
+        hog(full, "hog-a", 511); /* 32 blocks each: the whole pool */
+        hog(full, "hog-b", 511);
+        char tag[16];
+        snprintf(tag, sizeof tag, "r%d", round);
+        run_batch(tag, 12, one_decode);
+        unhog(full, "hog-a");
+        unhog(full, "hog-b");
+        refused = pdt_cluster_log_count(c, "d-full", "open_refused");
+        pds_time_sleep_ms(250); /* a report with d-full's pool free again */
+    }
+    cr_assert_gt(refused, 0, "d-full never refused: the router never tried it while full");
+    /* ... and after the router noticed d-dead. */
     cr_assert(pdt_cluster_wait_state(c, "d-dead", STATE(DOWN), 15000), "%s", pdt_cluster_error(c));
-    run_batch("noticed", 12, one_decode);
+    run_batch("noticed", 12, two_decodes_full);
     cr_assert(pdt_cluster_check_alive(c), "%s", pdt_cluster_error(c));
     cr_assert(pdt_cluster_wait_idle(c, 10000), "%s", pdt_cluster_error(c));
 }
@@ -421,6 +486,8 @@ Test(cluster, more_work_than_the_decode_pool_holds_finishes_exactly, .fini = tea
     }
     pdt_generate_many(pdt_cluster_router(g_cluster), reqs, res, N, 120000);
     for (int i = 0; i < N; i++) check_result(&reqs[i], &res[i], one_prefill, one_decode, false);
+    cr_assert_gt(pdt_cluster_log_count(g_cluster, "d0", "msg=preempt"), 0,
+                 "the decode node never preempted: the test did not exercise recompute");
     cr_assert(pdt_cluster_wait_idle(g_cluster, 10000), "%s", pdt_cluster_error(g_cluster));
     cr_assert(pdt_cluster_check_alive(g_cluster), "%s", pdt_cluster_error(g_cluster));
     pds_free(reqs);

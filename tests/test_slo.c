@@ -1,0 +1,794 @@
+/* Tests of common/slo: the fitter against known coefficients (exact and with 2% noise), the
+ * predictions against hand-computed values, placement choices and every policy's status, the
+ * simulator against M/D/1 queueing theory and hand-traced small runs, goodput bisection, profile
+ * files (round trip and malformed input), the trace CSV reader and the workload generator, and the
+ * online refit. Scratch files live in $PDS_TEST_TMP (or /tmp). */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "slo/slo.h"
+
+#define REL(x, ref) (fabs((x) - (ref)) / fabs(ref))
+
+/* Deterministic noise for the tests: uniform in [-1, 1] from a counter. */
+static double noise(uint64_t *ctr)
+{
+    return (double)(pds_mix64((*ctr)++) >> 11) / 4503599627370496.0 - 1.0;
+}
+
+static const pds_slo_model_t truth = {.prefill_a = 5.0,
+                                      .prefill_b = 0.02,
+                                      .prefill_c = 1.5e-6,
+                                      .decode_d = 8.0,
+                                      .decode_e = 0.25,
+                                      .decode_f = 4e-4};
+
+static int make_prefill(pds_slo_prefill_sample_t *s, int reps, double noise_frac, uint64_t seed)
+{
+    static const double T[] = {16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192};
+    int n = 0;
+    for (int r = 0; r < reps; r++)
+        for (size_t i = 0; i < PDS_ARRAY_LEN(T); i++) {
+            double y = pds_slo_prefill_ms(&truth, T[i]);
+            s[n++] = (pds_slo_prefill_sample_t){T[i], y * (1 + noise_frac * noise(&seed))};
+        }
+    return n;
+}
+
+static int make_decode(const pds_slo_model_t *m, pds_slo_decode_sample_t *s, int reps,
+                       double noise_frac, uint64_t seed)
+{
+    static const double B[] = {1, 2, 4, 8, 16, 32, 64, 128};
+    static const double L[] = {128, 512, 2048};
+    int n = 0;
+    for (int r = 0; r < reps; r++)
+        for (size_t i = 0; i < PDS_ARRAY_LEN(B); i++)
+            for (size_t j = 0; j < PDS_ARRAY_LEN(L); j++) {
+                double y = pds_slo_decode_step_ms(m, B[i], B[i] * L[j]);
+                s[n++] = (pds_slo_decode_sample_t){B[i], B[i] * L[j],
+                                                   y * (1 + noise_frac * noise(&seed))};
+            }
+    return n;
+}
+
+/* ---- fitting ---------------------------------------------------------------------------------- */
+Test(slo, prefill_fit_recovers_exact_coefficients_without_noise)
+{
+    pds_slo_prefill_sample_t s[10];
+    int n = make_prefill(s, 1, 0, 1);
+    pds_slo_model_t m = {0};
+    pds_slo_fit_t fit;
+    cr_assert_eq(pds_slo_fit_prefill(s, n, &m, &fit), PDS_OK);
+    cr_expect_lt(REL(m.prefill_a, truth.prefill_a), 1e-6);
+    cr_expect_lt(REL(m.prefill_b, truth.prefill_b), 1e-6);
+    cr_expect_lt(REL(m.prefill_c, truth.prefill_c), 1e-6);
+    cr_expect_eq(fit.n, 10);
+    cr_expect_lt(fit.rms_rel, 1e-9);
+    cr_expect_gt(fit.r2, 1 - 1e-9);
+}
+
+Test(slo, prefill_fit_with_two_percent_noise_is_within_a_few_percent)
+{
+    pds_slo_prefill_sample_t s[200];
+    int n = make_prefill(s, 20, 0.02, 42);
+    pds_slo_model_t m = {0};
+    pds_slo_fit_t fit;
+    cr_assert_eq(pds_slo_fit_prefill(s, n, &m, &fit), PDS_OK);
+    cr_expect_lt(REL(m.prefill_a, truth.prefill_a), 0.03, "a=%g", m.prefill_a);
+    cr_expect_lt(REL(m.prefill_b, truth.prefill_b), 0.03, "b=%g", m.prefill_b);
+    cr_expect_lt(REL(m.prefill_c, truth.prefill_c), 0.05, "c=%g", m.prefill_c);
+    /* uniform +-2% noise has RMS 2/sqrt(3) = 1.15% */
+    cr_expect(fit.rms_rel > 0.008 && fit.rms_rel < 0.015, "rms %g", fit.rms_rel);
+    cr_expect_gt(fit.r2, 0.999);
+}
+
+Test(slo, decode_fit_recovers_exact_coefficients_and_keeps_one_line)
+{
+    pds_slo_decode_sample_t s[24];
+    int n = make_decode(&truth, s, 1, 0, 1);
+    pds_slo_model_t m = {0};
+    pds_slo_fit_t fit;
+    cr_assert_eq(pds_slo_fit_decode(s, n, true, &m, &fit), PDS_OK);
+    cr_expect_lt(REL(m.decode_d, truth.decode_d), 1e-6);
+    cr_expect_lt(REL(m.decode_e, truth.decode_e), 1e-6);
+    cr_expect_lt(REL(m.decode_f, truth.decode_f), 1e-6);
+    cr_expect_eq(m.decode_split, 0);
+    cr_expect_lt(fit.rms_rel, 1e-9);
+}
+
+Test(slo, decode_fit_with_noise_is_within_a_few_percent)
+{
+    pds_slo_decode_sample_t s[24 * 10];
+    int n = make_decode(&truth, s, 10, 0.02, 7);
+    pds_slo_model_t m = {0};
+    cr_assert_eq(pds_slo_fit_decode(s, n, true, &m, NULL), PDS_OK);
+    cr_expect_eq(m.decode_split, 0);
+    cr_expect_lt(REL(m.decode_d, truth.decode_d), 0.03, "d=%g", m.decode_d);
+    cr_expect_lt(REL(m.decode_e, truth.decode_e), 0.05, "e=%g", m.decode_e);
+    cr_expect_lt(REL(m.decode_f, truth.decode_f), 0.05, "f=%g", m.decode_f);
+}
+
+Test(slo, decode_fit_finds_the_breakpoint_of_piecewise_data)
+{
+    pds_slo_model_t pw = truth;
+    pw.decode_split = 16; /* small batches: memory bound, large: compute takes over */
+    pw.decode_d2 = 2.0, pw.decode_e2 = 0.6, pw.decode_f2 = 5e-4;
+    pds_slo_decode_sample_t s[24];
+    int n = make_decode(&pw, s, 1, 0, 1);
+    pds_slo_model_t m = {0};
+    pds_slo_fit_t fit;
+    cr_assert_eq(pds_slo_fit_decode(s, n, true, &m, &fit), PDS_OK);
+    cr_expect_eq(m.decode_split, 16);
+    cr_expect_lt(REL(m.decode_d, 8.0), 1e-6);
+    cr_expect_lt(REL(m.decode_e2, 0.6), 1e-6);
+    cr_expect_lt(REL(m.decode_f2, 5e-4), 1e-6);
+    cr_expect_lt(fit.rms_rel, 1e-9);
+    /* without permission to split it keeps one (worse) line */
+    cr_assert_eq(pds_slo_fit_decode(s, n, false, &m, &fit), PDS_OK);
+    cr_expect_eq(m.decode_split, 0);
+    cr_expect_gt(fit.rms_rel, 0.01);
+}
+
+Test(slo, fits_reject_samples_that_cannot_determine_the_model)
+{
+    pds_slo_prefill_sample_t same[5];
+    for (int i = 0; i < 5; i++) same[i] = (pds_slo_prefill_sample_t){512, 30 + i};
+    pds_slo_model_t m = {0};
+    cr_expect_eq(pds_slo_fit_prefill(same, 5, &m, NULL), PDS_ERR_INVALID_ARG);
+    cr_expect(strstr(pds_err_detail(), "distinct token counts") != NULL, "%s", pds_err_detail());
+    cr_expect_eq(pds_slo_fit_prefill(same, 2, &m, NULL), PDS_ERR_INVALID_ARG);
+    pds_slo_prefill_sample_t neg[3] = {{16, 1}, {32, -2}, {64, 3}};
+    cr_expect_eq(pds_slo_fit_prefill(neg, 3, &m, NULL), PDS_ERR_INVALID_ARG);
+    cr_expect(strstr(pds_err_detail(), "sample 1") != NULL, "%s", pds_err_detail());
+    /* decode samples whose context is a fixed multiple of the batch: columns are dependent */
+    pds_slo_decode_sample_t dep[4] = {{1, 100, 5}, {2, 200, 6}, {4, 400, 8}, {8, 800, 12}};
+    cr_expect_eq(pds_slo_fit_decode(dep, 4, true, &m, NULL), PDS_ERR_INVALID_ARG);
+    cr_expect(strstr(pds_err_detail(), "vary both") != NULL, "%s", pds_err_detail());
+    cr_expect_eq(m.prefill_a, 0); /* untouched on failure */
+}
+
+Test(slo, lstsq_solves_a_well_posed_system_exactly)
+{
+    /* y = 1 + 2x - 3z on four points */
+    double X[] = {1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 2, 5}, y[4], beta[3];
+    for (int i = 0; i < 4; i++) y[i] = 1 + 2 * X[3 * i + 1] - 3 * X[3 * i + 2];
+    cr_assert_eq(pds_slo_lstsq(X, y, NULL, 4, 3, beta), PDS_OK);
+    cr_expect_lt(fabs(beta[0] - 1), 1e-12);
+    cr_expect_lt(fabs(beta[1] - 2), 1e-12);
+    cr_expect_lt(fabs(beta[2] + 3), 1e-12);
+    cr_expect_eq(pds_slo_lstsq(X, y, NULL, 2, 3, beta), PDS_ERR_INVALID_ARG);
+}
+
+/* ---- predictions ------------------------------------------------------------------------------ */
+static const pds_slo_model_t pm = {.prefill_a = 10,
+                                   .prefill_b = 0.1,
+                                   .decode_d = 5,
+                                   .decode_e = 1,
+                                   .decode_f = 0.01,
+                                   .link_gbytes_per_s = 1.0,
+                                   .link_msg_ms = 0,
+                                   .kv_bytes_per_token = 100000,
+                                   .n_layers = 10};
+
+Test(slo, transfer_exposure_matches_the_pipeline_formula)
+{
+    /* 100 tokens = 1e7 B at 1 GB/s = 10 ms over 10 layers: 1 ms per layer */
+    cr_expect_float_eq(pds_slo_transfer_ms(&pm, 100), 10.0, 1e-12);
+    /* compute 2 ms per layer hides all but the last layer */
+    cr_expect_float_eq(pds_slo_transfer_exposed_ms(&pm, 100, 20), 1.0, 1e-12);
+    /* compute 0.5 ms per layer: the link is the bottleneck, 1 + 9 * 0.5 */
+    cr_expect_float_eq(pds_slo_transfer_exposed_ms(&pm, 100, 5), 5.5, 1e-12);
+    pds_slo_model_t nolink = pm;
+    nolink.link_gbytes_per_s = 0;
+    cr_expect_eq(pds_slo_transfer_exposed_ms(&nolink, 100, 5), 0);
+}
+
+Test(slo, ttft_prediction_packs_the_queue_into_budget_sized_batches)
+{
+    pds_slo_model_t m = pm;
+    m.link_gbytes_per_s = 0;
+    /* queue 2500, budget 1000: 2 full batches (110 each), rest 500 + own 300 = 800 -> 90 */
+    pds_slo_prefill_load_t p = {.model = &m, .queued_tokens = 2500, .busy_ms = 7,
+                                .max_batch_tokens = 1000};
+    cr_expect_float_eq(pds_slo_predict_ttft(&p, 300), 7 + 2 * 110 + 90, 1e-9);
+    /* own 600 does not fit beside the 500: 60 for the rest, then 70 alone */
+    cr_expect_float_eq(pds_slo_predict_ttft(&p, 600), 7 + 2 * 110 + 60 + 70, 1e-9);
+    /* with the link: + exposed transfer of the own batch (compute 70 ms over 10 layers) */
+    p.model = &pm;
+    cr_expect_float_eq(pds_slo_predict_ttft(&p, 600), 7 + 2 * 110 + 60 + 70 + 6.0, 1e-9);
+    pds_slo_decode_load_t d = {.model = &m, .batch = 3, .context_tokens = 1000};
+    /* batch 4, context 1000 + 200 + 100/2 = 1250: 5 + 4 + 12.5 */
+    cr_expect_float_eq(pds_slo_predict_tpot(&d, 200, 100), 21.5, 1e-9);
+}
+
+/* ---- placement -------------------------------------------------------------------------------- */
+typedef struct {
+    pds_slo_prefill_load_t p[2];
+    pds_slo_decode_load_t d[3];
+} cluster_t;
+
+static cluster_t small_cluster(void)
+{
+    cluster_t c = {
+        .p = {{.model = &pm, .queued_tokens = 4000, .max_batch_tokens = 2048},
+              {.model = &pm, .queued_tokens = 0, .max_batch_tokens = 2048}},
+        .d = {{.model = &pm, .batch = 40, .context_tokens = 40000, .free_blocks = 1000,
+               .block_size = 16},
+              {.model = &pm, .batch = 2, .context_tokens = 1000, .free_blocks = 10,
+               .block_size = 16}, /* lightest, but no KV room for 400 tokens (25 blocks) */
+              {.model = &pm, .batch = 10, .context_tokens = 8000, .free_blocks = 1000,
+               .block_size = 16}}};
+    return c;
+}
+
+Test(slo, placement_picks_the_pair_with_the_most_predicted_slack)
+{
+    cluster_t c = small_cluster();
+    pds_slo_place_params_t pp = pds_slo_place_default_params();
+    pds_slo_request_t req = {.prompt_tokens = 300, .output_tokens = 100, .ttft_ms = 200,
+                             .tpot_ms = 50};
+    pds_slo_decision_t dec;
+    cr_assert_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_OK);
+    cr_expect_eq(dec.prefill, 1);
+    cr_expect_eq(dec.decode, 2); /* d1 has no room, d0 is slower */
+    cr_expect(dec.placed && dec.meets);
+    double ttft = pds_slo_predict_ttft(&c.p[1], 300), tpot = pds_slo_predict_tpot(&c.d[2], 300, 100);
+    cr_expect_float_eq(dec.pred_ttft_ms, ttft, 1e-12);
+    cr_expect_float_eq(dec.pred_tpot_ms, tpot, 1e-12);
+    /* 40 + exposed 3 = 43 ms; 5 + 11 + 0.01 * (8000 + 350) = 99.5 -> slack min(0.785, -0.99) */
+    cr_expect_float_eq(ttft, 43.0, 1e-9);
+    double want = fmin((200 - ttft) / 200, (50 - tpot) / 50);
+    cr_expect_float_eq(dec.slack, want, 1e-12);
+}
+
+Test(slo, placement_policies_when_nothing_meets_the_targets)
+{
+    cluster_t c = small_cluster();
+    pds_slo_request_t req = {.prompt_tokens = 300, .output_tokens = 100, .ttft_ms = 20,
+                             .tpot_ms = 50};
+    pds_slo_place_params_t pp = pds_slo_place_default_params();
+    pds_slo_decision_t dec;
+
+    pp.policy = PDS_SLO_POLICY_QUEUE;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_AGAIN);
+    cr_expect(!dec.placed && !dec.meets);
+    cr_expect_eq(dec.prefill, 1);
+    cr_expect_eq(dec.decode, 2);
+    req.waited_ms = pp.queue_deadline_ms;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_ERR_EXHAUSTED);
+    cr_expect(strstr(pds_err_detail(), "queue deadline") != NULL, "%s", pds_err_detail());
+    req.waited_ms = 0;
+
+    pp.policy = PDS_SLO_POLICY_BEST_EFFORT;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_OK);
+    cr_expect(dec.placed && !dec.meets);
+    cr_expect_eq(dec.prefill, 1);
+    cr_expect_eq(dec.decode, 2);
+
+    pp.policy = PDS_SLO_POLICY_REJECT;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_ERR_EXHAUSTED);
+    cr_expect(!dec.placed);
+    const char *msg = pds_err_detail();
+    cr_expect(strstr(msg, "TTFT 43.0 ms (target 20.0 ms)") != NULL, "%s", msg);
+    cr_expect(strstr(msg, "TPOT 99.50 ms (target 50.00 ms)") != NULL, "%s", msg);
+    cr_expect_str_eq(dec.why, strstr(msg, "best pair"));
+}
+
+Test(slo, placement_without_kv_room_waits_or_rejects)
+{
+    cluster_t c = small_cluster();
+    for (int d = 0; d < 3; d++) c.d[d].free_blocks = 3;
+    pds_slo_request_t req = {.prompt_tokens = 300, .output_tokens = 100, .ttft_ms = 1000,
+                             .tpot_ms = 1000};
+    pds_slo_place_params_t pp = pds_slo_place_default_params();
+    pds_slo_decision_t dec;
+    pp.policy = PDS_SLO_POLICY_QUEUE;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_AGAIN);
+    cr_expect_eq(dec.decode, -1);
+    pp.policy = PDS_SLO_POLICY_BEST_EFFORT;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_AGAIN);
+    pp.policy = PDS_SLO_POLICY_REJECT;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_ERR_EXHAUSTED);
+    cr_expect(strstr(pds_err_detail(), "no decode node has KV room") != NULL, "%s",
+              pds_err_detail());
+    /* a full batch is no room either */
+    c = small_cluster();
+    for (int d = 0; d < 3; d++) c.d[d].max_batch_seqs = c.d[d].batch;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_ERR_EXHAUSTED);
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 0, c.d, 3, &dec), PDS_ERR_UNAVAILABLE);
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 0, &dec), PDS_ERR_UNAVAILABLE);
+    req.prompt_tokens = 0;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_ERR_INVALID_ARG);
+}
+
+Test(slo, colocated_placement_only_pairs_a_node_with_itself)
+{
+    cluster_t c = small_cluster();
+    pds_slo_place_params_t pp = pds_slo_place_default_params();
+    pp.colocated = true;
+    pds_slo_request_t req = {.prompt_tokens = 300, .output_tokens = 100, .ttft_ms = 1000,
+                             .tpot_ms = 1000};
+    pds_slo_decision_t dec;
+    cr_expect_eq(pds_slo_place(&pp, &req, c.p, 2, c.d, 3, &dec), PDS_ERR_INVALID_ARG);
+    pds_slo_prefill_load_t p3[3] = {c.p[0], c.p[1], c.p[0]};
+    cr_assert_eq(pds_slo_place(&pp, &req, p3, 3, c.d, 3, &dec), PDS_OK);
+    /* (1,1) has no room; (0,0) has a long queue and a heavy batch; (2,2) the same queue, lighter */
+    cr_expect_eq(dec.prefill, 2);
+    cr_expect_eq(dec.decode, 2);
+}
+
+Test(slo, policy_names_round_trip)
+{
+    pds_slo_policy_t p;
+    cr_expect_eq(pds_slo_policy_parse("best-effort", &p), PDS_OK);
+    cr_expect_eq(p, PDS_SLO_POLICY_BEST_EFFORT);
+    cr_expect_str_eq(pds_slo_policy_name(PDS_SLO_POLICY_REJECT), "reject");
+    cr_expect_eq(pds_slo_policy_parse("later", &p), PDS_ERR_INVALID_ARG);
+}
+
+/* ---- simulator -------------------------------------------------------------------------------- */
+/* One prefill node with deterministic service D, batch size 1 and Poisson arrivals: M/D/1, whose
+ * mean wait is W = rho / (2 mu (1 - rho)) (DistServe section 3's prefill queue). */
+static void check_md1(double rho)
+{
+    const double D = 10.0;
+    const int n = 400000;
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.prefill_model.prefill_a = D; /* b = c = 0: every prompt costs D */
+    c.decode_model.decode_d = 1;
+    c.prefill_max_batch_tokens = 100; /* = prompt: one request per batch */
+    c.place.policy = PDS_SLO_POLICY_BEST_EFFORT;
+    pds_slo_workload_t w = {.name = "md1", .arrival = PDS_SLO_ARRIVAL_POISSON,
+                            .prompt_median = 100, .prompt_min = 100, .prompt_max = 100,
+                            .output_median = 1, .output_min = 1, .output_max = 1};
+    pds_slo_req_t *reqs = malloc(sizeof *reqs * n);
+    cr_assert_eq(pds_slo_workload_generate(&w, rho / D * 1000, n, 12345, 0, reqs), PDS_OK);
+    pds_slo_sim_result_t r;
+    cr_assert_eq(pds_slo_sim_run(&c, reqs, n, &r, NULL, NULL), PDS_OK);
+    double mu = 1 / D, want = rho / (2 * mu * (1 - rho)), got = r.ttft_mean - D;
+    cr_expect_eq(r.n_finished, n);
+    cr_expect_lt(REL(got, want), 0.05, "rho %.1f: W %.3f ms, M/D/1 says %.3f ms", rho, got, want);
+    free(reqs);
+}
+
+Test(slo, simulator_matches_md1_mean_wait_at_rho_0_5)
+{
+    check_md1(0.5);
+}
+
+Test(slo, simulator_matches_md1_mean_wait_at_rho_0_8)
+{
+    check_md1(0.8);
+}
+
+Test(slo, simulator_traces_one_request_through_prefill_transfer_and_decode)
+{
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.prefill_model = pm;
+    c.decode_model = pm;
+    pds_slo_req_t r = {.arrival_ms = 3, .prompt_tokens = 100, .output_tokens = 5};
+    pds_slo_sim_result_t res;
+    double ttft, tpot;
+    cr_assert_eq(pds_slo_sim_run(&c, &r, 1, &res, &ttft, &tpot), PDS_OK);
+    /* prefill 10 + 0.1 * 100 = 20, exposed transfer 1 ms (1 ms/layer under 2 ms/layer compute) */
+    cr_expect_float_eq(ttft, 21.0, 1e-9);
+    /* 4 steps at batch 1 and context 101..104: 5 + 1 + 0.01 * ctx */
+    cr_expect_float_eq(tpot, (7.01 + 7.02 + 7.03 + 7.04) / 4, 1e-9);
+    cr_expect_eq(res.n_met, 1);
+    cr_expect_float_eq(res.makespan_ms, 21 + 7.01 + 7.02 + 7.03 + 7.04, 1e-9);
+}
+
+Test(slo, simulator_holds_requests_until_kv_room_frees)
+{
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.prefill_model = pm;
+    c.prefill_model.link_gbytes_per_s = 0;
+    c.decode_model = pm;
+    c.decode_kv_blocks = 10; /* 160 tokens: one request of 100 + 50 at a time */
+    c.place.policy = PDS_SLO_POLICY_BEST_EFFORT;
+    pds_slo_req_t r[2] = {{0, 100, 50}, {1, 100, 50}};
+    pds_slo_sim_result_t res;
+    double ttft[2], tpot[2];
+    cr_assert_eq(pds_slo_sim_run(&c, r, 2, &res, ttft, tpot), PDS_OK);
+    cr_expect_float_eq(ttft[0], 20.0, 1e-9);
+    /* the second starts prefill when the first finishes its 49 decode steps */
+    double steps = 0;
+    for (int g = 1; g < 50; g++) steps += 5 + 1 + 0.01 * (100 + g);
+    cr_expect_float_eq(ttft[1], 20 + steps + 20 - 1, 1e-6);
+    cr_expect_eq(res.n_finished, 2);
+    /* with REJECT the second one is turned away instead (the targets cannot matter here) */
+    c.place.policy = PDS_SLO_POLICY_REJECT;
+    cr_assert_eq(pds_slo_sim_run(&c, r, 2, &res, ttft, tpot), PDS_OK);
+    cr_expect_eq(res.n_rejected, 1);
+    cr_expect_eq(ttft[1], -1);
+}
+
+Test(slo, chunked_prefill_of_a_lone_prompt_costs_its_chunks)
+{
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.mode = PDS_SLO_SIM_COLOC_CHUNKED;
+    c.chunk_tokens = 256;
+    c.prefill_model = (pds_slo_model_t){.prefill_a = 4, .prefill_b = 0.1, .prefill_c = 1e-4};
+    c.decode_model = pm;
+    pds_slo_req_t r = {0, 1000, 1};
+    pds_slo_sim_result_t res;
+    double ttft;
+    cr_assert_eq(pds_slo_sim_run(&c, &r, 1, &res, &ttft, NULL), PDS_OK);
+    /* 4 chunks (256, 256, 256, 232): 4 overheads + b * 1000 + c * 1000^2 */
+    cr_expect_float_eq(ttft, 4 * 4 + 100 + 100, 1e-9);
+    c.mode = PDS_SLO_SIM_COLOC_PREFILL_FIRST;
+    cr_assert_eq(pds_slo_sim_run(&c, &r, 1, &res, &ttft, NULL), PDS_OK);
+    cr_expect_float_eq(ttft, 4 + 100 + 100, 1e-9);
+}
+
+Test(slo, prefill_first_stalls_running_decodes_and_chunking_bounds_the_stall)
+{
+    /* one long decode running; a long prompt arrives: prefill-first stalls that decode for the
+     * whole prompt, chunked prefill spreads it, so the first request's worst gap shrinks */
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.prefill_model = (pds_slo_model_t){.prefill_a = 4, .prefill_b = 0.1};
+    c.decode_model = (pds_slo_model_t){.decode_d = 5, .decode_e = 1};
+    pds_slo_req_t r[2] = {{0, 10, 100}, {50, 4000, 2}};
+    pds_slo_sim_result_t a, b;
+    double tpa[2], tpb[2];
+    c.mode = PDS_SLO_SIM_COLOC_PREFILL_FIRST;
+    cr_assert_eq(pds_slo_sim_run(&c, r, 2, &a, NULL, tpa), PDS_OK);
+    c.mode = PDS_SLO_SIM_COLOC_CHUNKED;
+    c.chunk_tokens = 512;
+    cr_assert_eq(pds_slo_sim_run(&c, r, 2, &b, NULL, tpb), PDS_OK);
+    cr_expect_eq(a.n_finished, 2);
+    cr_expect_eq(b.n_finished, 2);
+    /* the 400 ms prefill lands in one gap of request 0 under prefill-first */
+    cr_expect_gt(a.makespan_ms, 0);
+    cr_expect_lt(tpb[0], tpa[0], "chunked %g vs prefill-first %g", tpb[0], tpa[0]);
+}
+
+Test(slo, simulator_is_deterministic_for_a_seed)
+{
+    pds_slo_workload_t w;
+    cr_assert_eq(pds_slo_workload_builtin("chatbot", &w), PDS_OK);
+    const int n = 3000;
+    pds_slo_req_t *reqs = malloc(sizeof *reqs * n);
+    double *t1 = malloc(sizeof(double) * n), *t2 = malloc(sizeof(double) * n);
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.n_prefill = 2, c.n_decode = 3;
+    c.prefill_model = truth, c.decode_model = truth;
+    c.decode_kv_blocks = 4000;
+    c.ttft_ms = 250, c.tpot_ms = 100;
+    pds_slo_sim_result_t r1, r2;
+    cr_assert_eq(pds_slo_workload_generate(&w, 20, n, 9, 8192, reqs), PDS_OK);
+    cr_assert_eq(pds_slo_sim_run(&c, reqs, n, &r1, t1, NULL), PDS_OK);
+    cr_assert_eq(pds_slo_workload_generate(&w, 20, n, 9, 8192, reqs), PDS_OK);
+    cr_assert_eq(pds_slo_sim_run(&c, reqs, n, &r2, t2, NULL), PDS_OK);
+    cr_expect_eq(memcmp(t1, t2, sizeof(double) * n), 0);
+    cr_expect_eq(memcmp(&r1, &r2, sizeof r1), 0);
+    cr_assert_eq(pds_slo_workload_generate(&w, 20, n, 10, 8192, reqs), PDS_OK);
+    cr_assert_eq(pds_slo_sim_run(&c, reqs, n, &r2, t2, NULL), PDS_OK);
+    cr_expect_neq(memcmp(t1, t2, sizeof(double) * n), 0);
+    free(reqs), free(t1), free(t2);
+}
+
+Test(slo, goodput_bisection_finds_the_rate_where_attainment_crosses_the_target)
+{
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.prefill_model.prefill_a = 10;
+    c.decode_model.decode_d = 1;
+    c.prefill_max_batch_tokens = 100;
+    c.ttft_ms = 30; /* 3 service times */
+    c.place.policy = PDS_SLO_POLICY_BEST_EFFORT;
+    pds_slo_workload_t w = {.name = "md1", .arrival = PDS_SLO_ARRIVAL_POISSON,
+                            .prompt_median = 100, .prompt_min = 100, .prompt_max = 100,
+                            .output_median = 1, .output_min = 1, .output_max = 1};
+    double rate;
+    pds_slo_sim_result_t at;
+    cr_assert_eq(pds_slo_goodput(&c, &w, 5000, 3, 0.9, 1, 0.01, &rate, &at, NULL, NULL), PDS_OK);
+    cr_expect(rate > 10 && rate < 100, "rate %g", rate); /* below the 100 req/s capacity */
+    cr_expect_geq(at.attainment, 0.9);
+    pds_slo_req_t *reqs = malloc(sizeof *reqs * 5000);
+    pds_slo_sim_result_t above;
+    cr_assert_eq(pds_slo_workload_generate(&w, rate * 1.03, 5000, 3, 0, reqs), PDS_OK);
+    cr_assert_eq(pds_slo_sim_run(&c, reqs, 5000, &above, NULL, NULL), PDS_OK);
+    cr_expect_lt(above.attainment, 0.9);
+    free(reqs);
+}
+
+Test(slo, simulator_rejects_bad_configs_and_requests)
+{
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    pds_slo_req_t r = {0, 10, 10};
+    pds_slo_sim_result_t res;
+    cr_expect_eq(pds_slo_sim_run(&c, &r, 1, &res, NULL, NULL), PDS_ERR_INVALID_ARG); /* no model */
+    c.prefill_model = pm, c.decode_model = pm;
+    c.n_decode = 0;
+    cr_expect_eq(pds_slo_sim_run(&c, &r, 1, &res, NULL, NULL), PDS_ERR_INVALID_ARG);
+    cr_expect(strstr(pds_err_detail(), "n_decode") != NULL);
+    c.n_decode = 1;
+    r.output_tokens = 0;
+    cr_expect_eq(pds_slo_sim_run(&c, &r, 1, &res, NULL, NULL), PDS_ERR_INVALID_ARG);
+}
+
+/* ---- profiles ---------------------------------------------------------------------------------- */
+static char *tmp_path(const char *name)
+{
+    const char *root = getenv("PDS_TEST_TMP");
+    if (!root || !*root) root = "/tmp";
+    mkdir(root, 0755);
+    char *p = malloc(strlen(root) + strlen(name) + 32);
+    sprintf(p, "%s/slo-%d-%s", root, (int)getpid(), name);
+    return p;
+}
+
+Test(slo, profile_round_trips_through_a_file)
+{
+    pds_slo_profile_t a, b;
+    pds_slo_profile_init(&a);
+    snprintf(a.model_name, sizeof a.model_name, "small");
+    snprintf(a.device, sizeof a.device, "NVIDIA H100 80GB HBM3");
+    snprintf(a.backend, sizeof a.backend, "cuda");
+    a.tp = 2, a.pp = 1, a.threads = 0;
+    a.m = truth;
+    a.m.decode_split = 24, a.m.decode_d2 = 1.0 / 3, a.m.decode_e2 = 0.7, a.m.decode_f2 = 1e-5;
+    a.m.link_gbytes_per_s = 12.5, a.m.link_msg_ms = 0.02, a.m.kv_bytes_per_token = 131072;
+    a.m.n_layers = 32;
+    a.prefill_fit = (pds_slo_fit_t){30, 0.0123456789, 0.999};
+    a.decode_fit = (pds_slo_fit_t){96, 0.031, 0.98};
+    a.kv_blocks = 123456, a.block_size = 16, a.max_batch_tokens = 4096, a.max_batch_seqs = 128;
+    char *path = tmp_path("rt.json");
+    cr_assert_eq(pds_slo_profile_save(&a, path), PDS_OK, "%s", pds_err_detail());
+    cr_assert_eq(pds_slo_profile_load(path, &b), PDS_OK, "%s", pds_err_detail());
+    cr_expect_str_eq(b.model_name, "small");
+    cr_expect_str_eq(b.device, "NVIDIA H100 80GB HBM3");
+    cr_expect_str_eq(b.backend, "cuda");
+    cr_expect_eq(b.tp, 2);
+    cr_expect_eq(memcmp(&a.m, &b.m, sizeof a.m), 0, "model coefficients differ");
+    cr_expect_eq(b.prefill_fit.n, 30);
+    cr_expect_eq(b.prefill_fit.rms_rel, 0.0123456789);
+    cr_expect_eq(b.kv_blocks, 123456);
+    cr_expect_eq(b.max_batch_tokens, 4096);
+    cr_expect_eq(b.max_batch_seqs, 128);
+    cr_expect_neq(b.created[0], '\0');
+    unlink(path);
+    free(path);
+}
+
+static pds_status_t parse(const char *json, pds_slo_profile_t *p)
+{
+    return pds_slo_profile_parse(json, "t.json", p);
+}
+
+#define GOOD_HEAD "{\"magic\": \"pdserve-profile\", \"version\": 1, \"model\": \"small\", "
+#define GOOD_PRE  "\"prefill\": {\"a_ms\": 1, \"b_ms_per_token\": 0.01, \"c_ms_per_token2\": 0}, "
+#define GOOD_DEC  "\"decode\": {\"d_ms\": 2, \"e_ms_per_seq\": 0.1, \"f_ms_per_context_token\": 0}"
+
+Test(slo, malformed_profiles_are_rejected_with_a_clear_message)
+{
+    pds_slo_profile_t p;
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE GOOD_DEC "}", &p), PDS_OK, "%s", pds_err_detail());
+    cr_expect_eq(p.tp, 1);
+    cr_expect_eq(p.max_batch_tokens, 8192);
+
+    cr_expect_eq(parse("{\"magic\": ", &p), PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "t.json:1:") != NULL, "%s", pds_err_detail());
+    cr_expect_eq(parse("[1, 2]", &p), PDS_ERR_PARSE);
+    cr_expect_eq(parse("{\"magic\": \"pdserve-plan\", \"version\": 1}", &p), PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "magic is 'pdserve-plan'") != NULL, "%s", pds_err_detail());
+    cr_expect_eq(parse("{\"magic\": \"pdserve-profile\", \"version\": 9, \"model\": \"x\"}", &p),
+                 PDS_ERR_UNSUPPORTED);
+    cr_expect_eq(parse(GOOD_HEAD GOOD_DEC "}", &p), PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "missing section prefill") != NULL, "%s",
+              pds_err_detail());
+    cr_expect_eq(parse(GOOD_HEAD "\"prefill\": {\"a_ms\": 1, \"c_ms_per_token2\": 0}, " GOOD_DEC
+                                 "}",
+                       &p),
+                 PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "missing field prefill.b_ms_per_token") != NULL, "%s",
+              pds_err_detail());
+    cr_expect_eq(parse(GOOD_HEAD "\"prefill\": {\"a_ms\": \"1\", \"b_ms_per_token\": 0.01, "
+                                 "\"c_ms_per_token2\": 0}, " GOOD_DEC "}",
+                       &p),
+                 PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "prefill.a_ms must be a finite number") != NULL, "%s",
+              pds_err_detail());
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE GOOD_DEC ", \"transfer\": {\"gbytes_per_s\": -1}}", &p),
+                 PDS_ERR_INVALID_ARG);
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE GOOD_DEC ", \"tp\": 0}", &p), PDS_ERR_INVALID_ARG);
+    cr_expect(strstr(pds_err_detail(), "field tp = 0") != NULL, "%s", pds_err_detail());
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE GOOD_DEC ", \"kv\": {\"blocks\": 1.5}}", &p),
+                 PDS_ERR_INVALID_ARG);
+    /* a split without its second line */
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE "\"decode\": {\"d_ms\": 2, \"e_ms_per_seq\": 0.1, "
+                                          "\"f_ms_per_context_token\": 0, \"split_batch\": 8}}",
+                       &p),
+                 PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "decode.d2_ms") != NULL, "%s", pds_err_detail());
+    /* all-zero coefficients */
+    cr_expect_eq(parse(GOOD_HEAD "\"prefill\": {\"a_ms\": 0, \"b_ms_per_token\": 0, "
+                                 "\"c_ms_per_token2\": 0}, " GOOD_DEC "}",
+                       &p),
+                 PDS_ERR_INVALID_ARG);
+    cr_expect_eq(pds_slo_profile_load("/nonexistent/p.json", &p), PDS_ERR_IO);
+    cr_expect(strstr(pds_err_detail(), "/nonexistent/p.json") != NULL);
+}
+
+/* ---- traces and workloads ---------------------------------------------------------------------- */
+Test(slo, trace_csv_parses_azure_format_sorted_and_relative)
+{
+    const char *csv = "TIMESTAMP,ContextTokens,GeneratedTokens\r\n"
+                      "2023-11-16 18:17:03.9799600,4808,10\r\n"
+                      "2023-11-16 18:17:03.5,100,0\r\n"
+                      "\r\n"
+                      "2023-11-16 18:18:00,7,3";
+    pds_slo_trace_t *t = NULL;
+    cr_assert_eq(pds_slo_trace_parse(csv, strlen(csv), "t.csv", &t), PDS_OK, "%s",
+                 pds_err_detail());
+    cr_assert_eq(t->n, 3);
+    cr_expect_eq(t->reqs[0].prompt_tokens, 100);
+    cr_expect_eq(t->reqs[0].output_tokens, 1); /* 0 generated -> the first token still counts */
+    cr_expect_float_eq(t->reqs[0].arrival_ms, 0.0, 1e-9);
+    cr_expect_eq(t->reqs[1].prompt_tokens, 4808);
+    cr_expect_float_eq(t->reqs[1].arrival_ms, 479.96, 1e-6);
+    cr_expect_float_eq(t->reqs[2].arrival_ms, 56500.0, 1e-6);
+    cr_expect_float_eq(t->duration_ms, 56500.0, 1e-6);
+    pds_slo_trace_destroy(t);
+    /* plain seconds and reordered columns */
+    const char *csv2 = "ContextTokens,GeneratedTokens,TIMESTAMP\n5,6,1.5\n8,9,0.25\n";
+    cr_assert_eq(pds_slo_trace_parse(csv2, strlen(csv2), "t2.csv", &t), PDS_OK);
+    cr_expect_eq(t->reqs[0].prompt_tokens, 8);
+    cr_expect_float_eq(t->reqs[1].arrival_ms, 1250.0, 1e-9);
+    pds_slo_trace_destroy(t);
+}
+
+Test(slo, trace_csv_rejects_malformed_lines_naming_the_line)
+{
+    static const struct {
+        const char *csv, *msg;
+    } bad[] = {
+        {"", "empty"},
+        {"time,in,out\n1,2,3\n", "header must name"},
+        {"TIMESTAMP,ContextTokens,GeneratedTokens\n1.0,5\n", "t.csv:2: 2 fields"},
+        {"TIMESTAMP,ContextTokens,GeneratedTokens\n1.0,5,6,7\n", "t.csv:2: 4 fields"},
+        {"TIMESTAMP,ContextTokens,GeneratedTokens\n1,5,6\nyesterday,5,6\n",
+         "t.csv:3: bad timestamp 'yesterday'"},
+        {"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-13-01 00:00:00,5,6\n", "bad timestamp"},
+        {"TIMESTAMP,ContextTokens,GeneratedTokens\n1,0,6\n", "t.csv:2: context tokens '0'"},
+        {"TIMESTAMP,ContextTokens,GeneratedTokens\n1,5,-6\n", "generated tokens '-6'"},
+        {"TIMESTAMP,ContextTokens,GeneratedTokens\n1,5x,6\n", "context tokens '5x'"},
+    };
+    for (size_t i = 0; i < PDS_ARRAY_LEN(bad); i++) {
+        pds_slo_trace_t *t = NULL;
+        cr_expect_eq(pds_slo_trace_parse(bad[i].csv, strlen(bad[i].csv), "t.csv", &t),
+                     PDS_ERR_PARSE, "case %zu", i);
+        cr_expect(strstr(pds_err_detail(), bad[i].msg) != NULL, "case %zu: %s", i,
+                  pds_err_detail());
+        cr_expect_null(t);
+    }
+    pds_slo_trace_t *t = NULL;
+    cr_expect_eq(pds_slo_trace_load("/nonexistent/trace.csv", &t), PDS_ERR_IO);
+}
+
+Test(slo, workload_generation_keeps_requests_across_rates_and_hits_the_rate)
+{
+    pds_slo_workload_t w;
+    cr_assert_eq(pds_slo_workload_builtin("code", &w), PDS_OK);
+    cr_expect_eq(pds_slo_workload_builtin("poetry", &w), PDS_ERR_NOT_FOUND);
+    cr_assert_eq(pds_slo_workload_builtin("chatbot", &w), PDS_OK);
+    const int n = 20000;
+    pds_slo_req_t *a = malloc(sizeof *a * n), *b = malloc(sizeof *b * n);
+    cr_assert_eq(pds_slo_workload_generate(&w, 10, n, 5, 0, a), PDS_OK);
+    cr_assert_eq(pds_slo_workload_generate(&w, 40, n, 5, 0, b), PDS_OK);
+    for (int i = 0; i < n; i++) {
+        cr_assert_eq(a[i].prompt_tokens, b[i].prompt_tokens);
+        cr_assert_eq(a[i].output_tokens, b[i].output_tokens);
+        cr_assert_lt(fabs(a[i].arrival_ms - 4 * b[i].arrival_ms), 1e-6 * (1 + a[i].arrival_ms));
+    }
+    cr_expect_lt(REL(a[n - 1].arrival_ms / n, 100.0), 0.03); /* mean gap 100 ms at 10 req/s */
+    double mean_in = 0;
+    for (int i = 0; i < n; i++) mean_in += a[i].prompt_tokens / (double)n;
+    cr_expect_lt(REL(mean_in, 161), 0.06, "mean prompt %g", mean_in); /* clipping trims a little */
+    /* bursty arrivals: the gaps' coefficient of variation is the one asked for */
+    w.arrival = PDS_SLO_ARRIVAL_GAMMA, w.cv = 3;
+    cr_assert_eq(pds_slo_workload_generate(&w, 10, n, 5, 0, a), PDS_OK);
+    double m1 = 0, m2 = 0;
+    for (int i = 1; i < n; i++) {
+        double g = a[i].arrival_ms - a[i - 1].arrival_ms;
+        m1 += g / (n - 1), m2 += g * g / (n - 1);
+    }
+    double cv = sqrt(m2 - m1 * m1) / m1;
+    cr_expect_lt(REL(m1, 100.0), 0.1, "mean gap %g", m1);
+    cr_expect_lt(REL(cv, 3.0), 0.1, "cv %g", cv);
+    /* clipping to the context */
+    cr_assert_eq(pds_slo_workload_generate(&w, 10, n, 5, 300, a), PDS_OK);
+    for (int i = 0; i < n; i++) cr_assert_leq(a[i].prompt_tokens + a[i].output_tokens, 300);
+    free(a), free(b);
+}
+
+Test(slo, trace_replay_keeps_the_trace_pattern_scaled_to_the_rate)
+{
+    const char *csv = "TIMESTAMP,ContextTokens,GeneratedTokens\n0,10,1\n1,20,2\n3,30,3\n";
+    pds_slo_trace_t *t;
+    cr_assert_eq(pds_slo_trace_parse(csv, strlen(csv), "t", &t), PDS_OK);
+    pds_slo_workload_t w = {.name = "t", .arrival = PDS_SLO_ARRIVAL_TRACE, .trace = t};
+    pds_slo_req_t r[4];
+    /* the trace runs at 1 req per 1.5 s; at 2 req/s it is compressed by 3 */
+    cr_assert_eq(pds_slo_workload_generate(&w, 2, 4, 1, 0, r), PDS_OK);
+    cr_expect_float_eq(r[1].arrival_ms, 1000.0 / 3, 1e-9);
+    cr_expect_float_eq(r[2].arrival_ms, 1000.0, 1e-9);
+    cr_expect_float_eq(r[3].arrival_ms, (3000.0 + 1500.0) / 3, 1e-9); /* wrapped after one gap */
+    cr_expect_eq(r[3].prompt_tokens, 10);
+    cr_expect_eq(r[2].output_tokens, 3);
+    pds_slo_trace_destroy(t);
+}
+
+/* ---- online refit ------------------------------------------------------------------------------ */
+Test(slo, refit_converges_to_new_timings_and_keeps_what_it_cannot_see)
+{
+    pds_slo_refit_t *r;
+    cr_assert_eq(pds_slo_refit_create(64, 1.0, &r), PDS_OK);
+    pds_slo_model_t m = truth;
+    /* the node got 30% slower at prefill: feed varied samples of the new truth */
+    pds_slo_model_t slow = truth;
+    slow.prefill_a *= 1.3, slow.prefill_b *= 1.3, slow.prefill_c *= 1.3;
+    for (int i = 0; i < 200; i++) {
+        double T = 16 << (i % 10);
+        pds_slo_refit_add_prefill(r, T, pds_slo_prefill_ms(&slow, T));
+    }
+    cr_expect_eq(pds_slo_refit_count(r, false), 64); /* bounded window */
+    /* decode samples all at one point (batch 8, context 4096), 10% slower there */
+    double y = 1.1 * pds_slo_decode_step_ms(&truth, 8, 4096);
+    for (int i = 0; i < 20; i++) pds_slo_refit_add_decode(r, 8, 4096, y);
+    pds_slo_fit_t pf, df;
+    cr_assert_eq(pds_slo_refit_update(r, &m, &pf, &df), PDS_OK);
+    for (double T = 64; T <= 8192; T *= 2)
+        cr_expect_lt(REL(pds_slo_prefill_ms(&m, T), pds_slo_prefill_ms(&slow, T)), 0.02, "T %g",
+                     T);
+    cr_expect_lt(REL(pds_slo_decode_step_ms(&m, 8, 4096), y), 0.02);
+    /* far from the observed point the prior still shapes the line: it did not go wild */
+    double far = pds_slo_decode_step_ms(&m, 128, 128 * 2048), before = pds_slo_decode_step_ms(
+                                                                   &truth, 128, 128 * 2048);
+    cr_expect_lt(REL(far, before), 0.3, "far %g before %g", far, before);
+    cr_expect_eq(pds_slo_refit_create(1, 1.0, &(pds_slo_refit_t *){NULL}), PDS_ERR_INVALID_ARG);
+    pds_slo_refit_destroy(r);
+    pds_slo_refit_destroy(NULL);
+}
+
+Test(slo, constructors_survive_every_allocation_failure)
+{
+    pds_alloc_stats_t before, after;
+    pds_alloc_stats(&before);
+    for (int64_t k = 1;; k++) {
+        pds_slo_refit_t *r = NULL;
+        pds_alloc_fail_nth(k);
+        pds_status_t s = pds_slo_refit_create(16, 1, &r);
+        bool hit = pds_alloc_fail_triggered();
+        pds_alloc_fail_nth(0);
+        if (!hit) {
+            cr_assert_eq(s, PDS_OK);
+            pds_slo_refit_destroy(r);
+            break;
+        }
+        cr_expect_eq(s, PDS_ERR_NO_MEMORY);
+    }
+    for (int64_t k = 1;; k++) {
+        pds_slo_req_t q[3] = {{0, 10, 3}, {1, 20, 2}, {2, 30, 1}};
+        pds_slo_sim_config_t c = pds_slo_sim_default_config();
+        c.prefill_model = pm, c.decode_model = pm;
+        pds_slo_sim_result_t res;
+        pds_alloc_fail_nth(k);
+        pds_status_t s = pds_slo_sim_run(&c, q, 3, &res, NULL, NULL);
+        bool hit = pds_alloc_fail_triggered();
+        pds_alloc_fail_nth(0);
+        if (!hit) {
+            cr_assert_eq(s, PDS_OK);
+            cr_expect_eq(res.n_finished, 3);
+            break;
+        }
+        cr_expect_eq(s, PDS_ERR_NO_MEMORY);
+    }
+    pds_alloc_stats(&after);
+    cr_expect_eq(after.live_blocks, before.live_blocks);
+}
