@@ -354,7 +354,8 @@ int pds_bench_load_main(int argc, char **argv)
             recs[launched].started = false;
             launched++;
         }
-        in_flight_max = PDS_MAX(in_flight_max, atomic_fetch_add(&live, 1) + 1);
+        int now_live = atomic_fetch_add(&live, 1) + 1; /* not inside PDS_MAX: evaluated twice */
+        in_flight_max = PDS_MAX(in_flight_max, now_live);
         r->started = pthread_create(&r->th, NULL, request_thread, r) == 0;
         if (!r->started) {
             atomic_fetch_sub(&live, 1);

@@ -249,7 +249,9 @@ static void run_batch(pf_sched_t *s, batch_t *b, pds_engine_seq_t *seqs)
     for (int i = 0; i < b->n; i++) {
         pf_job_t *j = b->jobs[i];
         if (st != PDS_OK) {
-            pf_job_fail(j, st, "prefill compute failed: %s", pds_err_detail());
+            /* requests were validated on arrival: a refusal here is this node's fault */
+            pf_job_fail(j, st == PDS_ERR_INVALID_ARG ? PDS_ERR_INTERNAL : st,
+                        "prefill compute failed: %s", pds_err_detail());
             job_done(s, j);
             continue;
         }

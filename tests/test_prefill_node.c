@@ -274,7 +274,10 @@ static void node_start(const char *const *extra)
     int n = 0;
     argv[n++] = path;
     argv[n++] = (char *)"--node.id=p-test";
-    argv[n++] = (char *)"--node.router=";
+    bool router_given = false;
+    for (int i = 0; extra && extra[i]; i++)
+        router_given = router_given || strncmp(extra[i], "--node.router=", 14) == 0;
+    if (!router_given) argv[n++] = (char *)"--node.router=";
     argv[n++] = (char *)"--node.listen=127.0.0.1:0";
     argv[n++] = (char *)"--model.preset=tiny";
     argv[n++] = (char *)"--engine.threads=1";
@@ -755,6 +758,60 @@ Test(prefill_node, concurrent_requests_each_get_their_own_first_token_and_kv)
     node_stop_clean();
 }
 
+Test(prefill_node, small_pool_makes_later_jobs_wait_and_refuses_a_prompt_that_never_fits)
+{
+    /* 4 blocks of 16 tokens: two 40-token prompts (3 blocks each) cannot be held at once */
+    const char *extra[] = {"--engine.kv_tokens=64", NULL};
+    node_start(extra);
+    d_start();
+    int total = d_free_blocks();
+    enum { R = 3, N = 40 };
+    static int32_t prompts[R][N];
+    int32_t ref[R][1];
+    call_t calls[R];
+    pthread_t th[R];
+    char ids[R][16];
+    Pdserve__V1__SamplingParams w;
+    pds_sample_params_t sp = greedy(&w);
+    for (int i = 0; i < R; i++) {
+        prompt_fill(prompts[i], N, 30 + i);
+        reference(8192, prompts[i], N, sp, 1, ref[i]);
+        snprintf(ids[i], sizeof ids[i], "r-s%d", i);
+        calls[i] = (call_t){.q = {.id = ids[i],
+                                  .prompt = prompts[i],
+                                  .n_prompt = N,
+                                  .sampling = &w,
+                                  .max_tokens = 4,
+                                  .ignore_eos = true}};
+    }
+    for (int i = 0; i < R; i++)
+        cr_assert_eq(pthread_create(&th[i], NULL, call_thread, &calls[i]), 0);
+    for (int i = 0; i < R; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < R; i++) {
+        cr_assert_eq(calls[i].s, PDS_OK, "%s: %s", ids[i], calls[i].msg);
+        cr_assert_eq(calls[i].rep->first_token, ref[i][0], "%s", ids[i]);
+        pds_rpc_msg_free(&calls[i].rep->base);
+    }
+
+    /* 100 tokens need 7 blocks: never, on this node; the transfer opened at D is cancelled */
+    static int32_t big[100];
+    prompt_fill(big, 100, 40);
+    req_t q = {.id = "r-huge", .prompt = big, .n_prompt = 100, .sampling = &w, .max_tokens = 4};
+    Pdserve__V1__PrefillReply *rep = NULL;
+    char msg[512];
+    cr_assert_eq(prefill(&q, &rep, msg, sizeof msg), PDS_ERR_EXHAUSTED, "%s", msg);
+    cr_assert_not_null(strstr(msg, "needs 7 KV blocks; this prefill node's pool has 4"), "%s", msg);
+    pthread_mutex_lock(&D.mu);
+    xfer_t *t = d_find("r-huge");
+    cr_assert(t && t->cancelled && !t->committed);
+    cr_assert_eq(D.commits, R);
+    pthread_mutex_unlock(&D.mu);
+    /* D: the three committed transfers still hold their blocks (3 each); r-huge's came back */
+    cr_assert_eq(d_free_blocks(), total - R * 3);
+    expect_serving("r-after-huge", 41);
+    node_stop_clean();
+}
+
 Test(prefill_node, bad_requests_are_invalid_argument_and_touch_no_decode_node)
 {
     node_start(NULL);
@@ -1064,4 +1121,152 @@ Test(prefill_node, bad_configuration_is_refused_with_a_message)
              build);
     st = system(cmd);
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 1, "loopback kvx: status %d", st);
+}
+
+/* ---- a fake router: what the node registers and reports -----------------------------------------
+ */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    Pdserve__V1__NodeInfo *info; /* unpacked copy of the registration */
+    Pdserve__V1__LoadReport last;
+    uint64_t reports;
+} R = {.mu = PTHREAD_ERRORCHECK_MUTEX_INITIALIZER_NP, .cv = PTHREAD_COND_INITIALIZER};
+
+static void r_register(pds_rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    uint8_t buf[8192];
+    size_t n = protobuf_c_message_pack(msg, buf);
+    pthread_mutex_lock(&R.mu);
+    if (!R.info) R.info = pdserve__v1__node_info__unpack(NULL, n, buf);
+    pthread_cond_broadcast(&R.cv);
+    pthread_mutex_unlock(&R.mu);
+    Pdserve__V1__RegisterReply rep = PDSERVE__V1__REGISTER_REPLY__INIT;
+    rep.router_id = (char *)"router-t";
+    rep.router_epoch = 1;
+    rep.report_interval_ms = 20;
+    pds_rpc_call_reply(call, &rep.base);
+}
+
+static void r_report(pds_rpc_call_t *call, const ProtobufCMessage *msg, void *arg)
+{
+    const Pdserve__V1__LoadReport *l = (const Pdserve__V1__LoadReport *)msg;
+    pthread_mutex_lock(&R.mu);
+    R.last = *l;
+    R.last.node_id = NULL; /* the strings die with the call */
+    R.last.latency = NULL;
+    R.reports++;
+    pthread_cond_broadcast(&R.cv);
+    pthread_mutex_unlock(&R.mu);
+    Pdserve__V1__ReportReply rep = PDSERVE__V1__REPORT_REPLY__INIT;
+    pds_rpc_call_reply(call, &rep.base);
+}
+
+/* Waits (bounded) for a report, the (after+1)th or later, that satisfies `done`. */
+static bool r_wait(uint64_t after, bool (*done)(const Pdserve__V1__LoadReport *))
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += WAIT_MS / 1000;
+    pthread_mutex_lock(&R.mu);
+    bool ok = false;
+    while (!(ok = R.reports > after && done(&R.last)))
+        if (pthread_cond_timedwait(&R.cv, &R.mu, &until) != 0) break;
+    pthread_mutex_unlock(&R.mu);
+    return ok;
+}
+
+static bool all_blocks_back(const Pdserve__V1__LoadReport *l)
+{
+    return l->total_kv_blocks > 0 && l->free_kv_blocks == l->total_kv_blocks &&
+           l->queued_requests == 0 && l->queued_prompt_tokens == 0;
+}
+
+Test(prefill_node, registers_with_the_router_and_gets_every_kv_block_back_on_every_path)
+{
+    pds_rpc_server_params_t sp = pds_rpc_server_default_params();
+    pds_rpc_server_t *router = NULL;
+    cr_assert_eq(pds_rpc_server_create(&sp, &router), PDS_OK);
+    pds_rpc_method_t m[] = {
+        {"/pdserve.v1.RouterInternal/RegisterNode", PDS_RPC_UNARY,
+         &pdserve__v1__node_info__descriptor, r_register, NULL, NULL},
+        {"/pdserve.v1.RouterInternal/ReportLoad", PDS_RPC_UNARY,
+         &pdserve__v1__load_report__descriptor, r_report, NULL, NULL},
+    };
+    for (size_t i = 0; i < PDS_ARRAY_LEN(m); i++)
+        cr_assert_eq(pds_rpc_server_add_method(router, &m[i]), PDS_OK);
+    cr_assert_eq(pds_rpc_server_start(router), PDS_OK);
+    char flag[96];
+    snprintf(flag, sizeof flag, "--node.router=127.0.0.1:%d", pds_rpc_server_port(router));
+    const char *extra[] = {flag, NULL};
+    node_start(extra);
+    d_start();
+
+    cr_assert(r_wait(0, all_blocks_back), "no load report with an idle pool");
+    pthread_mutex_lock(&R.mu);
+    const Pdserve__V1__NodeInfo *ni = R.info;
+    cr_assert_not_null(ni);
+    cr_assert_eq(ni->magic, PDS_RPC_PROTOCOL_MAGIC);
+    cr_assert_eq(ni->protocol_version, PDS_RPC_PROTOCOL_VERSION);
+    cr_assert_str_eq(ni->node_id, "p-test");
+    cr_assert_eq(ni->role, PDSERVE__V1__NODE_ROLE__NODE_ROLE_PREFILL);
+    cr_assert_str_eq(ni->address, P.address);
+    cr_assert_str_eq(ni->kvx_backend, "ucx");
+    cr_assert_gt(ni->kvx_address.len, 0);
+    cr_assert_not_null(ni->kv);
+    cr_assert_eq(ni->kv->n_layers, (uint32_t)D.info.kv.n_layers);
+    cr_assert_eq(ni->kv->block_size, (uint32_t)D.info.kv.block_size);
+    cr_assert_eq(ni->kv->dtype, PDSERVE__V1__KV_DTYPE__KV_DTYPE_F32);
+    cr_assert_eq(ni->total_kv_blocks, R.last.total_kv_blocks);
+    cr_assert_str_eq(ni->model_name, "tiny");
+    cr_assert_neq(ni->model_fingerprint, 0);
+    cr_assert_eq(ni->max_context_tokens, (uint32_t)D.info.model.max_context);
+    cr_assert_eq(ni->vocab_size, (uint32_t)D.info.model.vocab);
+    cr_assert_eq(ni->bos_token_id, D.info.model.bos_id);
+    cr_assert_eq(ni->eos_token_id, D.info.model.eos_id);
+    cr_assert_eq(R.last.state, PDSERVE__V1__NODE_STATE__NODE_STATE_UP);
+    pthread_mutex_unlock(&R.mu);
+
+    /* every way a request can end on this node */
+    expect_serving("r-ok", 20);
+    int32_t prompt[19], ref[1];
+    prompt_fill(prompt, 19, 21);
+    Pdserve__V1__SamplingParams w;
+    pds_sample_params_t gs = greedy(&w);
+    reference(8192, prompt, 19, gs, 1, ref);
+    Pdserve__V1__PrefillReply *rep = NULL;
+    req_t q = {.id = "r-stop",
+               .prompt = prompt,
+               .n_prompt = 19,
+               .sampling = &w,
+               .max_tokens = 5,
+               .stop = ref,
+               .n_stop = 1};
+    cr_assert_eq(prefill(&q, &rep, NULL, 0), PDS_OK);
+    cr_assert(rep->finished);
+    pds_rpc_msg_free(&rep->base);
+    D.mode = D_EXHAUSTED;
+    q = (req_t){.id = "r-full", .prompt = prompt, .n_prompt = 19, .sampling = &w, .max_tokens = 5};
+    cr_assert_eq(prefill(&q, &rep, NULL, 0), PDS_ERR_EXHAUSTED);
+    D.mode = D_NORMAL;
+    q.id = "r-dead";
+    q.decode_address = "127.0.0.1:1";
+    cr_assert_eq(prefill(&q, &rep, NULL, 0), PDS_ERR_UNAVAILABLE);
+
+    /* blocks come back after the reply (the engine loop frees them), so wait for a report made
+     * after this point */
+    pthread_mutex_lock(&R.mu);
+    uint64_t mark = R.reports;
+    pthread_mutex_unlock(&R.mu);
+    cr_assert(r_wait(mark, all_blocks_back),
+              "KV blocks or queue figures did not come back: free %u of %u, "
+              "queued %u requests / %llu tokens",
+              R.last.free_kv_blocks, R.last.total_kv_blocks, R.last.queued_requests,
+              (unsigned long long)R.last.queued_prompt_tokens);
+    node_stop_clean();
+    pds_rpc_server_destroy(router);
+    pthread_mutex_lock(&R.mu);
+    pdserve__v1__node_info__free_unpacked(R.info, NULL);
+    R.info = NULL;
+    pthread_mutex_unlock(&R.mu);
 }

@@ -429,7 +429,7 @@ static int cmd_generate(int argc, char **argv, common_opts_t *co)
             }
             pds_rpc_msg_free(m);
         } else if (r->kind_case == PDSERVE__V1__GENERATE_RESPONSE__KIND_SUMMARY && r->summary) {
-            pds_rpc_msg_free(&summary_msg->base);
+            if (summary_msg) pds_rpc_msg_free(&summary_msg->base); /* a second one */
             summary_msg = r;
         } else {
             pds_rpc_msg_free(m);

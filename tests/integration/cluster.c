@@ -641,7 +641,7 @@ static void absorb(pdt_res_t *res, const Pdserve__V1__GenerateResponse *m)
         size_t tlen = 0;
         int n_ids = (int)ch->n_ids;
         if (pds_tok_decode(ch->ids, n_ids, text, sizeof text, &tlen) != PDS_OK ||
-            tlen != ch->text.len || memcmp(text, ch->text.data, tlen) != 0)
+            tlen != ch->text.len || (tlen && memcmp(text, ch->text.data, tlen) != 0))
             res->text_matches = false;
         for (int i = 0; i < n_ids && res->n_tokens < PDT_MAX_OUT; i++)
             res->tokens[res->n_tokens++] = ch->ids[i];
