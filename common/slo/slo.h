@@ -10,13 +10,14 @@
  * The quadratic term is attention over the prompt; with several prompts in one batch c*T^2
  * overestimates (attention is per sequence), which errs on the safe side for placement.
  *
- * Fitting minimises squared *relative* error (weights 1/y^2): timings span three orders of magnitude
- * between a 16-token and an 8k-token prefill, and a plain least-squares fit would ignore the short
- * ones that TTFT targets care about. Solved by Householder QR on unit-scaled columns (k <= 4), which
- * stays accurate where the normal equations of (1, T, T^2) would lose all digits.
+ * Fitting minimises squared *relative* error (weights 1/y^2): timings span three orders of
+ * magnitude between a 16-token and an 8k-token prefill, and a plain least-squares fit would ignore
+ * the short ones that TTFT targets care about. Solved by Householder QR on unit-scaled columns (k
+ * <= 4), which stays accurate where the normal equations of (1, T, T^2) would lose all digits.
  *
  * Everything here is a pure function of its arguments (no globals, no I/O) except the profile
- * load/save and the trace loader. The refit window and the simulator are objects owned by one thread.
+ * load/save and the trace loader. The refit window and the simulator are objects owned by one
+ * thread.
  */
 #ifndef PDS_SLO_H
 #define PDS_SLO_H
@@ -27,7 +28,8 @@
 
 #include "base/base.h"
 
-/* ---- the model -------------------------------------------------------------------------------- */
+/* ---- the model --------------------------------------------------------------------------------
+ */
 typedef struct {
     double prefill_a, prefill_b, prefill_c; /* ms, ms/token, ms/token^2 */
     double decode_d, decode_e, decode_f;    /* ms, ms/seq, ms/context token */
@@ -49,7 +51,8 @@ double pds_slo_transfer_ms(const pds_slo_model_t *m, double tokens);
  * the compute. 0 when the link is unset (colocated). */
 double pds_slo_transfer_exposed_ms(const pds_slo_model_t *m, double tokens, double compute_ms);
 
-/* ---- fitting ----------------------------------------------------------------------------------- */
+/* ---- fitting -----------------------------------------------------------------------------------
+ */
 typedef struct {
     int n;          /* samples used */
     double rms_rel; /* sqrt(mean(((pred - y) / y)^2)) */
@@ -139,18 +142,18 @@ pds_status_t pds_slo_profile_save(const pds_slo_profile_t *p, const char *path);
  * decode node's. Models are borrowed. */
 typedef struct {
     const pds_slo_model_t *model;
-    double queued_tokens;  /* prompt tokens waiting to start */
-    double busy_ms;        /* remaining time of the batch in flight (0 = idle or unknown) */
-    int max_batch_tokens;  /* FCFS batching budget; 0 = unlimited */
+    double queued_tokens; /* prompt tokens waiting to start */
+    double busy_ms;       /* remaining time of the batch in flight (0 = idle or unknown) */
+    int max_batch_tokens; /* FCFS batching budget; 0 = unlimited */
 } pds_slo_prefill_load_t;
 
 typedef struct {
     const pds_slo_model_t *model;
-    int batch;              /* running sequences */
-    double context_tokens;  /* their total context */
-    int64_t free_blocks;    /* KV blocks neither used nor reserved */
-    int block_size;         /* 0 = KV room not checked */
-    int max_batch_seqs;     /* 0 = unlimited */
+    int batch;             /* running sequences */
+    double context_tokens; /* their total context */
+    int64_t free_blocks;   /* KV blocks neither used nor reserved */
+    int block_size;        /* 0 = KV room not checked */
+    int max_batch_seqs;    /* 0 = unlimited */
 } pds_slo_decode_load_t;
 
 typedef struct {
@@ -158,7 +161,7 @@ typedef struct {
     int64_t output_tokens; /* expected (max_tokens if nothing better is known); >= 1 */
     double ttft_ms;        /* targets; <= 0 = none */
     double tpot_ms;
-    double waited_ms;      /* already spent queued at the router (added to predicted TTFT) */
+    double waited_ms; /* already spent queued at the router (added to predicted TTFT) */
 } pds_slo_request_t;
 
 /* TTFT on a prefill node: busy + the FCFS batches of the queue ahead (in max_batch_tokens chunks)
@@ -191,7 +194,7 @@ typedef struct {
     bool placed;         /* PDS_OK returned: run it on (prefill, decode) */
     bool meets;          /* predictions meet both targets */
     double pred_ttft_ms, pred_tpot_ms;
-    double slack; /* min((T_ttft - ttft)/T_ttft, k*(T_tpot - tpot)/T_tpot); larger is better */
+    double slack;  /* min((T_ttft - ttft)/T_ttft, k*(T_tpot - tpot)/T_tpot); larger is better */
     char why[256]; /* one line for logs and error messages */
 } pds_slo_decision_t;
 
@@ -204,13 +207,14 @@ typedef struct {
  *   PDS_ERR_EXHAUSTED    REJECT (or QUEUE past its deadline): the message (pds_err_detail and
  *                        out->why) carries the best pair's predicted TTFT/TPOT and the targets;
  *   PDS_ERR_UNAVAILABLE  no prefill or no decode candidates at all;
- *   PDS_ERR_INVALID_ARG  bad request (prompt < 1, output < 1, colocated with n_prefill != n_decode).
- * `out` is filled in every case except INVALID_ARG. */
+ *   PDS_ERR_INVALID_ARG  bad request (prompt < 1, output < 1, colocated with n_prefill !=
+ * n_decode). `out` is filled in every case except INVALID_ARG. */
 pds_status_t pds_slo_place(const pds_slo_place_params_t *pp, const pds_slo_request_t *req,
                            const pds_slo_prefill_load_t *pre, int n_prefill,
                            const pds_slo_decode_load_t *dec, int n_decode, pds_slo_decision_t *out);
 
-/* ---- workloads and traces ----------------------------------------------------------------------- */
+/* ---- workloads and traces -----------------------------------------------------------------------
+ */
 typedef struct {
     double arrival_ms;
     int32_t prompt_tokens, output_tokens;

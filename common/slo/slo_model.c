@@ -2,10 +2,11 @@
  * the placement choice.
  *
  * Fits weight each sample by 1/y^2 (relative error) and solve by Householder QR after scaling each
- * column to unit norm: the (1, T, T^2) columns of a prefill fit differ by eight orders of magnitude,
- * which the normal equations would square. Placement scores every (prefill, decode) pair — a few
- * dozen nodes make that a few thousand predictions, far below one RPC — and keeps the one with the
- * most slack, ties to the lowest indices so the router and the simulator decide identically.
+ * column to unit norm: the (1, T, T^2) columns of a prefill fit differ by eight orders of
+ * magnitude, which the normal equations would square. Placement scores every (prefill, decode) pair
+ * — a few dozen nodes make that a few thousand predictions, far below one RPC — and keeps the one
+ * with the most slack, ties to the lowest indices so the router and the simulator decide
+ * identically.
  */
 #include <float.h>
 #include <stdlib.h>
@@ -17,7 +18,8 @@
 
 #define LSTSQ_MAX_K 8
 
-/* ---- prediction --------------------------------------------------------------------------------- */
+/* ---- prediction ---------------------------------------------------------------------------------
+ */
 double pds_slo_prefill_ms(const pds_slo_model_t *m, double tokens)
 {
     if (tokens <= 0) return 0;
@@ -53,7 +55,8 @@ double pds_slo_transfer_exposed_ms(const pds_slo_model_t *m, double tokens, doub
     return t + (L - 1) * (t > c ? t - c : 0);
 }
 
-/* ---- least squares ------------------------------------------------------------------------------ */
+/* ---- least squares ------------------------------------------------------------------------------
+ */
 pds_status_t pds_slo_lstsq(const double *X, const double *y, const double *w, int n, int k,
                            double *beta)
 {
@@ -99,9 +102,11 @@ pds_status_t pds_slo_lstsq(const double *X, const double *y, const double *w, in
         for (int i = j; i < n; i++) vtv += A[(size_t)i * (k + 1) + j] * A[(size_t)i * (k + 1) + j];
         for (int c = j + 1; c <= k; c++) {
             double dot = 0;
-            for (int i = j; i < n; i++) dot += A[(size_t)i * (k + 1) + j] * A[(size_t)i * (k + 1) + c];
+            for (int i = j; i < n; i++)
+                dot += A[(size_t)i * (k + 1) + j] * A[(size_t)i * (k + 1) + c];
             double f = 2 * dot / vtv;
-            for (int i = j; i < n; i++) A[(size_t)i * (k + 1) + c] -= f * A[(size_t)i * (k + 1) + j];
+            for (int i = j; i < n; i++)
+                A[(size_t)i * (k + 1) + c] -= f * A[(size_t)i * (k + 1) + j];
         }
         *ajj = alpha; /* R[j][j]; the rest of v is no longer needed */
     }
@@ -116,7 +121,8 @@ out:
     return s;
 }
 
-/* ---- fits --------------------------------------------------------------------------------------- */
+/* ---- fits ---------------------------------------------------------------------------------------
+ */
 static void fit_stats(const double *pred, const double *y, int n, pds_slo_fit_t *out)
 {
     double mean = 0, rel = 0, ss_res = 0, ss_tot = 0;
@@ -167,8 +173,8 @@ static pds_status_t check_times(const double *ms, size_t stride, int n, const ch
     for (int i = 0; i < n; i++) {
         double v = *(const double *)((const char *)ms + (size_t)i * stride);
         if (!(v > 0) || !isfinite(v))
-            return PDS_ERR(PDS_ERR_INVALID_ARG, "%s sample %d: time %g ms is not positive", what,
-                           i, v);
+            return PDS_ERR(PDS_ERR_INVALID_ARG, "%s sample %d: time %g ms is not positive", what, i,
+                           v);
     }
     return PDS_OK;
 }
@@ -260,8 +266,7 @@ pds_status_t pds_slo_fit_decode(const pds_slo_decode_sample_t *s, int n, bool al
             if (b[i] == b[i + 1] || b[i] != floor(b[i])) continue;
             double bl[3], br[3], sl, sr;
             int nl, nr;
-            if (fit_decode_range(s, n, -INFINITY, b[i], bl, &sl, &nl) != PDS_OK || nl < 6)
-                continue;
+            if (fit_decode_range(s, n, -INFINITY, b[i], bl, &sl, &nl) != PDS_OK || nl < 6) continue;
             if (fit_decode_range(s, n, b[i], INFINITY, br, &sr, &nr) != PDS_OK || nr < 6) continue;
             if (sl + sr < best_sq) {
                 best_sq = sl + sr, best_split = (int)b[i];
@@ -284,7 +289,8 @@ pds_status_t pds_slo_fit_decode(const pds_slo_decode_sample_t *s, int n, bool al
     return PDS_OK;
 }
 
-/* ---- online refit ------------------------------------------------------------------------------- */
+/* ---- online refit -------------------------------------------------------------------------------
+ */
 struct pds_slo_refit {
     int window;
     double prior_weight;
@@ -414,7 +420,8 @@ out:
     return s;
 }
 
-/* ---- prediction of one request ------------------------------------------------------------------ */
+/* ---- prediction of one request ------------------------------------------------------------------
+ */
 double pds_slo_predict_ttft(const pds_slo_prefill_load_t *p, int64_t prompt_tokens)
 {
     const pds_slo_model_t *m = p->model;
@@ -443,13 +450,17 @@ double pds_slo_predict_tpot(const pds_slo_decode_load_t *d, int64_t prompt_token
     return pds_slo_decode_step_ms(d->model, d->batch + 1, ctx);
 }
 
-/* ---- placement ---------------------------------------------------------------------------------- */
+/* ---- placement ----------------------------------------------------------------------------------
+ */
 const char *pds_slo_policy_name(pds_slo_policy_t p)
 {
     switch (p) {
-    case PDS_SLO_POLICY_QUEUE: return "queue";
-    case PDS_SLO_POLICY_BEST_EFFORT: return "best-effort";
-    case PDS_SLO_POLICY_REJECT: return "reject";
+    case PDS_SLO_POLICY_QUEUE:
+        return "queue";
+    case PDS_SLO_POLICY_BEST_EFFORT:
+        return "best-effort";
+    case PDS_SLO_POLICY_REJECT:
+        return "reject";
     }
     return "unknown";
 }

@@ -22,7 +22,8 @@ void pds_slo_profile_init(pds_slo_profile_t *p)
     p->max_batch_seqs = 256;
 }
 
-/* Reads obj[key] as a finite number; required fields missing are an error, optional ones keep *out. */
+/* Reads obj[key] as a finite number; required fields missing are an error, optional ones keep *out.
+ */
 static pds_status_t get_num(const char *name, json_t *obj, const char *sect, const char *key,
                             bool required, double *out)
 {
@@ -45,9 +46,11 @@ static pds_status_t get_int(const char *name, json_t *obj, const char *sect, con
     double d = (double)*out;
     PDS_TRY(get_num(name, obj, sect, key, required, &d));
     if (d != floor(d) || d < (double)lo || d > (double)hi)
-        return PDS_ERR(PDS_ERR_INVALID_ARG, "profile %s: field %s%s%s = %g, expected an integer in "
-                       "%lld..%lld", name, sect ? sect : "", sect ? "." : "", key, d,
-                       (long long)lo, (long long)hi);
+        return PDS_ERR(PDS_ERR_INVALID_ARG,
+                       "profile %s: field %s%s%s = %g, expected an integer in "
+                       "%lld..%lld",
+                       name, sect ? sect : "", sect ? "." : "", key, d, (long long)lo,
+                       (long long)hi);
     *out = (int64_t)d;
     return PDS_OK;
 }
@@ -106,8 +109,9 @@ static pds_status_t profile_from_json(json_t *root, const char *name, pds_slo_pr
     int64_t version = 0;
     PDS_TRY(get_int(name, root, NULL, "version", true, 1, INT32_MAX, &version));
     if (version > PDS_SLO_PROFILE_VERSION)
-        return PDS_ERR(PDS_ERR_UNSUPPORTED, "profile %s: version %lld is newer than this build's %d",
-                       name, (long long)version, PDS_SLO_PROFILE_VERSION);
+        return PDS_ERR(PDS_ERR_UNSUPPORTED,
+                       "profile %s: version %lld is newer than this build's %d", name,
+                       (long long)version, PDS_SLO_PROFILE_VERSION);
     PDS_TRY(get_str(name, root, "model", true, p.model_name, sizeof p.model_name));
     PDS_TRY(get_str(name, root, "device", false, p.device, sizeof p.device));
     PDS_TRY(get_str(name, root, "backend", false, p.backend, sizeof p.backend));
@@ -209,30 +213,30 @@ pds_status_t pds_slo_profile_save(const pds_slo_profile_t *p, const char *path)
         gmtime_r(&now, &tm);
         strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     }
-    json_t *root = json_pack(
-        "{s:s, s:i, s:s, s:s, s:s, s:i, s:i, s:i, s:s}", "magic", PDS_SLO_PROFILE_MAGIC, "version",
-        PDS_SLO_PROFILE_VERSION, "model", p->model_name, "device", p->device, "backend",
-        p->backend, "tp", p->tp, "pp", p->pp, "threads", p->threads, "created", created);
-    json_t *pre = json_pack("{s:f, s:f, s:f, s:f, s:f, s:i}", "a_ms", m->prefill_a,
-                            "b_ms_per_token", m->prefill_b, "c_ms_per_token2", m->prefill_c,
-                            "rms_rel_err", p->prefill_fit.rms_rel, "r2", p->prefill_fit.r2,
-                            "samples", p->prefill_fit.n);
-    json_t *dec = json_pack("{s:f, s:f, s:f, s:i, s:f, s:f, s:f, s:f, s:f, s:i}", "d_ms",
-                            m->decode_d, "e_ms_per_seq", m->decode_e, "f_ms_per_context_token",
-                            m->decode_f, "split_batch", m->decode_split, "d2_ms", m->decode_d2,
-                            "e2_ms_per_seq", m->decode_e2, "f2_ms_per_context_token",
-                            m->decode_f2, "rms_rel_err", p->decode_fit.rms_rel, "r2",
-                            p->decode_fit.r2, "samples", p->decode_fit.n);
-    json_t *tr = json_pack("{s:f, s:f}", "gbytes_per_s", m->link_gbytes_per_s, "msg_ms",
-                           m->link_msg_ms);
+    json_t *root = json_pack("{s:s, s:i, s:s, s:s, s:s, s:i, s:i, s:i, s:s}", "magic",
+                             PDS_SLO_PROFILE_MAGIC, "version", PDS_SLO_PROFILE_VERSION, "model",
+                             p->model_name, "device", p->device, "backend", p->backend, "tp", p->tp,
+                             "pp", p->pp, "threads", p->threads, "created", created);
+    json_t *pre =
+        json_pack("{s:f, s:f, s:f, s:f, s:f, s:i}", "a_ms", m->prefill_a, "b_ms_per_token",
+                  m->prefill_b, "c_ms_per_token2", m->prefill_c, "rms_rel_err",
+                  p->prefill_fit.rms_rel, "r2", p->prefill_fit.r2, "samples", p->prefill_fit.n);
+    json_t *dec = json_pack(
+        "{s:f, s:f, s:f, s:i, s:f, s:f, s:f, s:f, s:f, s:i}", "d_ms", m->decode_d, "e_ms_per_seq",
+        m->decode_e, "f_ms_per_context_token", m->decode_f, "split_batch", m->decode_split, "d2_ms",
+        m->decode_d2, "e2_ms_per_seq", m->decode_e2, "f2_ms_per_context_token", m->decode_f2,
+        "rms_rel_err", p->decode_fit.rms_rel, "r2", p->decode_fit.r2, "samples", p->decode_fit.n);
+    json_t *tr =
+        json_pack("{s:f, s:f}", "gbytes_per_s", m->link_gbytes_per_s, "msg_ms", m->link_msg_ms);
     json_t *kv = json_pack("{s:I, s:i, s:i, s:I}", "bytes_per_token",
-                           (json_int_t)m->kv_bytes_per_token, "n_layers", m->n_layers,
-                           "block_size", p->block_size, "blocks", (json_int_t)p->kv_blocks);
-    json_t *lim = json_pack("{s:i, s:i}", "max_batch_tokens", p->max_batch_tokens,
-                            "max_batch_seqs", p->max_batch_seqs);
+                           (json_int_t)m->kv_bytes_per_token, "n_layers", m->n_layers, "block_size",
+                           p->block_size, "blocks", (json_int_t)p->kv_blocks);
+    json_t *lim = json_pack("{s:i, s:i}", "max_batch_tokens", p->max_batch_tokens, "max_batch_seqs",
+                            p->max_batch_seqs);
     pds_status_t s = PDS_OK;
     if (!root || !pre || !dec || !tr || !kv || !lim) {
-        /* NaN fit errors (never evaluated) make json_pack fail: that is a caller bug worth naming */
+        /* NaN fit errors (never evaluated) make json_pack fail: that is a caller bug worth naming
+         */
         s = PDS_ERR(PDS_ERR_INVALID_ARG, "profile %s: cannot encode (a NaN or infinite value?)",
                     path);
         json_decref(pre), json_decref(dec), json_decref(tr), json_decref(kv), json_decref(lim);
@@ -243,8 +247,8 @@ pds_status_t pds_slo_profile_save(const pds_slo_profile_t *p, const char *path)
     json_object_set_new(root, "transfer", tr);
     json_object_set_new(root, "kv", kv);
     json_object_set_new(root, "limits", lim);
-    if (json_dump_file(root, path, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17)) !=
-        0)
+    if (json_dump_file(root, path,
+                       JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17)) != 0)
         s = PDS_ERR(PDS_ERR_IO, "profile %s: cannot write", path);
 out:
     json_decref(root);

@@ -6,9 +6,9 @@
  * order they were scheduled and a run is a pure function of its inputs. Requests move through
  * intrusive index lists (one `next` per request: it is only ever in one FIFO at a time). The
  * trade-offs are the ones a planner can afford: KV for prompt + output is reserved at placement
- * (no preemption, no swap), links never contend, and a batch of prompts costs a + b*T + c*T^2 of its
- * total T. Requests the router holds back (QUEUE) are retried on every event that frees capacity,
- * looking at most RETRY_SCAN of them per event.
+ * (no preemption, no swap), links never contend, and a batch of prompts costs a + b*T + c*T^2 of
+ * its total T. Requests the router holds back (QUEUE) are retried on every event that frees
+ * capacity, looking at most RETRY_SCAN of them per event.
  */
 #include <math.h>
 #include <stdio.h>
@@ -57,15 +57,15 @@ typedef struct {
     double run_ctx;  /* sum of running sequences' context */
     bool busy;
     double busy_until;
-    int assigned;      /* placed here and not finished (the placement's batch) */
-    double ctx;        /* their context (prompt + generated) */
+    int assigned; /* placed here and not finished (the placement's batch) */
+    double ctx;   /* their context (prompt + generated) */
     int64_t used_blocks;
     /* colocated */
-    fifo_t q;          /* waiting for prefill */
+    fifo_t q; /* waiting for prefill */
     double queued_tokens;
-    fifo_t batch;      /* prefill-first batch in flight */
-    int iter_prefill;  /* 1: the iteration in flight is a prefill batch / has chunks */
-    int chunk_reqs;    /* chunked: FIFO prefix touched by the iteration in flight */
+    fifo_t batch;     /* prefill-first batch in flight */
+    int iter_prefill; /* 1: the iteration in flight is a prefill batch / has chunks */
+    int chunk_reqs;   /* chunked: FIFO prefix touched by the iteration in flight */
 } dnode_t;
 
 typedef struct {
@@ -87,7 +87,8 @@ typedef struct {
     bool coloc;
 } sim_t;
 
-/* ---- small pieces ------------------------------------------------------------------------------- */
+/* ---- small pieces -------------------------------------------------------------------------------
+ */
 static void fifo_push(sim_t *s, fifo_t *f, int i)
 {
     s->r[i].next = -1;
@@ -148,7 +149,8 @@ static ev_t ev_pop(sim_t *s)
     return top;
 }
 
-/* ---- request life ------------------------------------------------------------------------------- */
+/* ---- request life -------------------------------------------------------------------------------
+ */
 static void finish(sim_t *s, int i)
 {
     sreq_t *q = &s->r[i];
@@ -194,12 +196,12 @@ static pds_status_t try_place(sim_t *s, int i, bool expire, bool *placed)
         double queued = s->coloc ? s->D[p].queued_tokens : s->P[p].queued_tokens;
         bool busy = s->coloc ? s->D[p].busy : s->P[p].busy;
         double until = s->coloc ? s->D[p].busy_until : s->P[p].busy_until;
-        s->pl[p] = (pds_slo_prefill_load_t){
-            .model = &c->prefill_model,
-            .queued_tokens = queued,
-            .busy_ms = busy ? until - s->now : 0,
-            .max_batch_tokens = c->mode == PDS_SLO_SIM_COLOC_CHUNKED ? c->chunk_tokens
-                                                                      : c->prefill_max_batch_tokens};
+        s->pl[p] = (pds_slo_prefill_load_t){.model = &c->prefill_model,
+                                            .queued_tokens = queued,
+                                            .busy_ms = busy ? until - s->now : 0,
+                                            .max_batch_tokens = c->mode == PDS_SLO_SIM_COLOC_CHUNKED
+                                                                    ? c->chunk_tokens
+                                                                    : c->prefill_max_batch_tokens};
     }
     for (int d = 0; d < s->nD; d++) {
         dnode_t *dn = &s->D[d];
@@ -217,7 +219,8 @@ static pds_status_t try_place(sim_t *s, int i, bool expire, bool *placed)
                              .tpot_ms = c->tpot_ms,
                              .waited_ms = s->now - q->arrival};
     /* the deadline event fires at arrival + deadline; rounding must not make that look early */
-    if (expire && req.waited_ms < s->place.queue_deadline_ms) req.waited_ms = s->place.queue_deadline_ms;
+    if (expire && req.waited_ms < s->place.queue_deadline_ms)
+        req.waited_ms = s->place.queue_deadline_ms;
     pds_slo_decision_t dec;
     pds_status_t st = pds_slo_place(&s->place, &req, s->pl, s->nP, s->dl, s->nD, &dec);
     if (st == PDS_AGAIN) return PDS_OK;
@@ -314,7 +317,8 @@ static pds_status_t unwait_one(sim_t *s, int i)
     return PDS_OK;
 }
 
-/* ---- disaggregated prefill nodes ---------------------------------------------------------------- */
+/* ---- disaggregated prefill nodes ----------------------------------------------------------------
+ */
 static pds_status_t prefill_start(sim_t *s, int p)
 {
     pnode_t *pn = &s->P[p];
@@ -350,7 +354,8 @@ static pds_status_t prefill_done(sim_t *s, int p)
     return retry_waiting(s);
 }
 
-/* ---- decode and colocated nodes: one iteration at a time ---------------------------------------- */
+/* ---- decode and colocated nodes: one iteration at a time ----------------------------------------
+ */
 static pds_status_t iter_start(sim_t *s, int d)
 {
     const pds_slo_sim_config_t *c = s->c;
@@ -463,7 +468,8 @@ static pds_status_t iter_done(sim_t *s, int d)
     return freed ? retry_waiting(s) : PDS_OK;
 }
 
-/* ---- the run ------------------------------------------------------------------------------------ */
+/* ---- the run ------------------------------------------------------------------------------------
+ */
 pds_slo_sim_config_t pds_slo_sim_default_config(void)
 {
     pds_slo_sim_config_t c;
@@ -481,9 +487,12 @@ pds_slo_sim_config_t pds_slo_sim_default_config(void)
 const char *pds_slo_sim_mode_name(pds_slo_sim_mode_t m)
 {
     switch (m) {
-    case PDS_SLO_SIM_DISAGG: return "disaggregated";
-    case PDS_SLO_SIM_COLOC_PREFILL_FIRST: return "colocated-prefill-first";
-    case PDS_SLO_SIM_COLOC_CHUNKED: return "colocated-chunked";
+    case PDS_SLO_SIM_DISAGG:
+        return "disaggregated";
+    case PDS_SLO_SIM_COLOC_PREFILL_FIRST:
+        return "colocated-prefill-first";
+    case PDS_SLO_SIM_COLOC_CHUNKED:
+        return "colocated-chunked";
     }
     return "unknown";
 }
@@ -507,8 +516,7 @@ static pds_status_t check_config(const pds_slo_sim_config_t *c)
         c->mode != PDS_SLO_SIM_COLOC_CHUNKED)
         return PDS_ERR(PDS_ERR_INVALID_ARG, "simulator: mode %d unknown", (int)c->mode);
     if (c->n_decode < 1 || c->n_decode > 100000)
-        return PDS_ERR(PDS_ERR_INVALID_ARG, "simulator: n_decode %d not in 1..100000",
-                       c->n_decode);
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "simulator: n_decode %d not in 1..100000", c->n_decode);
     if (c->mode == PDS_SLO_SIM_DISAGG && (c->n_prefill < 1 || c->n_prefill > 100000))
         return PDS_ERR(PDS_ERR_INVALID_ARG, "simulator: n_prefill %d not in 1..100000",
                        c->n_prefill);
@@ -591,15 +599,21 @@ pds_status_t pds_slo_sim_run(const pds_slo_sim_config_t *c, const pds_slo_req_t 
             if (e.arg + 1 < n) st = ev_push(&s, reqs[e.arg + 1].arrival_ms, EV_ARRIVAL, e.arg + 1);
             if (st == PDS_OK) st = place_new(&s, e.arg);
             break;
-        case EV_PREFILL_DONE: st = prefill_done(&s, e.arg); break;
+        case EV_PREFILL_DONE:
+            st = prefill_done(&s, e.arg);
+            break;
         case EV_JOIN: {
             int d = s.r[e.arg].d;
             fifo_push(&s, &s.D[d].pending, e.arg);
             st = iter_start(&s, d);
             break;
         }
-        case EV_ITER_DONE: st = iter_done(&s, e.arg); break;
-        case EV_DEADLINE: st = unwait_one(&s, e.arg); break;
+        case EV_ITER_DONE:
+            st = iter_done(&s, e.arg);
+            break;
+        case EV_DEADLINE:
+            st = unwait_one(&s, e.arg);
+            break;
         }
         if (st != PDS_OK) goto out;
     }
@@ -651,10 +665,11 @@ out:
     return st;
 }
 
-/* ---- goodput ------------------------------------------------------------------------------------ */
+/* ---- goodput ------------------------------------------------------------------------------------
+ */
 static pds_status_t probe(const pds_slo_sim_config_t *c, const pds_slo_workload_t *w, int n,
-                          uint64_t seed, double rate, pds_slo_req_t *reqs,
-                          pds_slo_sim_result_t *r, pds_slo_progress_fn progress, void *ctx)
+                          uint64_t seed, double rate, pds_slo_req_t *reqs, pds_slo_sim_result_t *r,
+                          pds_slo_progress_fn progress, void *ctx)
 {
     PDS_TRY(pds_slo_workload_generate(w, rate, n, seed, c->max_context, reqs));
     PDS_TRY(pds_slo_sim_run(c, reqs, n, r, NULL, NULL));

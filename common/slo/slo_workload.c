@@ -4,8 +4,8 @@
  *
  * Arrivals and lengths come from two independent random streams, and arrivals are drawn at unit
  * rate and then divided by the rate: the same seed at two rates gives the same requests in the same
- * pattern, only stretched. A goodput bisection therefore compares rates on identical requests, which
- * keeps attainment monotone in rate far better than fresh draws would.
+ * pattern, only stretched. A goodput bisection therefore compares rates on identical requests,
+ * which keeps attainment monotone in rate far better than fresh draws would.
  *
  * Built-in length distributions (lognormal: median, sigma of ln; clipped). Where each number comes
  * from — see also router/plan/README.md:
@@ -13,8 +13,8 @@
  *     in the vLLM paper (Kwon et al., SOSP 2023, Fig. 11). The sigmas (1.0 / 0.9, i.e. heavy
  *     tails) are our choice, not fitted to the data: median = mean / exp(sigma^2 / 2).
  *   code (HumanEval-like): HumanEval has 164 problems (Chen et al. 2021); prompt ~130 and
- *     completion ~60 tokens are our estimate (problem text at ~3.5 characters per token), sigma 0.5.
- *   summarization (LongBench-like): LongBench's English summarization sets average 8,734
+ *     completion ~60 tokens are our estimate (problem text at ~3.5 characters per token), sigma
+ * 0.5. summarization (LongBench-like): LongBench's English summarization sets average 8,734
  *     (GovReport), 10,614 (QMSum) and 2,113 (MultiNews) words (Bai et al., ACL 2024, Table 1) and
  *     its evaluation caps outputs at 512 tokens; we take prompts with median 6,000 tokens, sigma
  *     0.6, clipped to 1k..16k, and outputs with median 300, sigma 0.5, clipped to 32..512.
@@ -78,7 +78,8 @@ double slo_rng_gamma(slo_rng_t *r, double k)
     }
 }
 
-/* ---- built-in workloads ------------------------------------------------------------------------- */
+/* ---- built-in workloads -------------------------------------------------------------------------
+ */
 pds_status_t pds_slo_workload_builtin(const char *name, pds_slo_workload_t *out)
 {
     pds_slo_workload_t w = {.name = name, .arrival = PDS_SLO_ARRIVAL_POISSON, .cv = 1};
@@ -127,9 +128,9 @@ pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_
                        w->name ? w->name : "");
     if (from_trace && w->trace->n < 1)
         return PDS_ERR(PDS_ERR_INVALID_ARG, "workload %s: empty trace", w->name ? w->name : "");
-    if (!from_trace && (!(w->prompt_median >= 1) || !(w->output_median >= 1) ||
-                        w->prompt_min < 1 || w->output_min < 1 || w->prompt_max < w->prompt_min ||
-                        w->output_max < w->output_min))
+    if (!from_trace &&
+        (!(w->prompt_median >= 1) || !(w->output_median >= 1) || w->prompt_min < 1 ||
+         w->output_min < 1 || w->prompt_max < w->prompt_min || w->output_max < w->output_min))
         return PDS_ERR(PDS_ERR_INVALID_ARG, "workload %s: length distribution out of range",
                        w->name ? w->name : "");
     if (w->arrival == PDS_SLO_ARRIVAL_GAMMA && !(w->cv > 0))
@@ -149,7 +150,9 @@ pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_
     }
     for (int i = 0; i < n; i++) {
         switch (w->arrival) {
-        case PDS_SLO_ARRIVAL_POISSON: t += -log(slo_rng_uniform(&ra)) * ms_per_unit; break;
+        case PDS_SLO_ARRIVAL_POISSON:
+            t += -log(slo_rng_uniform(&ra)) * ms_per_unit;
+            break;
         case PDS_SLO_ARRIVAL_GAMMA: {
             double k = 1 / (w->cv * w->cv);
             t += slo_rng_gamma(&ra, k) / k * ms_per_unit;
@@ -171,8 +174,8 @@ pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_
         } else {
             out[i].prompt_tokens =
                 lognormal_len(&rl, w->prompt_median, w->prompt_sigma, w->prompt_min, w->prompt_max);
-            out[i].output_tokens = lognormal_len(&rl, w->output_median, w->output_sigma,
-                                                 w->output_min, w->output_max);
+            out[i].output_tokens =
+                lognormal_len(&rl, w->output_median, w->output_sigma, w->output_min, w->output_max);
         }
         if (max_context > 1) {
             if (out[i].prompt_tokens > max_context - 1) out[i].prompt_tokens = max_context - 1;
@@ -183,7 +186,8 @@ pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_
     return PDS_OK;
 }
 
-/* ---- trace CSV ---------------------------------------------------------------------------------- */
+/* ---- trace CSV ----------------------------------------------------------------------------------
+ */
 static int64_t days_from_civil(int64_t y, int m, int d) /* Howard Hinnant's algorithm */
 {
     y -= m <= 2;
@@ -194,23 +198,32 @@ static int64_t days_from_civil(int64_t y, int m, int d) /* Howard Hinnant's algo
     return era * 146097 + doe - 719468;
 }
 
-/* "YYYY-MM-DD HH:MM:SS[.frac]" or seconds as a number -> seconds; false if neither. */
-static bool parse_timestamp(const char *s, double *out)
+/* "YYYY-MM-DD HH:MM:SS[.frac]" or seconds as a number -> whole seconds + fraction (kept apart:
+ * epoch seconds in one double would leave only ~0.2 us of the fraction); false if neither. */
+static bool parse_timestamp(const char *s, int64_t *whole, double *frac)
 {
-    int y, mo, d, h, mi, n = 0;
-    double sec;
-    if (sscanf(s, "%4d-%2d-%2d%*[ T]%2d:%2d:%lf%n", &y, &mo, &d, &h, &mi, &sec, &n) == 6) {
-        if (s[n] != '\0' || mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 ||
-            !(sec >= 0) || sec >= 61)
+    int y, mo, d, h, mi, sec, n = 0;
+    if (sscanf(s, "%4d-%2d-%2d%*[ T]%2d:%2d:%2d%n", &y, &mo, &d, &h, &mi, &sec, &n) == 6) {
+        double f = 0;
+        if (s[n] == '.') {
+            char *end;
+            f = strtod(s + n, &end);
+            if (end == s + n + 1 || *end != '\0') return false;
+        } else if (s[n] != '\0') {
             return false;
-        *out = (double)days_from_civil(y, mo, d) * 86400.0 + h * 3600.0 + mi * 60.0 + sec;
+        }
+        if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || sec < 0 || sec > 60)
+            return false;
+        *whole = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec;
+        *frac = f;
         return true;
     }
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno || !isfinite(v)) return false;
-    *out = v;
+    if (end == s || *end != '\0' || errno || !isfinite(v) || fabs(v) > 9e15) return false;
+    *whole = (int64_t)floor(v);
+    *frac = v - floor(v);
     return true;
 }
 
@@ -245,8 +258,10 @@ pds_status_t pds_slo_trace_parse(const char *text, size_t len, const char *name,
     pds_status_t s = PDS_OK;
     char line[512];
     int col_ts = -1, col_in = -1, col_out = -1, lineno = 0, cap = 0, n = 0;
-    double t0 = INFINITY;
-    double *secs = NULL;
+    int64_t w0 = INT64_MAX;
+    double f0 = 0;
+    int64_t *whole = NULL;
+    double *secs = NULL; /* (cap) fractions */
     pds_slo_trace_t *t = pds_calloc(1, sizeof *t);
     if (!t) return PDS_ERR(PDS_ERR_NO_MEMORY, "trace %s", name);
     size_t pos = 0;
@@ -297,9 +312,10 @@ pds_status_t pds_slo_trace_parse(const char *text, size_t len, const char *name,
             }
             continue;
         }
-        double sec;
+        int64_t sw;
+        double sf;
         int32_t in, outn;
-        if (!parse_timestamp(f[col_ts], &sec)) {
+        if (!parse_timestamp(f[col_ts], &sw, &sf)) {
             s = PDS_ERR(PDS_ERR_PARSE, "trace %s:%d: bad timestamp '%s'", name, lineno, f[col_ts]);
             goto fail;
         }
@@ -319,14 +335,16 @@ pds_status_t pds_slo_trace_parse(const char *text, size_t len, const char *name,
             double *ns = pds_realloc(secs, sizeof *ns * (size_t)nc);
             if (nr) t->reqs = nr;
             if (ns) secs = ns;
-            if (!nr || !ns) {
+            int64_t *nw = pds_realloc(whole, sizeof *nw * (size_t)nc);
+            if (nw) whole = nw;
+            if (!nr || !ns || !nw) {
                 s = PDS_ERR(PDS_ERR_NO_MEMORY, "trace %s: %d requests", name, nc);
                 goto fail;
             }
             cap = nc;
         }
-        secs[n] = sec;
-        if (sec < t0) t0 = sec;
+        whole[n] = sw, secs[n] = sf;
+        if (sw < w0 || (sw == w0 && sf < f0)) w0 = sw, f0 = sf;
         /* a request always yields at least its first token */
         t->reqs[n++] = (pds_slo_req_t){0, in, outn > 0 ? outn : 1};
     }
@@ -334,15 +352,18 @@ pds_status_t pds_slo_trace_parse(const char *text, size_t len, const char *name,
         s = PDS_ERR(PDS_ERR_PARSE, "trace %s: empty (no header line)", name);
         goto fail;
     }
-    for (int i = 0; i < n; i++) t->reqs[i].arrival_ms = (secs[i] - t0) * 1000.0;
+    for (int i = 0; i < n; i++)
+        t->reqs[i].arrival_ms = ((double)(whole[i] - w0) + (secs[i] - f0)) * 1000.0;
     qsort(t->reqs, (size_t)n, sizeof *t->reqs, cmp_arrival);
     t->n = n;
     t->duration_ms = n ? t->reqs[n - 1].arrival_ms : 0;
     pds_free(secs);
+    pds_free(whole);
     *out = t;
     return PDS_OK;
 fail:
     pds_free(secs);
+    pds_free(whole);
     pds_slo_trace_destroy(t);
     return s;
 }

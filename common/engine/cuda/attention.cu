@@ -15,6 +15,8 @@
  */
 #include <cuda_bf16.h>
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "engine/cuda/cuda_kernels.h"
 
@@ -61,6 +63,24 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p)
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
+}
+
+/* 16-byte global -> shared copy that bypasses registers; pred false writes 16 zero bytes. */
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pred)
+{
+    uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    int n = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+
+__device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 __device__ __forceinline__ const bf16 *kv_row(const bf16 *kv, const int32_t *bt, int tok,
@@ -229,6 +249,220 @@ __global__ void __launch_bounds__(128)
     }
 }
 
+/* ---- prefill v2: 128 query rows per CTA, K/V double-buffered with cp.async ----------------------
+ * One CTA = FA_ROWS query rows of one head, 4 warps x 32 rows (two m16 tiles per warp, so every K
+ * and V fragment read from shared memory feeds two MMAs). Q is staged in shared memory once; K/V
+ * tiles of FA_KEYS tokens are gathered through the block table by cp.async into one of two stages
+ * while the other is computed on. The grid is (head, tile) with tiles taken in reverse order, so
+ * the longest (last, causal) tiles start first and the heads of one GQA group run side by side on
+ * the same K/V (L2 reuse). FA_KEYS (keys per tile) is 32 or 64: 64 halves the barriers and the Q
+ * fragment reloads per key, 32 keeps head_dim 128 within the register file. */
+#define FA_ROWS 128
+
+template <int HD, int FA_KEYS> constexpr size_t fa_smem_bytes()
+{
+    return sizeof(bf16) * (size_t)(FA_ROWS + 4 * FA_KEYS) * (HD + 8);
+}
+
+template <int HD, int FA_KEYS>
+__global__ void __launch_bounds__(128, 2)
+    attn_prefill_fa(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
+                    const int32_t *bts, const int32_t *tiles, int n_heads, int n_kv_heads, int bs,
+                    float scale_log2, bf16 *out)
+{
+    constexpr int LD = HD + 8, CH = HD / 8;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16 *sq = (bf16 *)fa_smem;       /* [FA_ROWS][LD] */
+    bf16 *sk = sq + FA_ROWS * LD;     /* [2][FA_KEYS][LD] */
+    bf16 *sv = sk + 2 * FA_KEYS * LD; /* [2][FA_KEYS][LD] */
+    const int h = blockIdx.x, tile = gridDim.y - 1 - blockIdx.y;
+    const int si = tiles[2 * tile], row0 = tiles[2 * tile + 1];
+    const pds_cuda_seq_t S = seqs[si];
+    const int n_past = S.n_ctx - S.n_new;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int32_t *bt = bts + S.bt_off;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const int nrows = min(FA_ROWS, S.n_new - row0);
+    const int kv_end = n_past + row0 + nrows; /* keys any row of the CTA sees */
+    const int n_kt = (kv_end + FA_KEYS - 1) / FA_KEYS;
+    const int64_t kvw = (int64_t)n_kv_heads * HD;
+
+    for (int c = tid; c < FA_ROWS * CH; c += 128) {
+        int r = c / CH, col = (c % CH) * 8;
+        bool ok = r < nrows;
+        const bf16 *src = ok ? q + (int64_t)(S.q_start + row0 + r) * q_stride + h * HD + col : q;
+        cp_async16(&sq[r * LD + col], src, ok);
+    }
+    auto load_kv = [&](int t, int stage) {
+        bf16 *dk = sk + stage * FA_KEYS * LD, *dv = sv + stage * FA_KEYS * LD;
+#pragma unroll 1
+        for (int i = 0; i < FA_KEYS * CH / 128; i++) {
+            int c = tid + i * 128;
+            int r = c / CH, col = (c % CH) * 8;
+            int tok = t * FA_KEYS + r;
+            bool ok = tok < kv_end;
+            const bf16 *kp = kv, *vp = kv;
+            if (ok) {
+                kp = kv + ((int64_t)bt[tok / bs] * 2 * bs + tok % bs) * kvw + kvh * HD + col;
+                vp = kp + (int64_t)bs * kvw;
+            }
+            cp_async16(&dk[r * LD + col], kp, ok);
+            cp_async16(&dv[r * LD + col], vp, ok);
+        }
+    };
+    load_kv(0, 0);
+    cp_async_commit();
+
+    const int wrow = row0 + warp * 32; /* first row (within the new tokens) of this warp */
+    const bool live = wrow < S.n_new;
+    const int wpos0 = n_past + wrow;
+    const int wpos_last = n_past + min(wrow + 31, S.n_new - 1);
+    float o[2][HD / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
+    float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
+    float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+
+    for (int t = 0; t < n_kt; t++) {
+        if (t + 1 < n_kt) {
+            load_kv(t + 1, (t + 1) & 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int kb = t * FA_KEYS;
+        if (live && kb <= wpos_last) { /* warp-uniform: mma.sync needs all lanes */
+            const bf16 *ck = sk + (t & 1) * FA_KEYS * LD, *cv = sv + (t & 1) * FA_KEYS * LD;
+            float s[2][FA_KEYS / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < FA_KEYS / 8; nt++)
+                    s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk += 2) {
+                uint32_t qa[2][2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    const bf16 *qr = &sq[(warp * 32 + mt * 16 + (lane & 15)) * LD + (lane >> 4) * 8];
+                    ldsm_x4(qa[mt][0], qr + kk * 16);
+                    ldsm_x4(qa[mt][1], qr + (kk + 1) * 16);
+                }
+#pragma unroll
+                for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+                    uint32_t b[4];
+                    ldsm_x4(b, &ck[(nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8]);
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma_bf16(s[mt][nt], qa[mt][0], b[0], b[1]);
+                        mma_bf16(s[mt][nt], qa[mt][1], b[2], b[3]);
+                    }
+                }
+            }
+            /* scale, causal mask (only on tiles that reach past the warp's first row), online
+             * softmax over the thread's four rows: (mt, g) and (mt, g + 8) */
+            const bool need_mask = kb + FA_KEYS - 1 > wpos0;
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const int qp0 = wpos0 + mt * 16 + g, qp1 = qp0 + 8;
+                float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+                for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int key = kb + nt * 8 + t4 * 2 + (e & 1);
+                        float v = s[mt][nt][e] * scale_log2;
+                        if (need_mask && key > ((e < 2) ? qp0 : qp1)) v = -INFINITY;
+                        s[mt][nt][e] = v;
+                        if (e < 2)
+                            mx0 = fmaxf(mx0, v);
+                        else
+                            mx1 = fmaxf(mx1, v);
+                    }
+                }
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+                float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
+                float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+                float al0 = exp2f(m[mt][0] - mu0), al1 = exp2f(m[mt][1] - mu1);
+                m[mt][0] = mn0;
+                m[mt][1] = mn1;
+                float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+                    s[mt][nt][0] = exp2f(s[mt][nt][0] - mu0);
+                    s[mt][nt][1] = exp2f(s[mt][nt][1] - mu0);
+                    s[mt][nt][2] = exp2f(s[mt][nt][2] - mu1);
+                    s[mt][nt][3] = exp2f(s[mt][nt][3] - mu1);
+                    rs0 += s[mt][nt][0] + s[mt][nt][1];
+                    rs1 += s[mt][nt][2] + s[mt][nt][3];
+                }
+                l[mt][0] = l[mt][0] * al0 + rs0;
+                l[mt][1] = l[mt][1] * al1 + rs1;
+#pragma unroll
+                for (int i = 0; i < HD / 8; i++) {
+                    o[mt][i][0] *= al0;
+                    o[mt][i][1] *= al0;
+                    o[mt][i][2] *= al1;
+                    o[mt][i][3] *= al1;
+                }
+            }
+            /* O += P V */
+#pragma unroll
+            for (int k2 = 0; k2 < FA_KEYS / 16; k2++) {
+                uint32_t a[2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    a[mt][0] = pack_bf16(s[mt][2 * k2][0], s[mt][2 * k2][1]);
+                    a[mt][1] = pack_bf16(s[mt][2 * k2][2], s[mt][2 * k2][3]);
+                    a[mt][2] = pack_bf16(s[mt][2 * k2 + 1][0], s[mt][2 * k2 + 1][1]);
+                    a[mt][3] = pack_bf16(s[mt][2 * k2 + 1][2], s[mt][2 * k2 + 1][3]);
+                }
+#pragma unroll
+                for (int nd = 0; nd < HD / 8; nd += 2) {
+                    uint32_t b[4];
+                    ldsm_x4_t(b, &cv[(k2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nd * 8 +
+                                     (lane >> 4) * 8]);
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma_bf16(o[mt][nd], a[mt], b[0], b[1]);
+                        mma_bf16(o[mt][nd + 1], a[mt], b[2], b[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads(); /* the stage just read is refilled next iteration */
+    }
+    if (!live) return;
+    const int ostride = n_heads * HD;
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        float l0 = l[mt][0], l1 = l[mt][1];
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        float il0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, il1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+        int r0 = wrow + mt * 16 + g, r1 = r0 + 8;
+#pragma unroll
+        for (int nd = 0; nd < HD / 8; nd++) {
+            int col = h * HD + nd * 8 + t4 * 2;
+            if (r0 < S.n_new)
+                *(uint32_t *)(out + (int64_t)(S.q_start + r0) * ostride + col) =
+                    pack_bf16(o[mt][nd][0] * il0, o[mt][nd][1] * il0);
+            if (r1 < S.n_new)
+                *(uint32_t *)(out + (int64_t)(S.q_start + r1) * ostride + col) =
+                    pack_bf16(o[mt][nd][2] * il1, o[mt][nd][3] * il1);
+        }
+    }
+}
+
 /* ---- plain kernel: one warp per (row, head); any head_dim <= 256 ------------------------------
  */
 __global__ void attn_plain(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
@@ -278,9 +512,26 @@ __global__ void attn_plain(const bf16 *q, int q_stride, const bf16 *kv, const pd
     }
 }
 
+/* PDS_ATTN_PREFILL_V1=1 selects the first kernel (64 rows per CTA, no pipelining): kept for
+ * comparison in benchmarks. Read once. */
+static bool prefill_v1(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("PDS_ATTN_PREFILL_V1");
+        v = e && strcmp(e, "1") == 0;
+    }
+    return v == 1;
+}
+
+static int tile_rows(int head_dim)
+{
+    return (prefill_v1() || (head_dim != 64 && head_dim != 128)) ? PF_ROWS : FA_ROWS;
+}
+
 extern "C" int pds_cuda_attn_prefill_tile_rows(int head_dim)
 {
-    return PF_ROWS;
+    return tile_rows(head_dim);
 }
 
 extern "C" int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int head_dim,
@@ -288,13 +539,34 @@ extern "C" int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int hea
 {
     int n = 0;
     for (int s = 0; s < n_seqs; s++)
-        for (int r = 0; r < n_new[s]; r += PF_ROWS) {
+        for (int r = 0; r < n_new[s]; r += tile_rows(head_dim)) {
             if (n >= cap) return n;
             tiles[2 * n] = s;
             tiles[2 * n + 1] = r;
             n++;
         }
     return n;
+}
+
+template <int HD, int BN>
+static pds_status_t launch_fa(const uint16_t *q, int q_stride, const uint16_t *kv,
+                              const pds_cuda_seq_t *seqs, const int32_t *bts, const int32_t *tiles,
+                              int n_tiles, int n_heads, int n_kv_heads, int bs, float scale_log2,
+                              uint16_t *out, cudaStream_t s)
+{
+    constexpr size_t smem = fa_smem_bytes<HD, BN>();
+    static bool raised = false; /* per instance: the dynamic shared-memory limit, set once */
+    if (!raised) {
+        PDS_CUDA_TRY(cudaFuncSetAttribute(attn_prefill_fa<HD, BN>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        raised = true;
+    }
+    if (n_tiles > 65535) return PDS_ERR(PDS_ERR_UNSUPPORTED, "prefill attention: %d tiles", n_tiles);
+    attn_prefill_fa<HD, BN><<<dim3(n_heads, n_tiles), 128, smem, s>>>(
+        (const bf16 *)q, q_stride, (const bf16 *)kv, seqs, bts, tiles, n_heads, n_kv_heads, bs,
+        scale_log2, (bf16 *)out);
+    LAUNCH_CHECK("attn_prefill_fa");
+    return PDS_OK;
 }
 
 extern "C" pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride,
@@ -306,6 +578,25 @@ extern "C" pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride,
 {
     if (n_tiles <= 0) return PDS_OK;
     float scale = 1.0f / sqrtf((float)head_dim);
+    if (!prefill_v1() && (head_dim == 128 || head_dim == 64)) {
+        static int keys = 0; /* PDS_ATTN_PREFILL_KEYS=64 or 32 (default 32 for head_dim 128) */
+        if (!keys) {
+            const char *e = getenv("PDS_ATTN_PREFILL_KEYS");
+            keys = e && atoi(e) == 64 ? 64 : e && atoi(e) == 32 ? 32 : -1;
+        }
+        if (head_dim == 128 && keys == 64)
+            return launch_fa<128, 64>(q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles,
+                                      n_heads, n_kv_heads, block_size, scale * LOG2E, out, s);
+        else if (head_dim == 128)
+            return launch_fa<128, 32>(q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles,
+                                      n_heads, n_kv_heads, block_size, scale * LOG2E, out, s);
+        else if (keys == 32)
+            return launch_fa<64, 32>(q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles,
+                                     n_heads, n_kv_heads, block_size, scale * LOG2E, out, s);
+        else
+            return launch_fa<64, 64>(q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles,
+                                     n_heads, n_kv_heads, block_size, scale * LOG2E, out, s);
+    }
     dim3 grid(n_tiles, n_heads);
     if (head_dim == 128) {
         attn_prefill_mma<128><<<grid, 128, 0, s>>>(
@@ -384,34 +675,44 @@ __global__ void __launch_bounds__(DEC_THREADS)
     for (int gh = 0; gh < G; gh++)
 #pragma unroll
         for (int d = 0; d < DL; d++) qr[gh][d] = sq[gh * HD + sub * DL + d];
-    /* warp-uniform trip count: the shuffles below need all 32 lanes */
-    for (int j0 = start + warp * 4; j0 < end; j0 += 16) {
-        const int j = j0 + (lane >> 3);
-        const bool valid = j < end;
-        float kf[DL];
-        if (valid) {
-            const bf16 *k =
-                kv + ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD + sub * DL;
+    /* warp-uniform trip count: the shuffles below need all 32 lanes. DU keys per lane group in
+     * flight: all their loads are issued before the first is used. */
+    constexpr int DU = 4;
+    for (int j0 = start + warp * 4; j0 < end; j0 += 16 * DU) {
+        uint4 kx[DU][DL / 8];
 #pragma unroll
-            for (int c = 0; c < DL; c += 8) {
-                uint4 x = *(const uint4 *)(k + c);
-                const bf16 *xb = (const bf16 *)&x;
+        for (int u = 0; u < DU; u++) {
+            const int j = j0 + u * 16 + (lane >> 3);
+            if (j < end) {
+                const uint4 *k = (const uint4 *)(kv + ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw +
+                                                 kvh * HD + sub * DL);
 #pragma unroll
-                for (int e = 0; e < 8; e++) kf[c + e] = __bfloat162float(xb[e]);
+                for (int c = 0; c < DL / 8; c++) kx[u][c] = __ldcs(k + c);
+            } else {
+#pragma unroll
+                for (int c = 0; c < DL / 8; c++) kx[u][c] = make_uint4(0, 0, 0, 0);
             }
-        } else {
-#pragma unroll
-            for (int d = 0; d < DL; d++) kf[d] = 0.0f;
         }
 #pragma unroll
-        for (int gh = 0; gh < G; gh++) {
-            float dot = 0.0f;
+        for (int u = 0; u < DU; u++) {
+            const int j = j0 + u * 16 + (lane >> 3);
+            float kf[DL];
 #pragma unroll
-            for (int d = 0; d < DL; d++) dot += qr[gh][d] * kf[d];
-            dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-            dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-            dot += __shfl_xor_sync(0xffffffffu, dot, 4);
-            if (valid && sub == 0) ss[gh * split + (j - start)] = dot;
+            for (int c = 0; c < DL / 8; c++) {
+                const bf16 *xb = (const bf16 *)&kx[u][c];
+#pragma unroll
+                for (int e = 0; e < 8; e++) kf[c * 8 + e] = __bfloat162float(xb[e]);
+            }
+#pragma unroll
+            for (int gh = 0; gh < G; gh++) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int d = 0; d < DL; d++) dot += qr[gh][d] * kf[d];
+                dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+                dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+                dot += __shfl_xor_sync(0xffffffffu, dot, 4);
+                if (j < end && sub == 0) ss[gh * split + (j - start)] = dot;
+            }
         }
     }
     __syncthreads();
@@ -441,18 +742,31 @@ __global__ void __launch_bounds__(DEC_THREADS)
     for (int gh = 0; gh < G; gh++)
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[gh][e] = 0.0f;
-    for (int j = start + rg; j < end; j += RG) {
-        const bf16 *v = kv + ((int64_t)(bt[j / bs] * 2 + 1) * bs + j % bs) * kvw + kvh * HD + c * 8;
-        uint4 x = *(const uint4 *)v;
-        const bf16 *xb = (const bf16 *)&x;
-        float vf[8];
+    constexpr int VU = 8; /* V rows in flight per thread */
+    for (int j0 = start + rg; j0 < end; j0 += RG * VU) {
+        uint4 vx[VU];
 #pragma unroll
-        for (int e = 0; e < 8; e++) vf[e] = __bfloat162float(xb[e]);
+        for (int u = 0; u < VU; u++) {
+            const int j = j0 + u * RG;
+            vx[u] = j < end ? __ldcs((const uint4 *)(kv + ((int64_t)(bt[j / bs] * 2 + 1) * bs + j % bs) *
+                                                              kvw +
+                                                     kvh * HD + c * 8))
+                            : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
-        for (int gh = 0; gh < G; gh++) {
-            float p = ss[gh * split + (j - start)];
+        for (int u = 0; u < VU; u++) {
+            const int j = j0 + u * RG;
+            if (j >= end) break;
+            const bf16 *xb = (const bf16 *)&vx[u];
+            float vf[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc[gh][e] += p * vf[e];
+            for (int e = 0; e < 8; e++) vf[e] = __bfloat162float(xb[e]);
+#pragma unroll
+            for (int gh = 0; gh < G; gh++) {
+                float p = ss[gh * split + (j - start)];
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[gh][e] += p * vf[e];
+            }
         }
     }
 #pragma unroll

@@ -110,6 +110,25 @@ pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride, const uint16_
                                   int block_size, int split_tokens, int max_splits, float *part,
                                   uint16_t *out, cudaStream_t s);
 
+/* Decode-step matrix-vector products for 1..pds_cuda_gemv_max_rows() activation rows (n), each
+ * with the step that follows it fused (gemv.cu). Weights w [M, K] bf16 row-major, activations x
+ * [n, K] bf16, K a multiple of 8; other shapes return PDS_ERR_UNSUPPORTED.
+ * _f32: y [n, M] fp32 = x . w^T, or += when accumulate (the residual add).
+ * _silu: act [n, ffn] bf16 = silu(g) * u with g = x . w_gu[:ffn]^T and u = x . w_gu[ffn:]^T,
+ * each rounded to bf16 first (= GEMM into [n, 2*ffn] bf16, then pds_cuda_silu_mul).
+ * _qkv_rope: qkv [n, (H + 2*KV) * head_dim] bf16 = x . wqkv^T, then RoPE and the K/V write of
+ * pds_cuda_rope_kv_write (pos [n], slots [n]). */
+int pds_cuda_gemv_max_rows(void);
+pds_status_t pds_cuda_gemv_f32(const uint16_t *w, int M, int K, const uint16_t *x, int n, float *y,
+                               int accumulate, cudaStream_t s);
+pds_status_t pds_cuda_gemv_silu(const uint16_t *w_gu, int ffn, int K, const uint16_t *x, int n,
+                                uint16_t *act, cudaStream_t s);
+pds_status_t pds_cuda_gemv_qkv_rope(const uint16_t *wqkv, int K, const uint16_t *x, int n,
+                                    const int32_t *pos, const int32_t *slots, int n_heads,
+                                    int n_kv_heads, int head_dim, const float *inv_freq,
+                                    uint16_t *qkv, uint16_t *kv_layer, int block_size,
+                                    cudaStream_t s);
+
 /* tokens[S]: the token drawn for each row of logits [S, vocab] fp32 with the algorithm of
  * sample/sample.h (greedy when temperature == 0). */
 pds_status_t pds_cuda_sample(const float *logits, int S, int vocab, const pds_cuda_sample_t *p,
