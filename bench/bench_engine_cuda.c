@@ -194,7 +194,11 @@ int pds_bench_engine_cuda_main(int argc, char **argv)
                 return 1;
             }
             if (r >= 0) ms[r] = b - a;
+            if (r < 0) pds_engine_cuda_profile_report(e, "", NULL); /* drop the warm-up */
         }
+        char lab[64];
+        snprintf(lab, sizeof lab, "prefill %d", n);
+        pds_engine_cuda_profile_report(e, lab, stdout);
         double med = median(ms, reps);
         double flops = lin_per_tok * n + 4.0 * L * H * hd * ((double)n * (n + 1) / 2) + head_flops;
         double floor_ms = flops / mm * 1e3;
@@ -249,7 +253,11 @@ int pds_bench_engine_cuda_main(int argc, char **argv)
             if (s == PDS_OK) s = pds_engine_forward(e, q, B, NULL, NULL);
             double b = pds_time_now_ms();
             if (st >= 0) ms[st] = b - a;
+            if (st < 0) pds_engine_cuda_profile_report(e, "", NULL); /* drop prefill, warm-up */
         }
+        char lab[64];
+        snprintf(lab, sizeof lab, "decode batch %d", B);
+        pds_engine_cuda_profile_report(e, lab, stdout);
         if (s != PDS_OK) {
             fprintf(stderr, "decode B=%d: %s (%s at %s)\n", B, pds_status_name(s), pds_err_detail(),
                     pds_err_where());

@@ -86,6 +86,7 @@ case $cmd in
     done
     mkdir -p "$dir"
     [ -f "$dir/pids" ] && die "a cluster already runs from $dir (deploy/cluster.sh stop --dir $dir)"
+    rm -f "$dir"/*.out "$dir"/*.log  # a previous cluster's, possibly with other node ids
     export UCX_TLS=$tls UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo} UCX_WARN_UNUSED_ENV_VARS=n
     "$bin/pdserve-router" --router.listen=127.0.0.1:$port --router.id=router-0 </dev/null \
       >"$dir/router.out" 2>"$dir/router.log" &

@@ -66,6 +66,8 @@ echo "router listening on $router (pdserve.v1.Pdserve over gRPC)"
 "$cli" status --router "$router"
 
 say "requests (streamed text, then the router's summary and the client's own timings)"
+echo "(the built-in model has synthetic weights: its text is noise, but every token is exactly"
+echo " what one process running the same model produces; non-printable bytes show as \\xNN)"
 prompts=("Once upon a time" "The capital of France is" "def fibonacci(n):")
 for p in "${prompts[@]}"; do
   echo "-- prompt: \"$p\""
@@ -100,7 +102,15 @@ if [ $wait -eq 1 ]; then
   echo "      /usr/bin/python3 deploy/python/pdserve_client.py generate --target $router --text 'Hello'"
   echo "logs: $dir/*.log"
   router_pid=$(awk '$1 == "router" {print $2}' "$dir/pids")
-  while kill -0 "$router_pid" 2>/dev/null; do sleep 1; done
+  # Ctrl-C reaches the nodes too (same process group); `wait` returns at once on the signal, so
+  # the flag is set before the loop can mistake their exit for a crash.
+  interrupted=0
+  trap 'interrupted=1' INT TERM
+  while [ $interrupted -eq 0 ] && kill -0 "$router_pid" 2>/dev/null; do
+    sleep 1 &
+    wait $! || true
+  done
+  [ $interrupted -eq 1 ] && exit 130
   echo "quickstart: the router exited on its own; see $dir/router.log" >&2
   exit 1
 fi

@@ -268,6 +268,139 @@ Test(engine_cuda, rope_and_kv_write_match_cpu)
     cudaFree(dq), cudaFree(dpos), cudaFree(dsl), cudaFree(dinv), cudaFree(dkv);
 }
 
+/* x [n, K] . w[M, K]^T in double: ref [n, M] */
+static void matvec_ref(const uint16_t *w, int M, int K, const uint16_t *x, int n, double *ref)
+{
+    for (int r = 0; r < n; r++)
+        for (int m = 0; m < M; m++) {
+            double d = 0;
+            for (int k = 0; k < K; k++)
+                d += (double)pds_bf16_to_f32(w[(size_t)m * K + k]) *
+                     pds_bf16_to_f32(x[(size_t)r * K + k]);
+            ref[(size_t)r * M + m] = d;
+        }
+}
+
+static uint16_t *rand_bf(size_t n, float scale)
+{
+    float *f = malloc(n * 4);
+    for (size_t i = 0; i < n; i++) f[i] = scale * frand();
+    uint16_t *b = bf_vec(f, n);
+    free(f);
+    return b;
+}
+
+Test(engine_cuda, gemv_store_and_residual_add_match_cpu)
+{
+    need_gpu();
+    rng_seed(21);
+    const int M = 515, K = 1000; /* odd M: the last pair has one row */
+    uint16_t *w = rand_bf((size_t)M * K, 1.0f), *dw = dup_to_dev(w, (size_t)M * K * 2);
+    for (int n = 1; n <= pds_cuda_gemv_max_rows(); n++) {
+        uint16_t *x = rand_bf((size_t)n * K, 1.0f), *dx = dup_to_dev(x, (size_t)n * K * 2);
+        double *ref = malloc((size_t)n * M * 8);
+        matvec_ref(w, M, K, x, n, ref);
+        float *y0 = malloc((size_t)n * M * 4), *got = malloc((size_t)n * M * 4);
+        for (int i = 0; i < n * M; i++) y0[i] = 10.0f * frand();
+        for (int acc = 0; acc < 2; acc++) {
+            float *dy = acc ? dup_to_dev(y0, (size_t)n * M * 4) : dalloc((size_t)n * M * 4);
+            cr_assert_eq(pds_cuda_gemv_f32(dw, M, K, dx, n, dy, acc, 0), PDS_OK, "%s",
+                         pds_err_detail());
+            to_host(got, dy, (size_t)n * M * 4);
+            double *r = malloc((size_t)n * M * 8);
+            for (int i = 0; i < n * M; i++) r[i] = ref[i] + (acc ? y0[i] : 0.0);
+            double err = rel_err(got, r, (size_t)n * M);
+            cr_assert(err < 1e-5, "gemv n %d acc %d rel err %g", n, acc, err);
+            free(r);
+            cudaFree(dy);
+        }
+        free(x), free(ref), free(y0), free(got);
+        cudaFree(dx);
+    }
+    /* shapes it does not take: a status, not a launch */
+    cr_assert_eq(pds_cuda_gemv_f32(dw, M, 1001, dw, 1, NULL, 0, 0), PDS_ERR_UNSUPPORTED);
+    cr_assert_eq(pds_cuda_gemv_f32(dw, M, K, dw, pds_cuda_gemv_max_rows() + 1, NULL, 0, 0),
+                 PDS_ERR_UNSUPPORTED);
+    free(w);
+    cudaFree(dw);
+}
+
+Test(engine_cuda, gemv_silu_matches_cpu)
+{
+    need_gpu();
+    rng_seed(22);
+    const int F = 300, K = 512, n = 3;
+    uint16_t *w = rand_bf((size_t)2 * F * K, 0.1f), *x = rand_bf((size_t)n * K, 1.0f);
+    uint16_t *dw = dup_to_dev(w, (size_t)2 * F * K * 2), *dx = dup_to_dev(x, (size_t)n * K * 2);
+    uint16_t *dact = dalloc((size_t)n * F * 2), *act = malloc((size_t)n * F * 2);
+    cr_assert_eq(pds_cuda_gemv_silu(dw, F, K, dx, n, dact, 0), PDS_OK, "%s", pds_err_detail());
+    to_host(act, dact, (size_t)n * F * 2);
+    double *gu = malloc((size_t)n * 2 * F * 8), *ref = malloc((size_t)n * F * 8);
+    matvec_ref(w, 2 * F, K, x, n, gu);
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < F; j++) {
+            double g = gu[(size_t)r * 2 * F + j], u = gu[(size_t)r * 2 * F + F + j];
+            ref[(size_t)r * F + j] = g / (1.0 + exp(-g)) * u;
+        }
+    float *got = f_from_bf(act, (size_t)n * F);
+    double err = rel_err(got, ref, (size_t)n * F);
+    cr_assert(err < 1e-2, "gemv silu rel err %g", err);
+    free(w), free(x), free(act), free(gu), free(ref), free(got);
+    cudaFree(dw), cudaFree(dx), cudaFree(dact);
+}
+
+Test(engine_cuda, gemv_qkv_rope_matches_cpu_and_writes_the_pool)
+{
+    need_gpu();
+    rng_seed(23);
+    const int H = 8, KV = 2, hd = 128, K = 256, n = 4, bs = 16, nblocks = 7;
+    const int W = (H + 2 * KV) * hd;
+    pds_model_config_t c;
+    cr_assert_eq(pds_model_preset("llama3-8b", &c), PDS_OK);
+    float invf[64];
+    for (int i = 0; i < hd / 2; i++) invf[i] = 1.0f / powf(c.rope_theta, (float)(2 * i) / hd);
+    uint16_t *w = rand_bf((size_t)W * K, 0.1f), *x = rand_bf((size_t)n * K, 1.0f);
+    int32_t pos[4] = {0, 5, 1023, 70001}, slots[4] = {3 * bs + 2, 0, 6 * bs + 15, bs + 7};
+    uint16_t *dw = dup_to_dev(w, (size_t)W * K * 2), *dx = dup_to_dev(x, (size_t)n * K * 2);
+    int32_t *dpos = dup_to_dev(pos, sizeof pos), *dsl = dup_to_dev(slots, sizeof slots);
+    float *dinv = dup_to_dev(invf, sizeof invf);
+    pds_kv_layout_t L = {1, nblocks, bs, KV, hd, 2};
+    size_t kvn = (size_t)pds_kv_block_elems(&L) * nblocks;
+    uint16_t *dkv = dalloc(kvn * 2), *dq = dalloc((size_t)n * W * 2);
+    cr_assert_eq(pds_cuda_gemv_qkv_rope(dw, K, dx, n, dpos, dsl, H, KV, hd, dinv, dq, dkv, bs, 0),
+                 PDS_OK, "%s", pds_err_detail());
+    uint16_t *qo = malloc((size_t)n * W * 2), *kv = malloc(kvn * 2);
+    to_host(qo, dq, (size_t)n * W * 2);
+    to_host(kv, dkv, kvn * 2);
+    double *y = malloc((size_t)n * W * 8), *ref = malloc((size_t)n * W * 8);
+    matvec_ref(w, W, K, x, n, y);
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < H + 2 * KV; h++)
+            for (int i = 0; i < hd; i++) {
+                size_t o = (size_t)t * W + h * hd + i;
+                double v = y[o];
+                if (h < H + KV) {
+                    int j = i % (hd / 2);
+                    double ang = (double)(float)((float)pos[t] * invf[j]);
+                    double x0 = y[(size_t)t * W + h * hd + j], x1 = y[(size_t)t * W + h * hd + j + hd / 2];
+                    v = i < hd / 2 ? x0 * cos(ang) - x1 * sin(ang) : x1 * cos(ang) + x0 * sin(ang);
+                }
+                ref[o] = v;
+                if (h >= H) {
+                    int kvsel = h >= H + KV, head = (h - H) % KV;
+                    int64_t off =
+                        pds_kv_layout_offset(&L, slots[t] / bs, kvsel, slots[t] % bs, head, i);
+                    cr_assert_eq(kv[off], qo[o], "t %d h %d i %d", t, h, i);
+                }
+            }
+    float *got = f_from_bf(qo, (size_t)n * W);
+    double err = rel_err(got, ref, (size_t)n * W);
+    cr_assert(err < 1e-2, "gemv qkv+rope rel err %g", err);
+    free(w), free(x), free(qo), free(kv), free(y), free(ref), free(got);
+    cudaFree(dw), cudaFree(dx), cudaFree(dpos), cudaFree(dsl), cudaFree(dinv), cudaFree(dkv),
+        cudaFree(dq);
+}
+
 /* Reference attention for one batch over a bf16 pool, double precision. */
 static void attn_ref(const uint16_t *q, int q_stride, const uint16_t *kv, const pds_kv_layout_t *L,
                      const pds_cuda_seq_t *seqs, int n_seqs, const int32_t *bt, int H, double *out)

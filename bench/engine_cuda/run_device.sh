@@ -4,7 +4,9 @@
 # repository root on the GPU machine after the bundle was built here:
 #   ../shared/device/bundle.sh .bundle build-cuda/bin/test_engine_cuda build-cuda/bin/pdserve-bench-cuda
 #   device: carry [".bundle"], command "bash bench/engine_cuda/run_device.sh"
-# Results under $OUT: gpu.txt, tests.log, bench.log, cuda.json, peer.log, peer.json.
+# Results under $OUT: gpu.txt, tests.log, bench.log, cuda.json, peer.log, peer.json; with
+# EXPLORE=1 also explore.log: a per-op GPU time profile (PDS_ENGINE_CUDA_PROFILE=1) and short
+# runs with one optimisation switched off at a time, to see what each is worth.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -16,11 +18,35 @@ T_TESTS=${T_TESTS:-170} T_BENCH=${T_BENCH:-200} T_PEER=${T_PEER:-200}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "$T_TESTS" test_engine_cuda --jobs 1 --verbose > "$OUT/tests.log" 2>&1
   echo "tests rc=$?"; grep -E "FAIL|Synthesis|PASS|CRASH|info" "$OUT/tests.log" | tail -40
+  # the other prefill tile width, through the same kernel test
+  PDS_ATTN_PREFILL_KEYS=64 timeout 60 test_engine_cuda --jobs 1 \
+    --filter 'engine_cuda/prefill_attention*' >> "$OUT/tests.log" 2>&1
+  echo "prefill attention test, 64-key tiles: rc=$?"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "$T_BENCH" pdserve-bench-cuda --preset llama3-8b ${BENCH_ARGS:-} --out "$OUT/cuda.json" \
     > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; cat "$OUT/bench.log"
+fi
+if [ "${EXPLORE:-0}" = 1 ]; then
+  short() { # label, env..., then bench args after --
+    local label=$1; shift
+    local envs=()
+    while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
+    echo "=== $label (${envs[*]:-defaults}) $*" >> "$OUT/explore.log"
+    env "${envs[@]}" timeout 120 pdserve-bench-cuda --preset llama3-8b "$@" \
+      >> "$OUT/explore.log" 2>&1
+    echo "=== rc=$?" >> "$OUT/explore.log"
+  }
+  short profile PDS_ENGINE_CUDA_PROFILE=1 -- --prompt-lens 512,2048,4096,8192 \
+    --decode-batches 1,32 --decode-steps 4 --repeat 1
+  short keys64 PDS_ATTN_PREFILL_KEYS=64 -- --prompt-lens 2048,4096,8192 --decode-batches 1
+  short prefill_v1 PDS_ATTN_PREFILL_V1=1 -- --prompt-lens 2048,4096,8192 --decode-batches 1
+  short no_tune PDS_ENGINE_CUDA_TUNE=0 -- --prompt-lens 512,2048,4096 --decode-batches 1,8,32
+  short no_gemv PDS_ENGINE_CUDA_GEMV=0 -- --prompt-lens 128 --decode-batches 1,2,4
+  short no_graph_no_gemv PDS_ENGINE_CUDA_GEMV=0 PDS_ENGINE_CUDA_PROFILE=1 -- --prompt-lens 128 \
+    --decode-batches 1 --decode-steps 4
+  grep -E "^===|^profile|^  |^[0-9]" "$OUT/explore.log"
 fi
 if [ "${SKIP_PEER:-0}" != 1 ]; then
   PYTHONUNBUFFERED=1 timeout "$T_PEER" python3 bench/engine_cuda/peer_hf.py ${PEER_ARGS:-} \

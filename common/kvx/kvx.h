@@ -26,11 +26,27 @@
  * Runs of consecutive source AND destination ids are merged into one message per run, so a
  * sequence with consecutive ids on both sides costs one message per layer.
  *
- * Memory: host memory only (Debian's UCX 1.13 has no CUDA memory support). GPU pools stage: the
- * decode node registers a pinned host mirror of the pool and copies the blocks to the GPU when the
- * transfer completes (the notify callback is the hook for that copy); the prefill node copies each
- * layer's blocks to host before send_layer. pds_kvx_register_pool says PDS_ERR_UNSUPPORTED for
- * PDS_KVX_MEM_CUDA (the seam where a CUDA-aware UCX build would register device memory).
+ * NCCL (builds with CUDA and nccl.h): GPU memory straight from the prefill pool into the decode
+ * pool. One communicator per prefill/decode pair (2 ranks), whose unique id the receiver creates
+ * and hands out in the per-peer pool blob (pds_kvx_pool_blob_for); non-blocking initialisation with
+ * a deadline and ncclCommAbort on failure. Every data group is announced by a fixed-size header
+ * (transfer id, layer, runs) the receiver always has a receive posted for, so it can check the
+ * runs against the blocks it reserved before posting the receives straight into them, in whatever
+ * order the sender's schedule produces. Checksums are computed on the GPU on both sides (the same
+ * function as pds_kvx_checksum). The stream is one-way: commit returns once DONE and the checksums
+ * left this GPU; the receiver's verdict comes back through the control plane (CommitTransfer).
+ *
+ * Memory: UCX moves host memory (Debian's UCX 1.13 has no CUDA support), so device pools stage
+ * through pinned host mirrors as large as the pool (size the pool with [engine] kv_tokens):
+ *   receiver  pds_kvx_register_pool(.., PDS_KVX_MEM_CUDA) registers the mirror with UCX; once a
+ *             transfer arrived and verified, its blocks are copied host -> device (one copy per
+ *             merged run) before the recv handle reports PDS_OK, so the decode node can compute on
+ *             them as soon as it hears.
+ *   sender    pds_kvx_register_source(.., PDS_KVX_MEM_CUDA, ready) once; then send_layer with the
+ *             device layer base returns at once and a kvx staging thread waits ready(layer)
+ *             (pds_engine_layer_wait), copies the layer's blocks device -> mirror, checksums and
+ *             sends them from there, so layer l's copy and send overlap layer l+1's compute.
+ * NCCL uses the same two calls without mirrors.
  *
  * Threads: a UCX kvx owns one progress thread that drives the UCX worker (all UCX calls happen
  * under one kvx lock, so the worker runs in serialized mode), verifies checksums of arrived
@@ -47,7 +63,8 @@
 #include "base/base.h"
 #include "kv/kv.h"
 
-typedef enum { PDS_KVX_UCX = 0, PDS_KVX_LOOPBACK } pds_kvx_backend_t;
+/* Values are also the [kvx] backend config enum's order (node.c). */
+typedef enum { PDS_KVX_UCX = 0, PDS_KVX_LOOPBACK, PDS_KVX_NCCL } pds_kvx_backend_t;
 typedef enum { PDS_KVX_PATH_AM = 0, PDS_KVX_PATH_PUT } pds_kvx_path_t;
 typedef enum { PDS_KVX_MEM_HOST = 0, PDS_KVX_MEM_CUDA } pds_kvx_mem_t;
 
@@ -62,17 +79,25 @@ typedef struct {
     pds_kvx_path_t path; /* how this node sends (UCX); ignored by loopback */
     bool checksum;       /* sender computes per-(layer, block) checksums; receiver verifies them */
     pds_kvx_hub_t *hub;  /* LOOPBACK: required */
+    int device;          /* NCCL: the CUDA device of this node's pool */
+    int64_t init_timeout_ms; /* NCCL: communicator set-up deadline (0 = 30 s) */
 } pds_kvx_params_t;
 
 /* UCX, AM path, checksums on. */
 pds_kvx_params_t pds_kvx_default_params(void);
-const char *pds_kvx_backend_name(pds_kvx_backend_t b); /* "ucx", "loopback" */
+const char *pds_kvx_backend_name(pds_kvx_backend_t b); /* "ucx", "loopback", "nccl" */
+/* "ucx" / "loopback" / "nccl" -> backend; PDS_ERR_INVALID_ARG (naming the choices) otherwise. */
+pds_status_t pds_kvx_backend_parse(const char *name, pds_kvx_backend_t *out);
+/* Whether this build has the NCCL backend and CUDA staging (a GPU is still needed at run time). */
+bool pds_kvx_has_nccl(void);
+bool pds_kvx_has_cuda(void);
 const char *pds_kvx_path_name(pds_kvx_path_t p);       /* "am", "put" */
 /* Writes "ucx 1.13.1" (the UCX library this process runs with, for reports) into buf. */
 void pds_kvx_transport_version(char *buf, size_t cap);
 
 /* One per node process. UCX: reads UCX_* environment variables (UCX_TLS, UCX_NET_DEVICES, ...) at
- * create, so set them before. Starts the progress thread. */
+ * create, so set them before. Starts the progress thread. NCCL: PDS_ERR_UNSUPPORTED in a build
+ * without it, PDS_ERR_DEVICE without a usable GPU (params.device). */
 typedef struct pds_kvx pds_kvx_t;
 pds_status_t pds_kvx_create(const pds_kvx_params_t *p, pds_kvx_t **out);
 /* Fails every pending transfer (PDS_ERR_CANCELLED), closes endpoints, stops the progress thread,
@@ -99,6 +124,14 @@ uint64_t pds_kvx_checksum(const void *data, size_t n);
  * needs a new kvx. */
 pds_status_t pds_kvx_register_pool(pds_kvx_t *x, const pds_kv_layout_t *layout,
                                    void *const *layer_base, pds_kvx_mem_t mem,
+                                   const void **pool_blob, size_t *pool_len);
+
+/* The pool blob to hand to sender `peer_addr` (its pds_kvx_address blob, from OpenTransfer) for
+ * its next transfers here. UCX / loopback: the registered pool blob. NCCL: the pool blob plus the
+ * unique id of this pair's communicator, which is created (non-blocking) on first use and again
+ * after a failure. Owned by the kvx, valid until the next call for the same peer or destroy.
+ * PDS_ERR_FAILED_PRECONDITION without a registered pool, PDS_ERR_PARSE for a bad peer blob. */
+pds_status_t pds_kvx_pool_blob_for(pds_kvx_t *x, const void *peer_addr, size_t addr_len,
                                    const void **pool_blob, size_t *pool_len);
 
 /* Called once when a recv handle reaches its final state (ok or error), with no kvx lock held, on
@@ -133,6 +166,21 @@ uint64_t pds_kvx_recv_id(const pds_kvx_recv_t *r);
 
 /* ---- sender (prefill node) ----------------------------------------------------------------------
  */
+/* Blocks until `layer`'s KV of the latest forward is written on the device (a prefill node passes
+ * pds_engine_layer_wait). Called from the kvx staging thread. */
+typedef pds_status_t (*pds_kvx_ready_fn)(void *ctx, int layer);
+
+/* Declares where this node's transfers read from: layer_base[l] is layer l's block array (layout as
+ * in kv/kv.h). Once per kvx, before any send_open. HOST: nothing changes (send_layer reads the
+ * caller's memory; optional). CUDA: UCX allocates a pinned host mirror of the pool and starts a
+ * staging thread; NCCL starts the thread and sends from the device. With a CUDA source,
+ * send_layer's src_base must be the registered base of that layer and `ready` is required.
+ * PDS_ERR_UNSUPPORTED (loopback + CUDA, a build without CUDA, NCCL + host), PDS_ERR_DEVICE (no
+ * usable GPU, pinned allocation failed), PDS_ERR_ALREADY_EXISTS (registered before). */
+pds_status_t pds_kvx_register_source(pds_kvx_t *x, const pds_kv_layout_t *layout,
+                                     void *const *layer_base, pds_kvx_mem_t mem,
+                                     pds_kvx_ready_fn ready, void *ctx);
+
 typedef struct pds_kvx_send pds_kvx_send_t;
 /* Opens transfer `transfer_id` to the peer whose address and pool blobs the control plane
  * delivered, into its blocks dst_ids[0..n_blocks). src_layout (this node's pool) must have the
@@ -145,8 +193,10 @@ pds_status_t pds_kvx_send_open(pds_kvx_t *x, const void *peer_addr, size_t addr_
                                int n_blocks, const int32_t *dst_ids, pds_kvx_send_t **out);
 /* Starts sending layer `layer` (each layer once, any order): block src_ids[i] of the layer array
  * at src_base goes to dst_ids[i]. Non-blocking; the source bytes must stay unchanged until commit
- * returns (or close). Computes the checksums here when enabled. Returns the first error the
- * transfer met (PDS_ERR_UNAVAILABLE when the peer's endpoint failed). */
+ * returns (or close). Computes the checksums here when enabled (device sources: on the staging
+ * thread, which also does the copy and the sends; NCCL wants the same src_ids for every layer).
+ * Returns the first error the transfer met (PDS_ERR_UNAVAILABLE when the peer's endpoint
+ * failed). */
 pds_status_t pds_kvx_send_layer(pds_kvx_send_t *t, int layer, const void *src_base,
                                 const int32_t *src_ids);
 /* Waits (up to timeout_ms) until every layer's data is in place at the receiver, sends "done"
@@ -171,6 +221,8 @@ typedef struct {
     int64_t transfers_received;
     int64_t recv_failed;
     int64_t verify_ns; /* receiver time spent computing checksums */
+    int64_t stage_ns;  /* device <-> host staging copies (both sides) */
+    int64_t staged_bytes;
 } pds_kvx_stats_t;
 void pds_kvx_stats(pds_kvx_t *x, pds_kvx_stats_t *out);
 

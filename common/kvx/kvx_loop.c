@@ -143,8 +143,8 @@ pds_status_t kvx_loop_send_runs(pds_kvx_send_t *t, int layer, const uint8_t *src
                                 const int32_t *src_ids)
 {
     if (t->status != PDS_OK) return t->status;
-    pds_kvx_t *rx;
-    pds_kvx_recv_t *r;
+    pds_kvx_t *rx = NULL;
+    pds_kvx_recv_t *r = NULL; /* initialised: gcc -O3 (Release) cannot see lock_peer sets it */
     pds_status_t s = lock_peer(t, &rx, &r);
     if (s != PDS_OK) return t->status = s;
     for (int i = 0; i < t->n_blocks && s == PDS_OK;) {
@@ -178,8 +178,8 @@ pds_status_t kvx_loop_send_runs(pds_kvx_send_t *t, int layer, const uint8_t *src
 pds_status_t kvx_loop_commit(pds_kvx_send_t *t)
 {
     if (t->status != PDS_OK) return t->status;
-    pds_kvx_t *rx;
-    pds_kvx_recv_t *r;
+    pds_kvx_t *rx = NULL;
+    pds_kvx_recv_t *r = NULL; /* initialised: gcc -O3 (Release) cannot see lock_peer sets it */
     pds_status_t s = lock_peer(t, &rx, &r);
     if (s != PDS_OK) return t->status = s;
     if (!r) {
@@ -205,8 +205,8 @@ pds_status_t kvx_loop_commit(pds_kvx_send_t *t)
 
 void kvx_loop_abort(pds_kvx_send_t *t)
 {
-    pds_kvx_t *rx;
-    pds_kvx_recv_t *r;
+    pds_kvx_t *rx = NULL;
+    pds_kvx_recv_t *r = NULL;
     if (lock_peer(t, &rx, &r) != PDS_OK) return;
     if (r) kvx_recv_finish(r, PDS_ERR_CANCELLED, "sender aborted transfer");
     unlock_peer(t, rx);

@@ -396,6 +396,7 @@ static int cmd_generate(int argc, char **argv, common_opts_t *co)
     }
     int32_t *out = pds_malloc(sizeof(int32_t) * MAX_IDS);
     int n_out = 0, n_chunks = 0, rc = 1;
+    size_t n_text_bytes = 0;
     bool gaps = false;
     Pdserve__V1__GenerateResponse *summary_msg = NULL;
     text_out_t to = {.out = stdout, .raw = co->raw};
@@ -423,6 +424,7 @@ static int cmd_generate(int argc, char **argv, common_opts_t *co)
             if (r->chunk->index != (uint32_t)n_out) gaps = true;
             for (size_t i = 0; i < r->chunk->n_ids && n_out < MAX_IDS; i++)
                 out[n_out++] = r->chunk->ids[i];
+            n_text_bytes += r->chunk->text.len;
             if (stream_text) {
                 text_emit(&to, r->chunk->text.data, r->chunk->text.len, false);
                 fflush(stdout);
@@ -438,6 +440,7 @@ static int cmd_generate(int argc, char **argv, common_opts_t *co)
     double t_end = pds_time_now_ms();
     if (stream_text) {
         text_emit(&to, NULL, 0, true);
+        if (n_out > 0 && n_text_bytes == 0) fputs("(no text: every token id is >= 256)", stdout);
         fputc('\n', stdout);
         fflush(stdout);
     }

@@ -30,6 +30,9 @@
 
 #define LT_WORKSPACE (64u << 20)
 #define GEMM_CACHE   128
+#define TUNE_CACHE   64
+#define TUNE_EXACT_N 256
+#define TUNE_ALGOS   12
 #define MAX_GRAPHS   96
 
 #define LT_TRY(call)                                                                       \
@@ -61,6 +64,48 @@ typedef struct {
     cudaGraphExec_t exec;
 } graph_entry_t;
 
+/* The algorithm measured fastest for a GEMM shape, n (rows of activations) bucketed: exact up to
+ * TUNE_EXACT_N, else rounded up to a power of two, so that prompts of many lengths cost one
+ * tuning per bucket. */
+typedef struct {
+    int m, k, out_f32, acc, nb;
+    cublasLtMatmulAlgo_t algo;
+    bool used;
+} tune_entry_t;
+
+/* Per-op GPU time of forward passes (PDS_ENGINE_CUDA_PROFILE=1): an event after each op. */
+enum {
+    OP_EMBED,
+    OP_NORM,
+    OP_GEMM_QKV,
+    OP_ROPE_KV,
+    OP_ATTN,
+    OP_GEMM_O,
+    OP_GEMM_GU,
+    OP_SILU,
+    OP_GEMM_DOWN,
+    OP_LM_HEAD,
+    OP_SAMPLE,
+    OP_GEMV_QKV_ROPE,
+    OP_GEMV_O,
+    OP_GEMV_GU_SILU,
+    OP_GEMV_DOWN,
+    OP_COUNT
+};
+static const char *const op_names[OP_COUNT] = {
+    "embed",         "rmsnorm", "gemm qkv",      "rope+kv write",   "attention",
+    "gemm o (+res)", "gemm g|u", "silu*mul",     "gemm down (+res)", "lm head",
+    "sample",        "gemv qkv+rope+kv", "gemv o (+res)", "gemv g|u+silu", "gemv down (+res)"};
+#define PROF_MAX 4096
+typedef struct {
+    cudaEvent_t ev[PROF_MAX + 1];
+    int op[PROF_MAX + 1];
+    int n; /* events recorded in the current forward (ev[0] = start) */
+    double ms[OP_COUNT];
+    long calls[OP_COUNT];
+    int forwards;
+} prof_t;
+
 /* The pinned input pack: fixed sections so that a captured graph reads fixed addresses. */
 typedef struct {
     size_t seqs, sample, last, tokens, pos, slots, tiles, bt, total;
@@ -73,6 +118,12 @@ typedef struct {
     void *lt_ws;
     gemm_entry_t gemms[GEMM_CACHE];
     int gemm_next;
+    tune_entry_t tuned[TUNE_CACHE];
+    int tune_next;
+    bool tune;          /* time cuBLASLt's candidates once per shape bucket (PDS_ENGINE_CUDA_TUNE) */
+    cudaEvent_t tev[2]; /* tuning timers */
+    bool gemv;          /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
+    prof_t *prof;       /* PDS_ENGINE_CUDA_PROFILE=1 */
     /* weights */
     void *wmem;
     size_t wbytes;
@@ -92,7 +143,8 @@ typedef struct {
     uint16_t *xn;   /* [max_T, hidden] bf16 normalised */
     uint16_t *qkv;  /* [max_T, qkv_w] */
     uint16_t *att;  /* [max_T, H*hd] */
-    uint16_t *gu;   /* [max_T, 2*ffn] */
+    uint16_t *gu;   /* [max_T, 2*ffn] bf16; also the scratch output when tuning GEMMs */
+    size_t gu_bytes;
     uint16_t *act;  /* [max_T, ffn] */
     float *logits;  /* [max_S, vocab] */
     float *part;    /* decode partials */
@@ -149,45 +201,136 @@ bool pds_engine_cuda_probe(char *why, size_t why_cap)
 static void gemm_entry_free(gemm_entry_t *g)
 {
     if (!g->used) return;
-    cublasLtMatrixLayoutDestroy(g->a);
-    cublasLtMatrixLayoutDestroy(g->b);
-    cublasLtMatrixLayoutDestroy(g->c);
-    cublasLtMatmulDescDestroy(g->op);
-    g->used = false;
+    if (g->a) cublasLtMatrixLayoutDestroy(g->a);
+    if (g->b) cublasLtMatrixLayoutDestroy(g->b);
+    if (g->c) cublasLtMatrixLayoutDestroy(g->c);
+    if (g->op) cublasLtMatmulDescDestroy(g->op);
+    memset(g, 0, sizeof *g);
 }
 
+static int tune_bucket(int n)
+{
+    if (n <= TUNE_EXACT_N) return n;
+    int b = TUNE_EXACT_N;
+    while (b < n) b *= 2;
+    return b;
+}
+
+/* Times up to TUNE_ALGOS of cuBLASLt's candidates for e's shape on the given operands (y: where
+ * the product may be written; contents are overwritten) and keeps the fastest in e->algo. */
+static pds_status_t gemm_tune(cuda_impl_t *g, gemm_entry_t *e, const cublasLtMatmulHeuristicResult_t *res,
+                              int got, const void *w, const void *x, void *y)
+{
+    float alpha = 1.0f, beta = e->acc ? 1.0f : 0.0f, best = INFINITY;
+    for (int i = 0; i < got; i++) {
+        if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
+        cublasStatus_t st = cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c,
+                                           y, e->c, &res[i].algo, g->lt_ws, LT_WORKSPACE, g->stream);
+        if (st != CUBLAS_STATUS_SUCCESS) continue;
+        PDS_CUDA_TRY(cudaEventRecord(g->tev[0], g->stream));
+        for (int r = 0; r < 3 && st == CUBLAS_STATUS_SUCCESS; r++)
+            st = cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c, y, e->c,
+                                &res[i].algo, g->lt_ws, LT_WORKSPACE, g->stream);
+        PDS_CUDA_TRY(cudaEventRecord(g->tev[1], g->stream));
+        PDS_CUDA_TRY(cudaEventSynchronize(g->tev[1]));
+        float ms = 0;
+        PDS_CUDA_TRY(cudaEventElapsedTime(&ms, g->tev[0], g->tev[1]));
+        if (st == CUBLAS_STATUS_SUCCESS && ms < best) {
+            best = ms;
+            e->algo = res[i].algo;
+        }
+    }
+    return PDS_OK;
+}
+
+/* A GEMM entry for the shape: layouts, and the algorithm — the tuned one for the shape's bucket
+ * when it applies to this n, else measured now (when tuning is on, the stream is not capturing a
+ * graph and a scratch output exists), else cuBLASLt's first heuristic choice. w/x/y are operands
+ * of the shape, used only for tuning. */
 static pds_status_t gemm_entry_make(cuda_impl_t *g, gemm_entry_t *e, int m, int n, int k,
-                                    int out_f32, int acc)
+                                    int out_f32, int acc, const void *w, const void *x, void *y)
 {
     /* column-major view: D (m x n, ld m) = W^T-stored (k x m, ld k, op T) * X (k x n, ld k) */
     memset(e, 0, sizeof *e);
     cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     LT_TRY(cublasLtMatmulDescCreate(&e->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    e->used = true; /* from here on gemm_entry_free releases what exists */
     LT_TRY(cublasLtMatmulDescSetAttribute(e->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     LT_TRY(cublasLtMatmulDescSetAttribute(e->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
     LT_TRY(cublasLtMatrixLayoutCreate(&e->a, CUDA_R_16BF, k, m, k));
     LT_TRY(cublasLtMatrixLayoutCreate(&e->b, CUDA_R_16BF, k, n, k));
     LT_TRY(cublasLtMatrixLayoutCreate(&e->c, out_f32 ? CUDA_R_32F : CUDA_R_16BF, m, n, m));
+    e->m = m, e->n = n, e->k = k, e->out_f32 = out_f32, e->acc = acc;
+
+    int nb = tune_bucket(n);
+    tune_entry_t *te = NULL;
+    for (int i = 0; i < TUNE_CACHE; i++) {
+        tune_entry_t *t = &g->tuned[i];
+        if (t->used && t->m == m && t->k == k && t->out_f32 == out_f32 && t->acc == acc &&
+            t->nb == nb)
+            te = t;
+    }
+    if (te) {
+        cublasLtMatmulHeuristicResult_t chk;
+        if (cublasLtMatmulAlgoCheck(g->lt, e->op, e->a, e->b, e->c, e->c, &te->algo, &chk) ==
+                CUBLAS_STATUS_SUCCESS &&
+            chk.workspaceSize <= LT_WORKSPACE) {
+            e->algo = te->algo;
+            return PDS_OK;
+        }
+    }
     cublasLtMatmulPreference_t pref;
     LT_TRY(cublasLtMatmulPreferenceCreate(&pref));
     size_t wsb = LT_WORKSPACE;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
                                          sizeof wsb);
-    cublasLtMatmulHeuristicResult_t res;
+    cublasLtMatmulHeuristicResult_t res[TUNE_ALGOS];
     int got = 0;
-    cublasStatus_t st =
-        cublasLtMatmulAlgoGetHeuristic(g->lt, e->op, e->a, e->b, e->c, e->c, pref, 1, &res, &got);
+    enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    if (g->stream) cudaStreamIsCapturing(g->stream, &cap);
+    /* acc GEMMs are timed into the scratch (the real output must not accumulate repeats) */
+    void *ty = acc ? (void *)g->gu : y;
+    bool tune = g->tune && !te && cap == cudaStreamCaptureStatusNone && w && x && ty &&
+                (!acc || (size_t)m * n * (out_f32 ? 4 : 2) <= g->gu_bytes);
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(g->lt, e->op, e->a, e->b, e->c, e->c, pref,
+                                                       tune ? TUNE_ALGOS : 1, res, &got);
     cublasLtMatmulPreferenceDestroy(pref);
-    e->used = true;
-    if (st != CUBLAS_STATUS_SUCCESS || got == 0) {
-        gemm_entry_free(e);
+    if (st != CUBLAS_STATUS_SUCCESS || got == 0)
         return PDS_ERR(PDS_ERR_DEVICE,
                        "cublasLtMatmulAlgoGetHeuristic: no algorithm for %dx%dx%d "
                        "(status %d)",
                        m, n, k, (int)st);
+    e->algo = res[0].algo;
+    if (tune && got > 1) {
+        PDS_TRY(gemm_tune(g, e, res, got, w, x, ty));
+        te = &g->tuned[g->tune_next];
+        g->tune_next = (g->tune_next + 1) % TUNE_CACHE;
+        *te = (tune_entry_t){m, k, out_f32, acc, nb, e->algo, true};
     }
-    e->algo = res.algo;
-    e->m = m, e->n = n, e->k = k, e->out_f32 = out_f32, e->acc = acc;
+    return PDS_OK;
+}
+
+/* The cache entry for a shape, made (and tuned) on first use. */
+static pds_status_t gemm_get(cuda_impl_t *g, int m, int n, int k, const uint16_t *w,
+                             const uint16_t *x, void *y, int out_f32, int acc, gemm_entry_t **out)
+{
+    for (int i = 0; i < GEMM_CACHE; i++) {
+        gemm_entry_t *c = &g->gemms[i];
+        if (c->used && c->m == m && c->n == n && c->k == k && c->out_f32 == out_f32 &&
+            c->acc == acc) {
+            *out = c;
+            return PDS_OK;
+        }
+    }
+    gemm_entry_t *e = &g->gemms[g->gemm_next];
+    g->gemm_next = (g->gemm_next + 1) % GEMM_CACHE;
+    gemm_entry_free(e);
+    pds_status_t s = gemm_entry_make(g, e, m, n, k, out_f32, acc, w, x, y);
+    if (s != PDS_OK) {
+        gemm_entry_free(e);
+        return s;
+    }
+    *out = e;
     return PDS_OK;
 }
 
@@ -195,21 +338,8 @@ static pds_status_t gemm_entry_make(cuda_impl_t *g, gemm_entry_t *e, int m, int 
 static pds_status_t gemm(cuda_impl_t *g, int m, int n, int k, const uint16_t *w, const uint16_t *x,
                          void *y, int out_f32, int acc)
 {
-    gemm_entry_t *e = NULL;
-    for (int i = 0; i < GEMM_CACHE; i++) {
-        gemm_entry_t *c = &g->gemms[i];
-        if (c->used && c->m == m && c->n == n && c->k == k && c->out_f32 == out_f32 &&
-            c->acc == acc) {
-            e = c;
-            break;
-        }
-    }
-    if (!e) {
-        e = &g->gemms[g->gemm_next];
-        g->gemm_next = (g->gemm_next + 1) % GEMM_CACHE;
-        gemm_entry_free(e);
-        PDS_TRY(gemm_entry_make(g, e, m, n, k, out_f32, acc));
-    }
+    gemm_entry_t *e;
+    PDS_TRY(gemm_get(g, m, n, k, w, x, y, out_f32, acc, &e));
     float alpha = 1.0f, beta = acc ? 1.0f : 0.0f;
     LT_TRY(cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c, y, e->c, &e->algo,
                           g->lt_ws, LT_WORKSPACE, g->stream));
@@ -447,6 +577,7 @@ static pds_status_t alloc_workspace(pds_engine_t *e, cuda_impl_t *g)
     g->qkv = (uint16_t *)(b + off[2]);
     g->att = (uint16_t *)(b + off[3]);
     g->gu = (uint16_t *)(b + off[4]);
+    g->gu_bytes = sz[4];
     g->act = (uint16_t *)(b + off[5]);
     g->logits = (float *)(b + off[6]);
     g->part = (float *)(b + off[7]);
@@ -490,6 +621,13 @@ static void cuda_destroy(pds_engine_t *e)
             if (g->layer_ev[l]) cudaEventDestroy(g->layer_ev[l]);
     pds_free(g->layer_ev);
     if (g->pack_free) cudaEventDestroy(g->pack_free);
+    for (int i = 0; i < 2; i++)
+        if (g->tev[i]) cudaEventDestroy(g->tev[i]);
+    if (g->prof) {
+        for (int i = 0; i <= PROF_MAX; i++)
+            if (g->prof->ev[i]) cudaEventDestroy(g->prof->ev[i]);
+        pds_free(g->prof);
+    }
     cudaFreeHost(g->h_pack);
     cudaFreeHost(g->h_tok);
     cudaFreeHost(g->h_logit);
@@ -541,6 +679,61 @@ static int ctx_bucket(int n, int max_ctx)
     return PDS_MIN(b, PDS_MAX(max_ctx, n));
 }
 
+/* ---- profiling (PDS_ENGINE_CUDA_PROFILE=1): events between ops, summed per op kind */
+static void prof_begin(cuda_impl_t *g)
+{
+    if (!g->prof) return;
+    g->prof->n = 0;
+    cudaEventRecord(g->prof->ev[0], g->stream);
+    g->prof->n = 1;
+}
+
+static void prof_mark(cuda_impl_t *g, int op)
+{
+    prof_t *p = g->prof;
+    if (!p || p->n == 0 || p->n > PROF_MAX) return;
+    cudaEventRecord(p->ev[p->n], g->stream);
+    p->op[p->n++] = op;
+}
+
+/* After the stream is idle: adds the forward's per-op times. */
+static void prof_collect(cuda_impl_t *g)
+{
+    prof_t *p = g->prof;
+    if (!p || p->n < 2) return;
+    cudaStreamSynchronize(g->stream);
+    for (int i = 1; i < p->n; i++) {
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, p->ev[i - 1], p->ev[i]) == cudaSuccess) {
+            p->ms[p->op[i]] += ms;
+            p->calls[p->op[i]]++;
+        }
+    }
+    p->forwards++;
+    p->n = 0;
+}
+
+void pds_engine_cuda_profile_report(pds_engine_t *e, const char *label, FILE *f)
+{
+    if (!e || strcmp(e->ops->name, "cuda") != 0) return;
+    cuda_impl_t *g = e->impl;
+    prof_t *p = g->prof;
+    if (!p) return;
+    double total = 0;
+    for (int i = 0; i < OP_COUNT; i++) total += p->ms[i];
+    int nf = p->forwards ? p->forwards : 1;
+    if (f) fprintf(f, "profile %s: %d forwards, %.3f ms GPU per forward\n", label, p->forwards,
+            total / nf);
+    for (int i = 0; i < OP_COUNT && f; i++)
+        if (p->calls[i])
+            fprintf(f, "  %-18s %9.3f ms/fwd %5.1f%%  %7.2f us/call x %ld/fwd\n", op_names[i],
+                    p->ms[i] / nf, 100.0 * p->ms[i] / (total > 0 ? total : 1),
+                    1e3 * p->ms[i] / (double)p->calls[i], p->calls[i] / nf);
+    memset(p->ms, 0, sizeof p->ms);
+    memset(p->calls, 0, sizeof p->calls);
+    p->forwards = 0;
+}
+
 /* Enqueues the whole forward for T rows / S sequences whose inputs are in d_pack. decode: every
  * sequence has one new token (attention by the split kernel with the given split). */
 static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int S, int n_tiles,
@@ -562,14 +755,30 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
     int qkvw = (H + 2 * KV) * hd;
     bool mma = hd == 64 || hd == 128;
 
+    /* decode of a few rows: matrix-vector kernels with RoPE/KV write, SiLU and the residual
+     * fused in (gemv.cu); otherwise cuBLASLt and the separate kernels */
+    const bool gv = decode && g->gemv && T <= pds_cuda_gemv_max_rows() && hid % 8 == 0 &&
+                    c->ffn % 8 == 0 && (H * hd) % 8 == 0;
+
+    prof_begin(g);
     PDS_TRY(pds_cuda_embed(tokens, T, g->embed, hid, g->x, st));
+    prof_mark(g, OP_EMBED);
     for (int l = 0; l < c->n_layers; l++) {
         cuda_layer_t *L = &g->layers[l];
         uint16_t *kvl = kv_layer_ptr(g, l);
         PDS_TRY(pds_cuda_rmsnorm(g->x, NULL, T, hid, L->attn_norm, c->norm_eps, g->xn, st));
-        PDS_TRY(gemm(g, qkvw, T, hid, L->wqkv, g->xn, g->qkv, 0, 0));
-        PDS_TRY(pds_cuda_rope_kv_write(g->qkv, pos, slots, T, H, KV, hd, g->inv_freq, kvl,
-                                       e->kv.block_size, st));
+        prof_mark(g, OP_NORM);
+        if (gv) {
+            PDS_TRY(pds_cuda_gemv_qkv_rope(L->wqkv, hid, g->xn, T, pos, slots, H, KV, hd,
+                                           g->inv_freq, g->qkv, kvl, e->kv.block_size, st));
+            prof_mark(g, OP_GEMV_QKV_ROPE);
+        } else {
+            PDS_TRY(gemm(g, qkvw, T, hid, L->wqkv, g->xn, g->qkv, 0, 0));
+            prof_mark(g, OP_GEMM_QKV);
+            PDS_TRY(pds_cuda_rope_kv_write(g->qkv, pos, slots, T, H, KV, hd, g->inv_freq, kvl,
+                                           e->kv.block_size, st));
+            prof_mark(g, OP_ROPE_KV);
+        }
         /* this layer's K/V are in the pool: what layer_wait (and a KV sender) waits for */
         if (!decode) PDS_CUDA_TRY(cudaEventRecord(g->layer_ev[l], st));
         if (decode)
@@ -581,18 +790,60 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
         else
             PDS_TRY(pds_cuda_attn_plain(g->qkv, qkvw, kvl, seqs, S, bt, T, H, KV, hd,
                                         e->kv.block_size, g->att, st));
-        PDS_TRY(gemm(g, hid, T, H * hd, L->wo, g->att, g->x, 1, 1));
+        prof_mark(g, OP_ATTN);
+        if (gv) {
+            PDS_TRY(pds_cuda_gemv_f32(L->wo, hid, H * hd, g->att, T, g->x, 1, st));
+            prof_mark(g, OP_GEMV_O);
+        } else {
+            PDS_TRY(gemm(g, hid, T, H * hd, L->wo, g->att, g->x, 1, 1));
+            prof_mark(g, OP_GEMM_O);
+        }
         PDS_TRY(pds_cuda_rmsnorm(g->x, NULL, T, hid, L->ffn_norm, c->norm_eps, g->xn, st));
-        PDS_TRY(gemm(g, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0));
-        PDS_TRY(pds_cuda_silu_mul(g->gu, T, c->ffn, g->act, st));
-        PDS_TRY(gemm(g, hid, T, c->ffn, L->w_down, g->act, g->x, 1, 1));
+        prof_mark(g, OP_NORM);
+        if (gv) {
+            PDS_TRY(pds_cuda_gemv_silu(L->w_gu, c->ffn, hid, g->xn, T, g->act, st));
+            prof_mark(g, OP_GEMV_GU_SILU);
+            PDS_TRY(pds_cuda_gemv_f32(L->w_down, hid, c->ffn, g->act, T, g->x, 1, st));
+            prof_mark(g, OP_GEMV_DOWN);
+        } else {
+            PDS_TRY(gemm(g, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0));
+            prof_mark(g, OP_GEMM_GU);
+            PDS_TRY(pds_cuda_silu_mul(g->gu, T, c->ffn, g->act, st));
+            prof_mark(g, OP_SILU);
+            PDS_TRY(gemm(g, hid, T, c->ffn, L->w_down, g->act, g->x, 1, 1));
+            prof_mark(g, OP_GEMM_DOWN);
+        }
         if (on_layer) on_layer(ctx, l);
     }
     if (want_logits || want_sample) {
         PDS_TRY(pds_cuda_rmsnorm(g->x, last, S, hid, g->final_norm, c->norm_eps, g->xn, st));
-        PDS_TRY(gemm(g, c->vocab, S, hid, g->lm_head, g->xn, g->logits, 1, 0));
+        prof_mark(g, OP_NORM);
+        if (gv && S <= pds_cuda_gemv_max_rows())
+            PDS_TRY(pds_cuda_gemv_f32(g->lm_head, c->vocab, hid, g->xn, S, g->logits, 0, st));
+        else
+            PDS_TRY(gemm(g, c->vocab, S, hid, g->lm_head, g->xn, g->logits, 1, 0));
+        prof_mark(g, OP_LM_HEAD);
         if (want_sample) PDS_TRY(pds_cuda_sample(g->logits, S, c->vocab, smp, g->d_tok, st));
+        prof_mark(g, OP_SAMPLE);
     }
+    return PDS_OK;
+}
+
+/* Makes (and tunes, outside any graph capture) the GEMM entries a decode step of T rows uses, so
+ * that capturing it finds them ready. Operands: layer 0's weights and the workspace, whose
+ * contents a step overwrites anyway. */
+static pds_status_t decode_gemms_ready(pds_engine_t *e, cuda_impl_t *g, int T)
+{
+    const pds_model_config_t *c = &e->cfg;
+    int H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, hid = c->hidden;
+    const cuda_layer_t *L = &g->layers[0];
+    gemm_entry_t *ge;
+    if (g->gemv && T <= pds_cuda_gemv_max_rows()) return PDS_OK;
+    PDS_TRY(gemm_get(g, (H + 2 * KV) * hd, T, hid, L->wqkv, g->xn, g->qkv, 0, 0, &ge));
+    PDS_TRY(gemm_get(g, hid, T, H * hd, L->wo, g->att, g->x, 1, 1, &ge));
+    PDS_TRY(gemm_get(g, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0, &ge));
+    PDS_TRY(gemm_get(g, hid, T, c->ffn, L->w_down, g->act, g->x, 1, 1, &ge));
+    PDS_TRY(gemm_get(g, c->vocab, T, hid, g->lm_head, g->xn, g->logits, 1, 0, &ge));
     return PDS_OK;
 }
 
@@ -690,7 +941,8 @@ static pds_status_t cuda_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_
         graph_entry_t *ge = NULL;
         for (int i = 0; i < g->n_graphs; i++)
             if (g->graphs[i].batch == Sb && g->graphs[i].ctx == ctxb) ge = &g->graphs[i];
-        if (!ge && g->n_graphs < MAX_GRAPHS) {
+        if (!ge && !g->prof) PDS_TRY(decode_gemms_ready(e, g, Sb));
+        if (!ge && g->n_graphs < MAX_GRAPHS && !g->prof) {
             cudaGraph_t graph;
             PDS_CUDA_TRY(cudaStreamBeginCapture(g->stream, cudaStreamCaptureModeThreadLocal));
             pds_status_t s =
@@ -719,6 +971,7 @@ static pds_status_t cuda_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_
                                 on_layer, ctx));
     }
 
+    prof_collect(g);
     if (!want_logits && !want_sample) return PDS_OK; /* async: layer_wait syncs */
     for (int i = 0; i < n_seqs; i++)
         if (seqs[i].logits)
@@ -850,6 +1103,18 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
     g->max_S = e->params.max_batch_seqs;
     const char *ng = getenv("PDS_ENGINE_CUDA_GRAPHS");
     g->no_graphs = ng && strcmp(ng, "0") == 0;
+    const char *tu = getenv("PDS_ENGINE_CUDA_TUNE");
+    g->tune = !(tu && strcmp(tu, "0") == 0);
+    const char *gv = getenv("PDS_ENGINE_CUDA_GEMV");
+    g->gemv = !(gv && strcmp(gv, "0") == 0);
+    PDS_CUDA_TRY(cudaEventCreate(&g->tev[0]));
+    PDS_CUDA_TRY(cudaEventCreate(&g->tev[1]));
+    const char *pr = getenv("PDS_ENGINE_CUDA_PROFILE");
+    if (pr && strcmp(pr, "1") == 0) {
+        g->prof = pds_calloc(1, sizeof *g->prof);
+        if (!g->prof) return PDS_ERR(PDS_ERR_NO_MEMORY, "cuda engine: profile");
+        for (int i = 0; i <= PROF_MAX; i++) PDS_CUDA_TRY(cudaEventCreate(&g->prof->ev[i]));
+    }
     g->layer_ev = pds_calloc((size_t)c->n_layers, sizeof *g->layer_ev);
     if (!g->layer_ev) return PDS_ERR(PDS_ERR_NO_MEMORY, "cuda engine: events");
     for (int l = 0; l < c->n_layers; l++)

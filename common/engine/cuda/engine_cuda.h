@@ -8,8 +8,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "base/base.h"
+#include "engine/engine.h"
 
 /* Device-to-device copy rate of `bytes` (median of `iters` timed copies after a warm-up),
  * counting bytes read plus bytes written, in bytes/s. */
@@ -19,6 +21,11 @@ pds_status_t pds_engine_cuda_measure_bandwidth(int device, size_t bytes, int ite
  * B[k,n] on random data, median of `iters`, in FLOP/s (2mnk per product). */
 pds_status_t pds_engine_cuda_measure_gemm(int device, int m, int n, int k, int iters,
                                           double *flops);
+/* With PDS_ENGINE_CUDA_PROFILE=1 set when the engine was created: prints to f the GPU time per
+ * op kind (events between ops; decode steps then run without CUDA graphs) summed over the
+ * forwards since the last report, divided by their number, and starts a new sum (f NULL: only
+ * that). Does nothing for other engines or without the variable. */
+void pds_engine_cuda_profile_report(pds_engine_t *e, const char *label, FILE *f);
 /* Device memory in use (total - free) and total, in bytes. */
 pds_status_t pds_engine_cuda_memory(int device, int64_t *used, int64_t *total);
 
