@@ -1,6 +1,9 @@
 /* pdserve-decode: the decode node. Receives a request's KV cache from a prefill node straight into
  * reserved blocks of its pool (kvx), runs the continuous decode batch (sched.c) and streams each
- * step's tokens to the routers (streams.c), registering with its router and reporting load.
+ * step's tokens to the routers (streams.c), registering with its router and reporting load. With
+ * [node] role = colocated it also takes whole requests (PrefillLocal) and prefills them itself,
+ * prefill-first or chunked ([colocated] mode): the colocated baseline and conditional
+ * disaggregation.
  *
  * This file is wiring only: configuration, engine, kvx + pool registration, scheduler, gRPC server
  * (DecodeNode methods + Health), reporter, and the shutdown order that lets each part finish what
@@ -45,7 +48,8 @@ static int fail(const char *what, pds_status_t s)
     return 1;
 }
 
-/* kvx with the engine's pool registered (host memory; a device pool would need staging). */
+/* kvx with the engine's pool registered (a device pool: UCX stages it through a pinned host
+ * mirror, NCCL receives into it directly). */
 static pds_status_t kvx_setup(node_t *n)
 {
     if (n->cfg.kvx_backend == PDS_KVX_LOOPBACK)
@@ -55,6 +59,8 @@ static pds_status_t kvx_setup(node_t *n)
     kp.backend = (pds_kvx_backend_t)n->cfg.kvx_backend;
     kp.path = (pds_kvx_path_t)n->cfg.kvx_path;
     kp.checksum = n->cfg.kvx_checksum;
+    kp.device = n->cfg.device;
+    kp.init_timeout_ms = PDS_MAX(n->cfg.transfer_timeout_ns / 1000000, 1);
     PDS_TRY(pds_kvx_create(&kp, &n->kvx));
     int L = n->info.kv.n_layers;
     void **bases = pds_calloc((size_t)L, sizeof *bases);
@@ -70,11 +76,9 @@ static pds_status_t kvx_setup(node_t *n)
                                   on_device ? PDS_KVX_MEM_CUDA : PDS_KVX_MEM_HOST, &n->pool_blob,
                                   &n->pool_blob_len);
     pds_free(bases);
-    if (s == PDS_ERR_UNSUPPORTED && on_device)
-        return PDS_ERR(PDS_ERR_UNSUPPORTED,
-                       "the engine's KV pool is in GPU memory and this kvx cannot register it "
-                       "(host staging for decode nodes is not implemented yet): %s",
-                       pds_err_detail());
+    if (s != PDS_OK && on_device)
+        return PDS_ERR(s, "registering the engine's GPU KV pool with kvx (%s): %s",
+                       pds_kvx_backend_name(kp.backend), pds_err_detail());
     if (s != PDS_OK) return s;
     return pds_kvx_address(n->kvx, &n->kvx_addr, &n->kvx_addr_len);
 }
@@ -116,7 +120,8 @@ static pds_status_t reporter_start(node_t *n)
     ni.magic = PDS_RPC_PROTOCOL_MAGIC;
     ni.protocol_version = PDS_RPC_PROTOCOL_VERSION;
     ni.node_id = n->cfg.id;
-    ni.role = PDSERVE__V1__NODE_ROLE__NODE_ROLE_DECODE;
+    ni.role = n->cfg.role == PDS_NODE_COLOCATED ? PDSERVE__V1__NODE_ROLE__NODE_ROLE_COLOCATED
+                                                : PDSERVE__V1__NODE_ROLE__NODE_ROLE_DECODE;
     ni.address = n->address;
     ni.kvx_backend = (char *)pds_kvx_backend_name((pds_kvx_backend_t)n->cfg.kvx_backend);
     ni.kvx_address.data = (uint8_t *)n->kvx_addr;
@@ -130,6 +135,9 @@ static pds_status_t reporter_start(node_t *n)
     ni.vocab_size = (uint32_t)m->vocab;
     ni.bos_token_id = m->bos_id;
     ni.eos_token_id = m->eos_id;
+    ni.max_batch_tokens = (uint32_t)n->info.max_batch_tokens;
+    if (n->cfg.role == PDS_NODE_COLOCATED && n->cfg.coloc_mode == 1)
+        ni.colocated_chunk_tokens = (uint32_t)n->cfg.coloc_chunk_tokens;
     return pds_node_reporter_start(n->cfg.router, &ni, pds_decode_sched_load, n->sched,
                                    &n->reporter);
 }
@@ -152,6 +160,10 @@ static int run(node_t *n)
         .pool_blob_len = n->pool_blob_len,
         .transfer_timeout_ms = PDS_MAX(n->cfg.transfer_timeout_ns / 1000000, 1),
         .max_batch_seqs = n->cfg.max_batch_seqs,
+        .local_mode = n->cfg.role != PDS_NODE_COLOCATED ? PDS_DECODE_LOCAL_OFF
+                      : n->cfg.coloc_mode == 1          ? PDS_DECODE_LOCAL_CHUNKED
+                                                        : PDS_DECODE_LOCAL_PREFILL_FIRST,
+        .chunk_tokens = n->cfg.coloc_chunk_tokens,
         .calls = pds_decode_calls_rpc(),
     };
     if ((s = pds_decode_sched_create(&sp, &n->sched)) != PDS_OK) return fail("scheduler", s);
@@ -162,7 +174,9 @@ static int run(node_t *n)
     if ((s = pds_decode_service_create(n->srv, n->sched, &n->svc)) != PDS_OK)
         return fail("methods", s);
     n->health = (pds_node_health_t){.node_id = n->cfg.id,
-                                    .role = PDSERVE__V1__NODE_ROLE__NODE_ROLE_DECODE,
+                                    .role = n->cfg.role == PDS_NODE_COLOCATED
+                                                ? PDSERVE__V1__NODE_ROLE__NODE_ROLE_COLOCATED
+                                                : PDSERVE__V1__NODE_ROLE__NODE_ROLE_DECODE,
                                     .start_ns = pds_time_now_ns(),
                                     .state = PDSERVE__V1__NODE_STATE__NODE_STATE_UP};
     pds_rpc_method_t hm = pds_node_health_method(&n->health);
@@ -173,11 +187,14 @@ static int run(node_t *n)
     if ((s = reporter_start(n)) != PDS_OK) return fail("reporter", s);
 
     PDS_LOG_INFO(MOD,
-                 "listening node=%s port=%d address=%s model=%s blocks=%d block_size=%d kvx=%s "
-                 "router=%s",
-                 n->cfg.id, pds_rpc_server_port(n->srv), n->address, n->info.model.name,
-                 n->info.kv.n_blocks, n->info.kv.block_size,
-                 pds_kvx_backend_name((pds_kvx_backend_t)n->cfg.kvx_backend),
+                 "listening node=%s role=%s port=%d address=%s model=%s blocks=%d block_size=%d "
+                 "kvx=%s router=%s",
+                 n->cfg.id,
+                 n->cfg.role != PDS_NODE_COLOCATED ? "decode"
+                 : n->cfg.coloc_mode == 1          ? "colocated-chunked"
+                                                   : "colocated-prefill-first",
+                 pds_rpc_server_port(n->srv), n->address, n->info.model.name, n->info.kv.n_blocks,
+                 n->info.kv.block_size, pds_kvx_backend_name((pds_kvx_backend_t)n->cfg.kvx_backend),
                  n->cfg.router[0] ? n->cfg.router : "(none)");
     printf("READY %s\n", n->address);
     fflush(stdout);
@@ -206,8 +223,9 @@ int main(int argc, char **argv)
     pds_status_t s = pds_node_config_parse(argc, argv, PDS_NODE_DECODE, &node.cfg);
     if (s == PDS_AGAIN) return 0; /* --help */
     if (s != PDS_OK) return fail("config", s);
-    if (node.cfg.role != PDS_NODE_DECODE) {
-        s = PDS_ERR(PDS_ERR_INVALID_ARG, "[node] role must be decode for pdserve-decode");
+    if (node.cfg.role != PDS_NODE_DECODE && node.cfg.role != PDS_NODE_COLOCATED) {
+        s = PDS_ERR(PDS_ERR_INVALID_ARG,
+                    "[node] role must be decode or colocated for pdserve-decode");
         return fail("config", s);
     }
     pds_node_signals_install();

@@ -182,10 +182,17 @@ static void preempt(pds_decode_sched_t *s, dseq_t *q)
                  pds_kv_pool_free_count(s->pool));
 }
 
-/* Blocks a preempted sequence needs to be recomputed: its tokens but the last. */
+/* Tokens a RECOMPUTE sequence computes: all but the last (the next decode step feeds it), or, for
+ * a local prompt, all of them (the last chunk samples its first output token). */
+static int recompute_target(const dseq_t *q)
+{
+    return q->local_prefill ? q->n_tok : q->n_tok - 1;
+}
+
+/* Blocks a preempted sequence (or a local prompt) needs to be recomputed. */
 static int recompute_blocks(const pds_decode_sched_t *s, const dseq_t *q)
 {
-    return PDS_DIV_UP(q->n_tok - 1, s->info.kv.block_size);
+    return PDS_DIV_UP(recompute_target(q), s->info.kv.block_size);
 }
 
 /* Moves committed sequences into the batch, then preempted ones whose KV fits again. */
@@ -213,8 +220,9 @@ static void admit(pds_decode_sched_t *s)
         if (pds_kv_pool_reserve(s->pool, need, &q->resv) != PDS_OK) break;
         q->state = SEQ_RECOMPUTE;
         active++;
-        PDS_LOG_INFO(MOD, "recompute req=%s tokens=%d blocks=%d", q->request_id, q->n_tok - 1,
-                     need);
+        PDS_LOG_INFO(MOD, "%s req=%s tokens=%d blocks=%d",
+                     q->local_prefill ? "local_prefill" : "recompute", q->request_id,
+                     recompute_target(q), need);
     }
 }
 
@@ -244,15 +252,22 @@ static bool grow_one(pds_decode_sched_t *s, dseq_t *q)
 }
 
 /* One forward over the running sequences (1 token each) and recompute chunks. Nothing is freed
- * before the forward (preemption only drops KV), so act[] stays valid until then. */
+ * before the forward (preemption only drops KV), so act[] stays valid until then. Colocated:
+ * prefill-first leaves the decodes out while a local prompt is being computed; chunked bounds
+ * the whole forward by chunk_tokens. */
 static void step(pds_decode_sched_t *s)
 {
     int n = collect(s, ACTIVE);
     if (n == 0) return;
     dseq_t **act = s->order_buf;
     int max_tokens = s->info.max_batch_tokens;
+    if (s->p.local_mode == PDS_DECODE_LOCAL_CHUNKED)
+        max_tokens = PDS_MIN(max_tokens, s->p.chunk_tokens);
+    bool prefill_only = false;
+    for (int i = 0; i < n && s->p.local_mode == PDS_DECODE_LOCAL_PREFILL_FIRST; i++)
+        prefill_only |= act[i]->state == SEQ_RECOMPUTE && act[i]->local_prefill;
     int nb = 0, tokens = 0;
-    for (int i = 0; i < n && nb < s->max_seqs && tokens < max_tokens; i++) {
+    for (int i = 0; i < n && nb < s->max_seqs && tokens < max_tokens && !prefill_only; i++) {
         dseq_t *q = act[i];
         if (q->state != SEQ_RUNNING || !grow_one(s, q)) continue;
         q->in_tok = q->tokens[q->n_tok - 1];
@@ -267,13 +282,19 @@ static void step(pds_decode_sched_t *s)
     for (int i = 0; i < n && nb < s->max_seqs && tokens < max_tokens; i++) {
         dseq_t *q = act[i];
         if (q->state != SEQ_RECOMPUTE) continue;
-        int chunk = PDS_MIN(q->n_tok - 1 - q->kv.n_tokens, max_tokens - tokens);
+        int chunk = PDS_MIN(recompute_target(q) - q->kv.n_tokens, max_tokens - tokens);
         if (pds_kv_seq_grow(&q->kv, s->pool, s->info.kv.block_size, chunk, q->resv) != PDS_OK) {
             preempt(s, q); /* the reservation covers it; only a bug lands here */
             continue;
         }
-        s->batch[nb] = (pds_engine_seq_t){
-            .tokens = q->tokens + q->kv.n_tokens - chunk, .n_tokens = chunk, .kv = &q->kv};
+        /* a local prompt's last chunk samples its first token at position n_tok, as a prefill
+         * node's forward would */
+        bool first = q->local_prefill && q->kv.n_tokens == q->n_tok;
+        s->batch[nb] = (pds_engine_seq_t){.tokens = q->tokens + q->kv.n_tokens - chunk,
+                                          .n_tokens = chunk,
+                                          .kv = &q->kv,
+                                          .sample = first ? &q->sample : NULL,
+                                          .token_out = first ? &q->out_tok : NULL};
         s->batch_seqs[nb++] = q;
         tokens += chunk;
     }
@@ -298,10 +319,17 @@ static void step(pds_decode_sched_t *s)
     for (int i = 0; i < nb; i++) {
         dseq_t *q = s->batch_seqs[i];
         if (q->state == SEQ_RECOMPUTE) {
-            if (q->kv.n_tokens == q->n_tok - 1) {
+            if (q->kv.n_tokens == recompute_target(q)) {
                 pds_kv_pool_release(s->pool, q->resv);
                 q->resv = NULL;
                 q->state = SEQ_RUNNING;
+                if (q->local_prefill) {
+                    /* the first output token: no gap before it; the next ones count from now */
+                    q->local_prefill = false;
+                    q->tokens[q->n_tok++] = q->out_tok;
+                    q->t_first_step_ns = q->t_last_ns = t1;
+                    seq_emit(s, q, 1, seq_finish_reason(s, q), NULL);
+                }
             }
             continue;
         }
@@ -314,6 +342,123 @@ static void step(pds_decode_sched_t *s)
     }
     pds_decode_streams_flush(s->streams, s->step, step_ms);
     s->step_ema_ms = s->step_ema_ms == 0.0f ? step_ms : 0.8f * s->step_ema_ms + 0.2f * step_ms;
+}
+
+/* ---- PrefillLocal (colocated)
+ * --------------------------------------------------------------------
+ */
+
+/* Everything about a local request that needs no free blocks; records the detail. */
+static pds_status_t local_validate(const pds_decode_sched_t *s,
+                                   const Pdserve__V1__PrefillRequest *r, pds_sample_params_t *sp)
+{
+    const pds_model_config_t *m = &s->info.model;
+    if (s->p.local_mode == PDS_DECODE_LOCAL_OFF)
+        return PDS_ERR(PDS_ERR_FAILED_PRECONDITION,
+                       "node %s is a decode node, not colocated: it prefills nothing locally "
+                       "([node] role = colocated)",
+                       s->node_id);
+    if (!r->request_id || !r->request_id[0])
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "PrefillLocal without request_id");
+    if (!r->router_id || !r->router_id[0])
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "PrefillLocal %s without router_id", r->request_id);
+    if (r->n_prompt_ids < 1)
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "PrefillLocal %s: empty prompt", r->request_id);
+    int64_t n = (int64_t)r->n_prompt_ids + (int64_t)r->n_generated_ids;
+    if (n + 1 > m->max_context)
+        return PDS_ERR(PDS_ERR_INVALID_ARG,
+                       "PrefillLocal %s: %lld tokens leave no room for a token in the context "
+                       "of %d",
+                       r->request_id, (long long)n, m->max_context);
+    if (r->max_tokens <= r->n_generated_ids)
+        return PDS_ERR(PDS_ERR_INVALID_ARG,
+                       "PrefillLocal %s: max_tokens %u must exceed the %zu generated ids",
+                       r->request_id, r->max_tokens, r->n_generated_ids);
+    for (size_t i = 0; i < (size_t)n; i++) {
+        int32_t t = i < r->n_prompt_ids ? r->prompt_ids[i] : r->generated_ids[i - r->n_prompt_ids];
+        if (t < 0 || t >= m->vocab)
+            return PDS_ERR(PDS_ERR_INVALID_ARG,
+                           "PrefillLocal %s: token %zu = %d outside the vocabulary of %d",
+                           r->request_id, i, t, m->vocab);
+    }
+    *sp = pds_sample_default_params();
+    if (r->sampling) {
+        sp->temperature = r->sampling->temperature;
+        sp->top_k = r->sampling->top_k;
+        sp->top_p = r->sampling->top_p == 0.0f ? 1.0f : r->sampling->top_p;
+        if (r->sampling->seed_opt_case == PDSERVE__V1__SAMPLING_PARAMS__SEED_OPT_SEED)
+            sp->seed = r->sampling->seed;
+    }
+    if (pds_sample_params_validate(sp) != PDS_OK)
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "PrefillLocal %s: sampling: %s", r->request_id,
+                       pds_err_detail());
+    return PDS_OK;
+}
+
+/* Admits a local request: a sequence with its tokens and no KV, queued like a preempted one. */
+static void local_admit(pds_decode_sched_t *s, void *call, const Pdserve__V1__PrefillRequest *r)
+{
+    pds_sample_params_t sp;
+    pds_status_t st = local_validate(s, r, &sp);
+    if (st != PDS_OK) {
+        PDS_LOG_INFO(MOD, "local_refused req=%s status=%s detail=\"%s\"",
+                     r->request_id ? r->request_id : "", pds_status_name(st), pds_err_detail());
+        s->p.calls.finish(call, st, pds_err_detail());
+        return;
+    }
+    /* a newer request with the same id supersedes the old one (the router re-placed it here) */
+    dseq_t *old = sched_find_request(s, r->request_id);
+    if (old) {
+        PDS_LOG_WARN(MOD, "local_supersedes req=%s state=%d", r->request_id, (int)old->state);
+        if (old->state == SEQ_OPEN || old->state == SEQ_FAILED) {
+            xfer_abort(s, old, PDS_ERR_CANCELLED, "superseded by a PrefillLocal");
+        } else {
+            if (old->resv) pds_kv_pool_release(s->pool, old->resv);
+            old->resv = NULL;
+            pds_kv_seq_release(&old->kv, s->pool);
+        }
+        sched_remove_seq(s, old);
+    }
+    int n = (int)(r->n_prompt_ids + r->n_generated_ids);
+    int outputs = (int)(r->max_tokens - r->n_generated_ids);
+    dseq_t *q = pds_calloc(1, sizeof *q);
+    if (q) {
+        pds_kv_seq_init(&q->kv);
+        q->cap_tok = (int)PDS_MIN((int64_t)n + outputs, (int64_t)s->info.model.max_context);
+        q->cap_gaps = outputs;
+        q->request_id = pds_strdup(r->request_id);
+        q->router_id = pds_strdup(r->router_id);
+        q->tokens = pds_malloc((size_t)q->cap_tok * sizeof *q->tokens);
+        q->gaps = pds_malloc((size_t)q->cap_gaps * sizeof *q->gaps);
+        q->stop = pds_malloc((r->n_stop_token_ids + 1) * sizeof *q->stop);
+    }
+    if (!q || !q->request_id || !q->router_id || !q->tokens || !q->gaps || !q->stop ||
+        sched_add_seq(s, q) != PDS_OK) {
+        seq_free(q);
+        s->p.calls.finish(call, PDS_ERR_NO_MEMORY, "decode node out of memory for a sequence");
+        return;
+    }
+    memcpy(q->tokens, r->prompt_ids, r->n_prompt_ids * sizeof *q->tokens);
+    if (r->n_generated_ids)
+        memcpy(q->tokens + r->n_prompt_ids, r->generated_ids,
+               r->n_generated_ids * sizeof *q->tokens);
+    q->n_tok = q->n_xfer = n;
+    q->n_generated = (int)r->n_generated_ids;
+    q->max_tokens = (int)r->max_tokens;
+    if (r->n_stop_token_ids)
+        memcpy(q->stop, r->stop_token_ids, r->n_stop_token_ids * sizeof *q->stop);
+    q->n_stop = (int)r->n_stop_token_ids;
+    q->ignore_eos = r->ignore_eos;
+    q->sample = sp;
+    q->local_prefill = true;
+    q->state = SEQ_PREEMPTED; /* admit() starts it once its KV fits */
+    q->order = ++s->next_order;
+    q->t_commit_ns = q->t_last_ns = pds_time_now_ns();
+    PDS_LOG_INFO(MOD, "local req=%s tokens=%d generated=%d max_tokens=%d router=%s", q->request_id,
+                 n, q->n_generated, q->max_tokens, q->router_id);
+    Pdserve__V1__PrefillReply rep = PDSERVE__V1__PREFILL_REPLY__INIT;
+    rep.prefill_node_id = s->node_id;
+    s->p.calls.reply(call, &rep.base);
 }
 
 /* ---- commands ---------------------------------------------------------------------------------
@@ -356,6 +501,12 @@ pds_status_t pds_decode_sched_cancel(pds_decode_sched_t *s, void *call,
     return submit(s, CMD_CANCEL, call, &req->base, 0);
 }
 
+pds_status_t pds_decode_sched_local(pds_decode_sched_t *s, void *call,
+                                    const Pdserve__V1__PrefillRequest *req)
+{
+    return submit(s, CMD_LOCAL, call, &req->base, 0);
+}
+
 pds_status_t pds_decode_sched_stream(pds_decode_sched_t *s, void *call,
                                      const Pdserve__V1__TokenStreamRequest *req, uint64_t stream_id)
 {
@@ -396,6 +547,9 @@ static bool handle(pds_decode_sched_t *s, cmd_t *c)
     case CMD_STREAM_GONE:
         pds_decode_streams_gone(s->streams, c->id);
         break;
+    case CMD_LOCAL:
+        local_admit(s, c->call, (const Pdserve__V1__PrefillRequest *)c->req);
+        break;
     case CMD_KVX_DONE:
         xfer_done(s, c->id);
         break;
@@ -417,6 +571,7 @@ static void refuse(pds_decode_sched_t *s, cmd_t *c)
     case CMD_COMMIT:
     case CMD_CANCEL:
     case CMD_STREAM:
+    case CMD_LOCAL:
         s->p.calls.finish(c->call, PDS_ERR_UNAVAILABLE, msg);
         break;
     case CMD_STREAM_GONE:
@@ -440,10 +595,12 @@ static void publish(pds_decode_sched_t *s, bool stopped)
         case SEQ_RECOMPUTE:
             st.running++;
             st.context_tokens += q->n_tok;
+            if (q->local_prefill) st.queued_prompt_tokens += q->n_tok - q->kv.n_tokens;
             break;
         case SEQ_WAITING:
         case SEQ_PREEMPTED:
             st.waiting++;
+            if (q->local_prefill) st.queued_prompt_tokens += q->n_tok;
             break;
         case SEQ_OPEN:
             st.open_transfers++;
@@ -550,6 +707,11 @@ pds_status_t pds_decode_sched_create(const pds_decode_sched_params_t *p, pds_dec
         !p->pool_blob || p->transfer_timeout_ms <= 0 || !p->calls.send || !p->calls.reply ||
         !p->calls.finish)
         return PDS_ERR(PDS_ERR_INVALID_ARG, "decode scheduler: missing parameters");
+    if (p->local_mode < PDS_DECODE_LOCAL_OFF || p->local_mode > PDS_DECODE_LOCAL_CHUNKED ||
+        (p->local_mode == PDS_DECODE_LOCAL_CHUNKED && p->chunk_tokens < 1))
+        return PDS_ERR(PDS_ERR_INVALID_ARG,
+                       "decode scheduler: local mode %d with chunk_tokens %d (chunked needs >= 1)",
+                       p->local_mode, p->chunk_tokens);
     pds_decode_sched_t *s = pds_calloc(1, sizeof *s);
     if (!s) return PDS_ERR(PDS_ERR_NO_MEMORY, "decode scheduler");
     s->p = *p;
@@ -657,7 +819,7 @@ void pds_decode_sched_load(void *sched, Pdserve__V1__LoadReport *r)
     r->state = st.stopped || atomic_load(&((pds_decode_sched_t *)sched)->stopping)
                    ? PDSERVE__V1__NODE_STATE__NODE_STATE_DRAINING
                    : PDSERVE__V1__NODE_STATE__NODE_STATE_UP;
-    r->queued_prompt_tokens = 0;
+    r->queued_prompt_tokens = (uint64_t)st.queued_prompt_tokens;
     r->queued_requests = (uint32_t)st.waiting;
     r->running_seqs = (uint32_t)st.running;
     r->context_tokens = (uint64_t)st.context_tokens;

@@ -19,6 +19,13 @@
  *   RUNNING   in the decode batch
  *   PREEMPTED blocks freed, tokens kept; waits until its KV fits again
  *   RECOMPUTE prefilling its tokens locally (chunked), then RUNNING again with the same tokens
+ * A colocated node (local_mode != 0) also takes whole requests (PrefillLocal): such a sequence
+ * starts PREEMPTED with its prompt and no KV and goes through RECOMPUTE like a preempted one, but
+ * computes every token and samples its first output token from the last chunk (as a prefill node
+ * would), sending it on the TokenStream. Prefill-first (vLLM): while a local prompt waits, the
+ * forward carries only prompt chunks (up to max_batch_tokens) and the decode batch stalls.
+ * Chunked (Sarathi-Serve): each forward is the decode batch plus prompt chunks within
+ * chunk_tokens, so a prompt never stalls the running sequences for more than one step's budget.
  * Blocks are freed on every exit: finish, Cancel, transfer error, expiry, shutdown.
  *
  * Cancel of a committed sequence sends its router a finished SeqTokens with FINISH_REASON_CANCELLED
@@ -55,8 +62,16 @@ typedef struct {
     int64_t commit_timeout_ms;   /* and CommitTransfer within this after that; 0 = the same */
     int max_batch_seqs;          /* 0 = the engine's */
     int64_t max_buffered_tokens; /* per router without a stream; 0 = 65536 */
+    int local_mode;              /* pds_decode_local_mode_t: PrefillLocal and its scheduling */
+    int chunk_tokens;            /* PDS_DECODE_LOCAL_CHUNKED: token budget of a step (> 0) */
     pds_decode_calls_t calls;
 } pds_decode_sched_params_t;
+
+typedef enum {
+    PDS_DECODE_LOCAL_OFF = 0,       /* a decode node: PrefillLocal is FAILED_PRECONDITION */
+    PDS_DECODE_LOCAL_PREFILL_FIRST, /* colocated, vLLM-style */
+    PDS_DECODE_LOCAL_CHUNKED        /* colocated, Sarathi-Serve-style */
+} pds_decode_local_mode_t;
 
 typedef struct pds_decode_sched pds_decode_sched_t;
 
@@ -81,6 +96,10 @@ pds_status_t pds_decode_sched_commit(pds_decode_sched_t *s, void *call,
                                      const Pdserve__V1__CommitTransferRequest *req);
 pds_status_t pds_decode_sched_cancel(pds_decode_sched_t *s, void *call,
                                      const Pdserve__V1__CancelRequest *req);
+/* PrefillLocal: a whole request to prefill and decode here (colocated). Answered (PrefillReply)
+ * once admitted to the queue; its tokens go to req->router_id's TokenStream. */
+pds_status_t pds_decode_sched_local(pds_decode_sched_t *s, void *call,
+                                    const Pdserve__V1__PrefillRequest *req);
 /* A TokenStream call for req->router_id; stream_id is unique per call (see _stream_gone). */
 pds_status_t pds_decode_sched_stream(pds_decode_sched_t *s, void *call,
                                      const Pdserve__V1__TokenStreamRequest *req,
@@ -94,6 +113,7 @@ typedef struct {
     int waiting;        /* WAITING + PREEMPTED */
     int open_transfers; /* OPEN */
     int64_t context_tokens;
+    int64_t queued_prompt_tokens; /* local prompts: tokens not computed yet */
     int free_blocks, reserved_blocks, total_blocks;
     float recent_step_ms; /* moving average of decode steps */
     uint64_t steps;

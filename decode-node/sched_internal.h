@@ -51,6 +51,7 @@ typedef struct {
     /* KV (engine thread's pool) */
     pds_kv_seq_t kv;     /* covers tokens[0 .. kv.n_tokens) */
     pds_kv_resv_t *resv; /* RECOMPUTE: blocks set aside for the rest of the recompute */
+    bool local_prefill;  /* PrefillLocal not computed yet: recompute ALL tokens and sample */
     uint64_t order;      /* commit order: the preemption victim is the largest */
 
     /* per step */
@@ -69,6 +70,7 @@ typedef enum {
     CMD_CANCEL,
     CMD_STREAM,
     CMD_STREAM_GONE,
+    CMD_LOCAL,
     CMD_KVX_DONE,
     CMD_STOP,
 } cmd_kind_t;

@@ -1,6 +1,7 @@
-/* service.c: DecodeNode RPC handlers — thin: check what needs no node state, hand the call to the
- * engine thread, answer only when that is refused. A TokenStream call carries its stream id in
- * the call's data slot so that its on_cancel names it without touching the engine's state. */
+/* service.c: DecodeNode RPC handlers (PrefillLocal included: a decode node refuses it from the
+ * engine thread, which knows the node's mode) — thin: check what needs no node state, hand the call
+ * to the engine thread, answer only when that is refused. A TokenStream call carries its stream id
+ * in the call's data slot so that its on_cancel names it without touching the engine's state. */
 #include "decode-node/service.h"
 
 #include <stdatomic.h>
@@ -60,6 +61,14 @@ static void on_cancel_request(pds_rpc_call_t *call, const ProtobufCMessage *req,
     if (s != PDS_OK) refused(call, s);
 }
 
+static void on_local(pds_rpc_call_t *call, const ProtobufCMessage *req, void *arg)
+{
+    pds_decode_service_t *svc = arg;
+    pds_status_t s =
+        pds_decode_sched_local(svc->sched, call, (const Pdserve__V1__PrefillRequest *)req);
+    if (s != PDS_OK) refused(call, s);
+}
+
 static void on_stream(pds_rpc_call_t *call, const ProtobufCMessage *req, void *arg)
 {
     pds_decode_service_t *svc = arg;
@@ -92,6 +101,8 @@ pds_status_t pds_decode_service_create(pds_rpc_server_t *srv, pds_decode_sched_t
          on_cancel_request, NULL, svc},
         {PDS_DECODE_M_STREAM, PDS_RPC_SERVER_STREAM, &pdserve__v1__token_stream_request__descriptor,
          on_stream, on_stream_cancel, svc},
+        {PDS_DECODE_M_LOCAL, PDS_RPC_UNARY, &pdserve__v1__prefill_request__descriptor, on_local,
+         NULL, svc},
     };
     for (size_t i = 0; i < PDS_ARRAY_LEN(methods); i++) {
         pds_status_t s = pds_rpc_server_add_method(srv, &methods[i]);

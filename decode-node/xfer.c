@@ -185,7 +185,16 @@ static void xfer_fail(pds_decode_sched_t *s, dseq_t *q, pds_status_t st, const c
 void xfer_open(pds_decode_sched_t *s, void *call, const Pdserve__V1__OpenTransferRequest *req)
 {
     pds_sample_params_t sp;
+    const void *pool_blob = NULL;
+    size_t pool_blob_len = 0;
     pds_status_t st = open_validate(s, req, &sp);
+    /* The pool blob for this sender (NCCL: names the pair's communicator, made on first use). */
+    if (st == PDS_OK) {
+        st = pds_kvx_pool_blob_for(s->p.kvx, req->kvx_sender_address.data,
+                                   req->kvx_sender_address.len, &pool_blob, &pool_blob_len);
+        if (st == PDS_ERR_PARSE || st == PDS_ERR_INVALID_ARG)
+            st = PDS_ERR(PDS_ERR_FAILED_PRECONDITION, "sender's kvx address: %s", pds_err_detail());
+    }
     if (st != PDS_OK) {
         PDS_LOG_INFO(MOD, "open_refused req=%s status=%s detail=\"%s\"",
                      req->request_id ? req->request_id : "", pds_status_name(st), pds_err_detail());
@@ -265,8 +274,8 @@ void xfer_open(pds_decode_sched_t *s, void *call, const Pdserve__V1__OpenTransfe
     rep.block_ids = q->xfer_blocks;
     rep.kvx_receiver_address.data = (uint8_t *)s->p.kvx_address;
     rep.kvx_receiver_address.len = s->p.kvx_address_len;
-    rep.kvx_rkey.data = (uint8_t *)s->p.pool_blob;
-    rep.kvx_rkey.len = s->p.pool_blob_len;
+    rep.kvx_rkey.data = (uint8_t *)pool_blob;
+    rep.kvx_rkey.len = pool_blob_len;
     rep.n_kvx_layer_addrs = n_addrs;
     rep.kvx_layer_addrs = layer_addrs;
     rep.block_size = (uint32_t)bs;

@@ -6,7 +6,8 @@ pkgs=(build-essential cmake pkg-config git
       libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
       libgrpc-dev protobuf-compiler-grpc python3-grpcio python3-protobuf
       libucx-dev ucx-utils
-      libcriterion-dev clang libclang-rt-14-dev)
+      libcriterion-dev clang libclang-rt-14-dev
+      gnuplot-nox)  # bench/plot_load.sh (load-generator charts)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -17,8 +17,6 @@ void pf_job_free(pf_job_t *j)
     pds_free(j->decode_address);
     pds_free(j->decode_kvx_addr);
     pds_free(j->slo_class);
-    pds_free(j->stage);
-    pds_free(j->stage_ids);
     pds_kv_seq_fini(&j->kv);
     pds_free(j);
 }

@@ -71,8 +71,6 @@ struct pf_job {
     int32_t first_token;
     pds_status_t status; /* first error on the job (compute, send_layer, ...); PDS_OK otherwise */
     char err[320];       /* its message for the router */
-    void *stage;         /* device pools: host copy of the KV the transfer reads (until commit) */
-    int32_t *stage_ids;  /* (n_xfer_blocks) 0..n-1: block ids within `stage` */
 
     /* ---- hand-over ---- */
     pf_work_t work;

@@ -33,12 +33,14 @@ typedef struct {
 
 static pds_status_t kvx_start(node_t *n)
 {
-    if (n->cfg.kvx_backend != PDS_KVX_UCX)
+    if (n->cfg.kvx_backend == PDS_KVX_LOOPBACK)
         return PDS_ERR(PDS_ERR_INVALID_ARG,
-                       "[kvx] backend %s works only inside one process; a prefill node needs ucx",
-                       pds_kvx_backend_name((pds_kvx_backend_t)n->cfg.kvx_backend));
+                       "[kvx] backend loopback works only inside one process; a prefill node "
+                       "needs ucx or nccl");
     pds_kvx_params_t kp = pds_kvx_default_params();
-    kp.backend = PDS_KVX_UCX;
+    kp.backend = (pds_kvx_backend_t)n->cfg.kvx_backend;
+    kp.device = n->cfg.device;
+    kp.init_timeout_ms = PDS_MAX(n->cfg.transfer_timeout_ns / 1000000, 1);
     kp.path = (pds_kvx_path_t)n->cfg.kvx_path;
     kp.checksum = n->cfg.kvx_checksum;
     return pds_kvx_create(&kp, &n->kvx);
@@ -107,6 +109,7 @@ static pds_status_t reporter_start(node_t *n)
     ni.vocab_size = (uint32_t)m->vocab;
     ni.bos_token_id = m->bos_id;
     ni.eos_token_id = m->eos_id;
+    ni.max_batch_tokens = (uint32_t)PDS_MIN(n->cfg.max_batch_tokens, n->info.max_batch_tokens);
     return pds_node_reporter_start(n->cfg.router, &ni, pf_service_load, n->svc, &n->reporter);
 }
 

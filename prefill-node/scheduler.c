@@ -13,10 +13,11 @@
  * KV transfer: each layer is sent once (kvx's rule). The engine's per-layer hook sends layer l of
  * every job whose *last* chunk is in the forward: at that point layer l holds the KV of all the
  * job's tokens (earlier chunks wrote theirs in earlier forwards), so l travels while l+1 computes.
- * Jobs in an earlier chunk send nothing yet. On a device pool (CUDA; Debian's UCX cannot read GPU
- * memory) the hook sends nothing: after the forward the job's KV is exported to a host buffer
- * (pds_engine_kv_export, which waits for the device) and sent from there — no overlap, but
- * correct until kvx can take device memory.
+ * Jobs in an earlier chunk send nothing yet. On a device pool (CUDA) the pool is registered with
+ * kvx as the transfer source at create, with pds_engine_layer_wait as its per-layer ready
+ * callback: the hook only queues the layer (it never blocks the engine thread), and kvx's staging
+ * thread waits for the layer's event, then copies it to pinned host memory and sends it (UCX) or
+ * sends it from the device (NCCL), so layer l moves while l+1 computes on the GPU too.
  */
 #include "scheduler.h"
 
@@ -193,33 +194,16 @@ static void send_layer(pf_job_t *j, int layer, const void *base, const int32_t *
 static void on_layer(void *ctx, int layer)
 {
     batch_t *b = ctx;
-    if (b->s->on_device) return; /* staged after the forward */
     for (int i = 0; i < b->n; i++)
         if (b->last[i])
             send_layer(b->jobs[i], layer, b->s->layer_base[layer], b->jobs[i]->kv.blocks);
 }
 
-/* Device pools: copy the job's KV to host and send every layer from there. */
-static void send_staged(pf_sched_t *s, pf_job_t *j)
+/* kvx's ready callback for a device pool (its staging thread): layer done on the GPU. */
+static pds_status_t layer_ready(void *ctx, int layer)
 {
-    if (j->status != PDS_OK || !j->send) return;
-    int nb = j->kv.n_blocks;
-    size_t bytes = pds_engine_kv_export_bytes(s->e, nb, s->info.kv_dtype);
-    j->stage = pds_malloc(bytes);
-    j->stage_ids = pds_malloc((size_t)nb * sizeof *j->stage_ids);
-    if (!j->stage || !j->stage_ids) {
-        pf_job_fail(j, PDS_ERR_NO_MEMORY, "no memory to stage %zu bytes of KV", bytes);
-        return;
-    }
-    pds_status_t st = pds_engine_kv_export(s->e, &j->kv, s->info.kv_dtype, j->stage, bytes);
-    if (st != PDS_OK) {
-        pf_job_fail(j, st, "KV export: %s", pds_err_detail());
-        return;
-    }
-    for (int i = 0; i < nb; i++) j->stage_ids[i] = i;
-    size_t per_layer = bytes / (size_t)s->info.kv.n_layers;
-    for (int l = 0; l < s->info.kv.n_layers; l++)
-        send_layer(j, l, (char *)j->stage + (size_t)l * per_layer, j->stage_ids);
+    pf_sched_t *s = ctx;
+    return pds_engine_layer_wait(s->e, layer);
 }
 
 static void run_batch(pf_sched_t *s, batch_t *b, pds_engine_seq_t *seqs)
@@ -257,7 +241,6 @@ static void run_batch(pf_sched_t *s, batch_t *b, pds_engine_seq_t *seqs)
         }
         j->done_tokens += b->chunk[i];
         if (!b->last[i]) continue;
-        if (s->on_device) send_staged(s, j);
         j->t_end_ns = pds_time_now_ns();
         job_done(s, j);
     }
@@ -345,6 +328,15 @@ pds_status_t pf_sched_create(pds_engine_t *e, const pf_sched_params_t *p, pf_sch
         st = pds_engine_kv_layer_memory(e, l, &s->layer_base[l], &bytes, &s->on_device);
         if (st != PDS_OK) goto undo_state;
     }
+    /* The pool is the transfer source (a host pool too: that is how NCCL + a CPU engine is
+     * refused at start-up rather than at the first request). */
+    if (p->kvx)
+        st = pds_kvx_register_source(p->kvx, &s->info.kv, s->layer_base,
+                                     s->on_device ? PDS_KVX_MEM_CUDA : PDS_KVX_MEM_HOST,
+                                     layer_ready, s);
+    else if (s->on_device)
+        st = PDS_ERR(PDS_ERR_INVALID_ARG, "scheduler: a device pool needs params.kvx");
+    if (st != PDS_OK) goto undo_state;
     s->load.total_blocks = s->info.kv.n_blocks;
     s->load.free_blocks = pds_kv_pool_free_count(s->pool);
     pf_fifo_init(&s->in);

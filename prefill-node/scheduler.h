@@ -24,6 +24,7 @@ typedef struct {
     pf_sched_job_fn done_fn;
     pf_sched_job_fn release_fn;
     void *ctx;
+    pds_kvx_t *kvx; /* device pools: the engine's pool is registered with it as the KV source */
 } pf_sched_params_t;
 
 /* Load figures for the router (read under the scheduler's mutex). */

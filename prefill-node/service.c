@@ -330,6 +330,7 @@ pds_status_t pf_service_create(const pf_service_params_t *p, pf_service_t **out)
         .done_fn = on_computed,
         .release_fn = on_released,
         .ctx = svc,
+        .kvx = p->kvx,
     };
     s = pf_sched_create(p->engine, &sp, &svc->sched);
     if (s != PDS_OK) goto undo_sync;

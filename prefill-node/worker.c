@@ -207,6 +207,18 @@ static void transfer_commit(pf_service_t *svc, pf_job_t *j, pds_rpc_channel_t *c
                     j->decode_address, pds_err_detail());
         return;
     }
+    /* The hand-off as measured here: the transfer runs from its first layer moving to commit;
+     * what is left after the last layer's compute (t_end) is exposed in the TTFT. */
+    int64_t t_first = 0;
+    pds_kvx_send_times(j->send, &t_first, NULL);
+    double move_ms = t_first ? (double)(t_commit - t_first) / 1e6 : 0.0;
+    PDS_LOG_INFO(MOD,
+                 "handoff req=%s tokens=%d bytes=%llu prefill_ms=%.3f transfer_ms=%.3f "
+                 "exposed_ms=%.3f gbps=%.2f",
+                 j->request_id, j->n_tokens, (unsigned long long)bytes,
+                 (double)(j->t_end_ns - j->t_start_ns) / 1e6, move_ms,
+                 (double)(t_commit - j->t_end_ns) / 1e6,
+                 move_ms > 0 ? (double)bytes / (move_ms * 1e6) : 0.0);
     pds_kvx_send_close(j->send);
     j->send = NULL;
     float prefill_ms = (float)((j->t_end_ns - j->t_start_ns) / 1e6);

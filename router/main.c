@@ -1,5 +1,6 @@
 /* main.c: pdserve-router — serves the public Pdserve API and RouterInternal on one port, places
- * each request on a (prefill, decode) pair and relays its tokens. Configuration: INI file
+ * each request on a (prefill, decode) pair (or a colocated node) and relays its tokens.
+ * Configuration: INI file
  * (--config FILE) and --router.key=value flags. Prints `READY host:port` once serving. */
 #include <stdio.h>
 #include <string.h>
@@ -9,6 +10,9 @@
 
 #define T router_config_t
 static const char *const level_names[] = {"trace", "debug", "info", "warn", "error", "off", NULL};
+static const char *const placement_names[] = {"least-loaded", "slo", NULL};
+static const char *const policy_names[] = {"queue", "best-effort", "reject",
+                                           NULL}; /* slo.h order */
 static const pds_config_field_t fields[] = {
     {"router", "id", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, id), .def = "router-0",
      .help = "router id (nodes address their token streams to it)"},
@@ -28,6 +32,39 @@ static const pds_config_field_t fields[] = {
      .def = "60s", .min = "0", .help = "how long a request may wait for a node pair"},
     {"router", "nodes", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, nodes), .def = "",
      .help = "comma-separated node addresses expected (listed DOWN until they register)"},
+    {"slo", "placement", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, placement), .def = "least-loaded",
+     .choices = placement_names,
+     .help = "least-loaded (fewest queued prompt tokens x most free KV) | slo (predicted TTFT and "
+             "TPOT against each request's targets; needs a profile)"},
+    {"slo", "policy", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, policy), .def = "queue",
+     .choices = policy_names,
+     .help = "slo placement when no pair is predicted to meet the targets: queue (wait up to "
+             "queue_deadline) | best-effort (place on the best pair) | reject "
+             "(RESOURCE_EXHAUSTED with the predictions)"},
+    {"slo", "queue_deadline", PDS_CONFIG_DURATION, PDS_CONFIG_MEMBER(T, queue_deadline_ns),
+     .def = "10s", .min = "0", .help = "queue policy: reject a request that waited this long"},
+    {"slo", "classes", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, classes),
+     .def = "interactive:250:50,batch:5000:500",
+     .help = "named SLO classes NAME:TTFT_MS:TPOT_MS,... (0 = no target)"},
+    {"slo", "default_class", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, default_class), .def = "",
+     .help = "class of requests that name none (and give no targets); empty = no targets"},
+    {"slo", "tpot_weight", PDS_CONFIG_DOUBLE, PDS_CONFIG_MEMBER(T, tpot_weight), .def = "1",
+     .min = "0.01", .max = "100", .help = "weight of TPOT slack against TTFT slack"},
+    {"slo", "profile", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, profile), .def = "",
+     .help = "latency profile (pdserve-plan profile) for nodes of every role"},
+    {"slo", "prefill_profile", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, prefill_profile), .def = "",
+     .help = "profile of prefill nodes (overrides profile)"},
+    {"slo", "decode_profile", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, decode_profile), .def = "",
+     .help = "profile of decode nodes (overrides profile)"},
+    {"slo", "colocated_profile", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, colocated_profile),
+     .def = "", .help = "profile of colocated nodes (overrides decode_profile and profile)"},
+    {"slo", "refit", PDS_CONFIG_BOOL, PDS_CONFIG_MEMBER(T, refit), .def = "true",
+     .help = "refit node models online from measured prefill and decode-step times"},
+    {"slo", "refit_window", PDS_CONFIG_INT, PDS_CONFIG_MEMBER(T, refit_window), .def = "64",
+     .min = "8", .max = "4096", .help = "samples per phase and node the refit sees"},
+    {"slo", "local_prefill", PDS_CONFIG_BOOL, PDS_CONFIG_MEMBER(T, local_prefill), .def = "true",
+     .help = "let colocated nodes prefill requests themselves when predicted better than a "
+             "transfer (least-loaded: only when no prefill node is up)"},
     {"log", "level", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, log_level), .def = "info",
      .choices = level_names, .help = "trace | debug | info | warn | error | off"},
 };
@@ -96,6 +133,13 @@ int main(int argc, char **argv)
         pds_free(r);
         return 2;
     }
+    pthread_mutex_init(&r->slo_mu, NULL);
+    if ((s = router_slo_setup(r)) != PDS_OK) {
+        fprintf(stderr, "pdserve-router: %s\n", pds_err_detail());
+        pthread_mutex_destroy(&r->slo_mu);
+        pds_free(r);
+        return 2;
+    }
     pds_node_signals_install();
     pthread_mutex_init(&r->mu, NULL);
     r->start_ns = pds_time_now_ns();
@@ -129,7 +173,9 @@ int main(int argc, char **argv)
     char *colon = strrchr(host, ':');
     if (colon) *colon = '\0';
     int port = pds_rpc_server_port(r->server);
-    PDS_LOG_INFO("router", "listening router=%s port=%d workers=%d", r->cfg.id, port, r->n_workers);
+    PDS_LOG_INFO("router", "listening router=%s port=%d workers=%d placement=%s policy=%s",
+                 r->cfg.id, port, r->n_workers, placement_names[r->cfg.placement],
+                 pds_slo_policy_name((pds_slo_policy_t)r->cfg.policy));
     if (r->cfg.port_file[0]) {
         FILE *f = fopen(r->cfg.port_file, "w");
         if (f) {
@@ -164,6 +210,7 @@ undo_base:
     router_requests_destroy(r);
     router_nodes_destroy(r);
     pthread_mutex_destroy(&r->mu);
+    pthread_mutex_destroy(&r->slo_mu);
     pds_free(r);
     return rc;
 }

@@ -2,10 +2,11 @@
  * config's list, shown DOWN until they register). A node is never freed before shutdown — a
  * restarted node re-registers into its old entry — so requests may keep node pointers.
  *
- * Placement here is the simple baseline of the cluster issue: the prefill node with the fewest
- * queued prompt tokens, the decode node with the most free KV blocks, both corrected by what this
- * router placed since the node's last report (so a burst does not pile onto one node). SLO-driven
- * placement replaces router_place later. */
+ * Placement here is the simple baseline of the cluster issue ([slo] placement = least-loaded): the
+ * prefill node with the fewest queued prompt tokens, the decode (or colocated) node with the most
+ * free KV blocks, both corrected by what this router placed since the node's last report (so a
+ * burst does not pile onto one node); with no prefill node up, a colocated node prefills the
+ * request itself. SLO-driven placement is slo.c. */
 #include <stdio.h>
 #include <string.h>
 
@@ -40,8 +41,7 @@ pds_status_t router_node_register(router_t *r, const Pdserve__V1__NodeInfo *info
                        info->protocol_version, PDS_RPC_PROTOCOL_VERSION);
     if (!info->node_id[0] || !info->address[0])
         return PDS_ERR(PDS_ERR_INVALID_ARG, "node_id and address are required");
-    if (info->role != PDSERVE__V1__NODE_ROLE__NODE_ROLE_PREFILL &&
-        info->role != PDSERVE__V1__NODE_ROLE__NODE_ROLE_DECODE)
+    if (info->role != PDSERVE__V1__NODE_ROLE__NODE_ROLE_PREFILL && !ROUTER_DECODES(info->role))
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "node %s: role %d is not served yet", info->node_id,
                        info->role);
     if (!info->kv || info->vocab_size == 0 || info->max_context_tokens == 0)
@@ -109,7 +109,8 @@ pds_status_t router_node_register(router_t *r, const Pdserve__V1__NodeInfo *info
     n->last.free_kv_blocks = info->total_kv_blocks;
     n->inflight_tokens = n->inflight_blocks = 0;
     n->generation++;
-    if (n->role == PDSERVE__V1__NODE_ROLE__NODE_ROLE_DECODE) router_stream_start(r, n);
+    router_node_model_init(r, n);
+    if (ROUTER_DECODES(n->role)) router_stream_start(r, n);
     PDS_LOG_INFO("router", "node_up node=%s role=%d address=%s blocks=%u", n->id, n->role,
                  n->address, info->total_kv_blocks);
 out:
@@ -132,12 +133,27 @@ pds_status_t router_node_report(router_t *r, const Pdserve__V1__LoadReport *rep,
             (ProtobufCMessage)PROTOBUF_C_MESSAGE_INIT(&pdserve__v1__load_report__descriptor);
         n->last.node_id = NULL;
         n->last.latency = NULL;
+        const Pdserve__V1__LatencyModel *lm = rep->latency;
+        if (lm && n->have_model && (lm->prefill_b_ms_per_token > 0 || lm->decode_d_ms > 0)) {
+            /* the node's own current fit replaces ours */
+            n->model.prefill_a = lm->prefill_a_ms;
+            n->model.prefill_b = lm->prefill_b_ms_per_token;
+            n->model.prefill_c = lm->prefill_c_ms_per_token2;
+            n->model.decode_d = lm->decode_d_ms;
+            n->model.decode_e = lm->decode_e_ms_per_seq;
+            n->model.decode_f = lm->decode_f_ms_per_context_token;
+            n->model.decode_split = 0;
+            if (lm->transfer_gbytes_per_s > 0) {
+                n->model.link_gbytes_per_s = lm->transfer_gbytes_per_s;
+                n->model.link_msg_ms = lm->transfer_msg_ms;
+            }
+        }
         n->last_report_ns = pds_time_now_ns();
         n->inflight_tokens = n->inflight_blocks = 0; /* the report now counts them */
         if (n->state == PDSERVE__V1__NODE_STATE__NODE_STATE_DOWN) {
             n->state = PDSERVE__V1__NODE_STATE__NODE_STATE_UP;
             PDS_LOG_INFO("router", "node_back node=%s", n->id);
-            if (n->role == PDSERVE__V1__NODE_ROLE__NODE_ROLE_DECODE) router_stream_start(r, n);
+            if (ROUTER_DECODES(n->role)) router_stream_start(r, n);
         } else if (rep->state == PDSERVE__V1__NODE_STATE__NODE_STATE_DRAINING) {
             n->state = rep->state;
         }
@@ -147,7 +163,7 @@ pds_status_t router_node_report(router_t *r, const Pdserve__V1__LoadReport *rep,
 }
 
 pds_status_t router_place(router_t *r, int64_t n_tokens, const char *avoid_p, const char *avoid_d,
-                          node_t **p, node_t **d)
+                          node_t **p, node_t **d, bool *local)
 {
     int64_t blocks = r->block_size ? PDS_DIV_UP(n_tokens + 1, r->block_size) : 1;
     node_t *bp = NULL, *bd = NULL;
@@ -162,13 +178,30 @@ pds_status_t router_place(router_t *r, int64_t n_tokens, const char *avoid_p, co
             if (!bp || (bp_avoid && !avoid) || (avoid == bp_avoid && load < bp_load)) {
                 bp = n, bp_load = load, bp_avoid = avoid;
             }
-        } else if (n->role == PDSERVE__V1__NODE_ROLE__NODE_ROLE_DECODE) {
+        } else if (ROUTER_DECODES(n->role)) {
             bool avoid = avoid_d && strcmp(avoid_d, n->id) == 0;
             int64_t free_blocks = (int64_t)n->last.free_kv_blocks - n->inflight_blocks;
             if (!bd || (bd_avoid && !avoid) || (avoid == bd_avoid && free_blocks > bd_free)) {
                 bd = n, bd_free = free_blocks, bd_avoid = avoid;
             }
         }
+    }
+    /* no prefill node: a colocated node does the whole request (the most free KV among them) */
+    bool loc = false;
+    if (!bp && r->cfg.local_prefill) {
+        node_t *bc = NULL;
+        int64_t bc_free = 0;
+        bool bc_avoid = true;
+        for (node_t *n = r->nodes; n; n = n->next) {
+            if (n->state != PDSERVE__V1__NODE_STATE__NODE_STATE_UP || !n->info ||
+                n->role != PDSERVE__V1__NODE_ROLE__NODE_ROLE_COLOCATED)
+                continue;
+            bool avoid = avoid_d && strcmp(avoid_d, n->id) == 0;
+            int64_t free_blocks = (int64_t)n->last.free_kv_blocks - n->inflight_blocks;
+            if (!bc || (bc_avoid && !avoid) || (avoid == bc_avoid && free_blocks > bc_free))
+                bc = n, bc_free = free_blocks, bc_avoid = avoid;
+        }
+        if (bc) bp = bd = bc, loc = true;
     }
     if (bp && bd) {
         bp->inflight_tokens += n_tokens;
@@ -179,6 +212,7 @@ pds_status_t router_place(router_t *r, int64_t n_tokens, const char *avoid_p, co
         return PDS_ERR(PDS_ERR_UNAVAILABLE, "no %s node is up", !bp ? "prefill" : "decode");
     *p = bp;
     *d = bd;
+    *local = loc;
     return PDS_OK;
 }
 
@@ -198,7 +232,7 @@ void router_node_mark_down(router_t *r, node_t *n, const char *why)
 
 void router_nodes_fill_status(router_t *r, Pdserve__V1__ClusterStatusReply *reply,
                               Pdserve__V1__NodeStatus *store, Pdserve__V1__NodeStatus **ptrs,
-                              size_t cap)
+                              Pdserve__V1__LatencyModel *lat_store, size_t cap)
 {
     int64_t now = pds_time_now_ns();
     size_t i = 0;
@@ -216,6 +250,19 @@ void router_nodes_fill_status(router_t *r, Pdserve__V1__ClusterStatusReply *repl
         s->total_kv_blocks = n->last.total_kv_blocks;
         s->last_report_age_ms =
             n->last_report_ns ? (uint32_t)((now - n->last_report_ns) / 1000000) : 0;
+        if (n->have_model && lat_store) {
+            Pdserve__V1__LatencyModel *lm = &lat_store[i];
+            pdserve__v1__latency_model__init(lm);
+            lm->prefill_a_ms = n->model.prefill_a;
+            lm->prefill_b_ms_per_token = n->model.prefill_b;
+            lm->prefill_c_ms_per_token2 = n->model.prefill_c;
+            lm->decode_d_ms = n->model.decode_d;
+            lm->decode_e_ms_per_seq = n->model.decode_e;
+            lm->decode_f_ms_per_context_token = n->model.decode_f;
+            lm->transfer_gbytes_per_s = n->model.link_gbytes_per_s;
+            lm->transfer_msg_ms = n->model.link_msg_ms;
+            s->latency = lm;
+        }
         ptrs[i] = s;
     }
     reply->nodes = ptrs;
@@ -235,8 +282,7 @@ void *router_monitor_main(void *arg)
             if (n->state == PDSERVE__V1__NODE_STATE__NODE_STATE_DOWN || !n->info) continue;
             if (now - n->last_report_ns > r->cfg.node_timeout_ns) {
                 router_node_mark_down(r, n, "no load report within node_timeout");
-                if (n->role == PDSERVE__V1__NODE_ROLE__NODE_ROLE_DECODE && n_down < 64)
-                    down[n_down++] = n;
+                if (ROUTER_DECODES(n->role) && n_down < 64) down[n_down++] = n;
             }
         }
         pthread_mutex_unlock(&r->mu);
@@ -251,6 +297,7 @@ void router_nodes_destroy(router_t *r)
         next = n->next;
         pds_rpc_channel_destroy(n->ch);
         if (n->info) pdserve__v1__node_info__free_unpacked(n->info, NULL);
+        pds_slo_refit_destroy(n->refit);
         pds_free(n);
     }
     r->nodes = NULL;

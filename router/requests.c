@@ -1,7 +1,10 @@
 /* requests.c: the life of one request in the router.
  *
  *   Generate (RPC thread) -> validate -> request_t in the map -> JOB_PREFILL on the worker queue
- *   worker: place (P, D) -> Prefill on P (blocking; P opens the transfer to D) -> first token
+ *   worker: place (P, D) (slo.c; it may say "wait" under the queue policy: the worker asks again)
+ *           -> Prefill on P (blocking; P opens the transfer to D) -> first token; or, placed on a
+ *           colocated node's local prefill, PrefillLocal on D (answered at admission; every
+ *           token, the first included, comes on D's TokenStream)
  *   TokenStream readers: SeqTokens of D -> the request's token buffer
  *   every arrival: flush the tokens that are now contiguous to the client, in output order, then
  *   the Summary when the final token is in.
@@ -53,6 +56,11 @@ struct request {
     int64_t t_arrival, place_deadline, t_prefill_start;
     float queue_ms, kv_ms;
     uint64_t kv_bytes;
+    /* SLO */
+    double ttft_target, tpot_target; /* ms, <= 0 = none */
+    char slo_class[32];
+    router_choice_t place; /* current placement; its charges go back when it ends (slo.c) */
+    bool local;            /* prefilled on its decode node (colocated) */
 };
 
 typedef enum { JOB_PREFILL, JOB_CANCEL } job_kind_t;
@@ -145,10 +153,22 @@ static void req_unref(request_t *q)
     if (left == 0) req_free(q);
 }
 
+/* Takes q's placement charges off it (q->mu held); the caller gives them back after unlocking. */
+static router_choice_t req_take_charges(request_t *q)
+{
+    router_choice_t c = q->place;
+    q->place.prefill_tokens = q->place.ctx_tokens = 0;
+    return c;
+}
+
 /* Drops the map's reference once the request is DONE. Takes router mu (caller holds no locks). */
 static void req_retire(request_t *q)
 {
     router_t *r = q->r;
+    pthread_mutex_lock(&q->mu);
+    router_choice_t c = req_take_charges(q);
+    pthread_mutex_unlock(&q->mu);
+    router_unplace_decode(r, &c);
     pthread_mutex_lock(&r->mu);
     bool removed = map_remove(r, q);
     pthread_mutex_unlock(&r->mu);
@@ -276,6 +296,8 @@ static bool req_flush_locked(request_t *q)
     q->call = NULL;
     q->state = REQ_DONE;
     atomic_fetch_add(&r->n_ok, 1);
+    router_slo_outcome(r, q->id, &q->place, q->ttft_target, q->tpot_target, sum.ttft_ms,
+                       sum.tpot_mean_ms, q->n_sent);
     PDS_LOG_DEBUG("router", "request_done req=%s tokens=%d ttft_ms=%.1f tpot_ms=%.2f p=%s d=%s",
                   q->id, q->n_sent, sum.ttft_ms, sum.tpot_mean_ms, sum.prefill_node,
                   sum.decode_node);
@@ -357,6 +379,8 @@ static pds_status_t req_build(router_t *r, const Pdserve__V1__GenerateRequest *g
         q->n_stop = (int)g->n_stop_token_ids;
     }
     q->ignore_eos = g->ignore_eos;
+    router_slo_targets(r, g->slo, &q->ttft_target, &q->tpot_target, q->slo_class,
+                       sizeof q->slo_class);
     q->out = pds_calloc(q->max_tokens, sizeof *q->out);
     q->t_sent = pds_calloc(q->max_tokens, sizeof *q->t_sent);
     q->have = pds_calloc(q->max_tokens, 1);
@@ -422,7 +446,7 @@ void router_generate_cancelled(router_t *r, pds_rpc_call_t *call)
         return;
     }
     pthread_mutex_lock(&q->mu);
-    node_t *p = q->p, *d = q->d;
+    node_t *p = q->local ? NULL : q->p, *d = q->d; /* a local prefill has no prefill node */
     bool live = q->state != REQ_DONE;
     q->state = REQ_DONE;
     if (q->call) {
@@ -440,7 +464,7 @@ void router_generate_cancelled(router_t *r, pds_rpc_call_t *call)
 
 /* ---- tokens from decode nodes
  * -------------------------------------------------------------------- */
-void router_on_seq_tokens(router_t *r, const char *decode_id, const Pdserve__V1__SeqTokens *st)
+int64_t router_on_seq_tokens(router_t *r, const char *decode_id, const Pdserve__V1__SeqTokens *st)
 {
     pthread_mutex_lock(&r->mu);
     request_t *q = map_find(r, st->request_id);
@@ -450,9 +474,11 @@ void router_on_seq_tokens(router_t *r, const char *decode_id, const Pdserve__V1_
         pthread_mutex_unlock(&q->mu);
     }
     pthread_mutex_unlock(&r->mu);
-    if (!q) return; /* finished or cancelled meanwhile */
+    if (!q) return 0; /* finished or cancelled meanwhile */
 
     bool retire = false, replace = false;
+    int64_t ctx = 0;
+    router_choice_t first = {0}; /* a local prefill's charge, over with its first token */
     pthread_mutex_lock(&q->mu);
     if (q->state == REQ_DONE || !q->d || strcmp(q->d->id, decode_id) != 0) {
         /* stale: from a node this request has left */
@@ -473,9 +499,16 @@ void router_on_seq_tokens(router_t *r, const char *decode_id, const Pdserve__V1_
             q->final_count = (int)(st->index + st->n_token_ids);
             q->finish_reason = st->finish_reason;
         }
+        if (q->local && q->place.prefill_tokens > 0) {
+            first.p = q->place.p;
+            first.prefill_tokens = q->place.prefill_tokens;
+            q->place.prefill_tokens = 0;
+        }
+        ctx = (int64_t)q->n_prompt + st->index + (int64_t)st->n_token_ids;
         retire = req_flush_locked(q);
     }
     pthread_mutex_unlock(&q->mu);
+    router_unplace_prefill(r, &first);
     if (replace) {
         q->replacements++;
         atomic_fetch_add(&r->n_replaced, 1);
@@ -483,6 +516,7 @@ void router_on_seq_tokens(router_t *r, const char *decode_id, const Pdserve__V1_
     }
     if (retire) req_retire(q);
     req_unref(q);
+    return ctx;
 }
 
 void router_on_decode_down(router_t *r, node_t *d)
@@ -536,33 +570,68 @@ static bool retriable(pds_status_t s)
            s == PDS_ERR_INTERNAL || s == PDS_ERR_TRANSPORT;
 }
 
+/* Fails q with s (placement gave up); the caller returns. */
+static void req_fail_placement(request_t *q, pds_status_t s, const char *msg)
+{
+    pthread_mutex_lock(&q->mu);
+    bool retire = req_fail_locked(q, s, msg);
+    pthread_mutex_unlock(&q->mu);
+    if (retire) req_retire(q);
+}
+
 static void run_prefill(router_t *r, request_t *q)
 {
+    bool waiting = false, ever_waited = false; /* counted in r->n_waiting while waiting */
     for (int attempt = 0;; attempt++) {
         pthread_mutex_lock(&q->mu);
         if (q->state == REQ_DONE) {
             pthread_mutex_unlock(&q->mu);
-            return;
+            break;
         }
         int g = q->n_sent; /* re-placement resumes after what the client already has */
         char avoid_p[64], avoid_d[64];
         snprintf(avoid_p, sizeof avoid_p, "%s", q->avoid_p);
         snprintf(avoid_d, sizeof avoid_d, "%s", q->avoid_d);
+        router_choice_t old = req_take_charges(q); /* a re-placement leaves its old nodes */
         pthread_mutex_unlock(&q->mu);
+        router_unplace_decode(r, &old);
 
-        node_t *p = NULL, *d = NULL;
-        pds_status_t s = router_place(r, q->n_prompt + g, avoid_p, avoid_d, &p, &d);
-        if (s != PDS_OK) {
-            if (pds_time_now_ns() < q->place_deadline && !atomic_load(&r->stopping)) {
-                pds_time_sleep_ms(50);
+        int64_t now = pds_time_now_ns();
+        router_place_in_t in = {
+            .n_tokens = q->n_prompt + g,
+            .outputs = (int64_t)q->max_tokens - g,
+            /* once a token went out, TTFT is history: only TPOT matters for the new pair */
+            .ttft_ms = g > 0 ? 0 : q->ttft_target,
+            .tpot_ms = q->tpot_target,
+            .waited_ms = g > 0 ? 0 : (double)(now - q->t_arrival) / 1e6,
+            .avoid_p = avoid_p[0] ? avoid_p : NULL,
+            .avoid_d = avoid_d[0] ? avoid_d : NULL,
+            .request_id = q->id,
+            .first_try = !ever_waited,
+        };
+        router_choice_t ch;
+        pds_status_t s = router_place_request(r, &in, &ch);
+        if (s == PDS_AGAIN || s == PDS_ERR_UNAVAILABLE) {
+            /* queue policy (nothing meets yet) or no node up: ask again until place_timeout */
+            if (!waiting) atomic_fetch_add(&r->n_waiting, 1);
+            waiting = ever_waited = true;
+            if (now < q->place_deadline && !atomic_load(&r->stopping)) {
+                pds_time_sleep_ms(s == PDS_AGAIN ? 10 : 50);
                 continue;
             }
-            pthread_mutex_lock(&q->mu);
-            bool retire = req_fail_locked(q, s, pds_err_detail());
-            pthread_mutex_unlock(&q->mu);
-            if (retire) req_retire(q);
-            return;
+            if (s == PDS_AGAIN)
+                s = PDS_ERR(PDS_ERR_EXHAUSTED,
+                            "no node pair was predicted to meet the SLO within place_timeout");
+            req_fail_placement(q, s, pds_err_detail());
+            break;
         }
+        if (waiting) atomic_fetch_sub(&r->n_waiting, 1);
+        waiting = false;
+        if (s != PDS_OK) { /* reject policy, queue deadline, no memory */
+            req_fail_placement(q, s, pds_err_detail());
+            break;
+        }
+        node_t *p = ch.p, *d = ch.d;
 
         Pdserve__V1__SamplingParams sp = PDSERVE__V1__SAMPLING_PARAMS__INIT;
         sp.temperature = q->temperature;
@@ -570,6 +639,10 @@ static void run_prefill(router_t *r, request_t *q)
         sp.top_p = q->top_p;
         sp.seed_opt_case = PDSERVE__V1__SAMPLING_PARAMS__SEED_OPT_SEED;
         sp.seed = q->seed;
+        Pdserve__V1__Slo slo = PDSERVE__V1__SLO__INIT;
+        slo.ttft_ms = (float)q->ttft_target;
+        slo.tpot_ms = (float)q->tpot_target;
+        slo.class_name = q->slo_class;
         Pdserve__V1__PrefillRequest pr = PDSERVE__V1__PREFILL_REQUEST__INIT;
         pr.request_id = q->id;
         pr.prompt_ids = q->prompt;
@@ -584,6 +657,7 @@ static void run_prefill(router_t *r, request_t *q)
         pr.router_id = r->cfg.id;
         pr.decode_node_id = d->id;
         pr.decode_address = d->address;
+        pr.slo = &slo;
         pthread_mutex_lock(&r->mu);
         ProtobufCBinaryData kvx_addr = d->info->kvx_address; /* info replaced only on re-register */
         pthread_mutex_unlock(&r->mu);
@@ -592,26 +666,43 @@ static void run_prefill(router_t *r, request_t *q)
         pthread_mutex_lock(&q->mu);
         if (q->state == REQ_DONE) {
             pthread_mutex_unlock(&q->mu);
-            return;
+            router_unplace_decode(r, &ch);
+            break;
         }
         q->state = REQ_PREFILLING;
         q->p = p;
         q->d = d;
+        q->local = ch.local;
+        q->place = ch;
         q->replace_pending = false;
         if (!q->t_prefill_start) q->t_prefill_start = pds_time_now_ns();
         pthread_mutex_unlock(&q->mu);
 
         ProtobufCMessage *reply = NULL;
-        s = pds_rpc_channel_call(p->ch, "/pdserve.v1.PrefillNode/Prefill", &pr.base,
-                                 &pdserve__v1__prefill_reply__descriptor,
+        s = pds_rpc_channel_call(ch.local ? d->ch : p->ch,
+                                 ch.local ? "/pdserve.v1.DecodeNode/PrefillLocal"
+                                          : "/pdserve.v1.PrefillNode/Prefill",
+                                 &pr.base, &pdserve__v1__prefill_reply__descriptor,
                                  (int)(r->cfg.prefill_timeout_ns / 1000000), &reply);
         char detail[512];
         snprintf(detail, sizeof detail, "%s", pds_err_detail());
 
         bool retire = false, again = false;
+        router_choice_t done = {0}; /* the prefill charge, over with the reply */
         pthread_mutex_lock(&q->mu);
         if (q->state == REQ_DONE) {
             /* cancelled meanwhile: the cancel jobs already went to p and d */
+        } else if (s == PDS_OK && ch.local) {
+            /* admitted: the tokens, the first included, come on d's TokenStream */
+            Pdserve__V1__PrefillReply *pre = (Pdserve__V1__PrefillReply *)reply;
+            q->queue_ms = (float)(q->t_prefill_start - q->t_arrival) / 1e6f + pre->queue_ms;
+            if (q->replace_pending) {
+                q->state = REQ_PLACING;
+                snprintf(q->avoid_d, sizeof q->avoid_d, "%s", d->id);
+                again = true;
+            } else if (q->final_count < 0) {
+                q->state = REQ_DECODING;
+            }
         } else if (s == PDS_OK) {
             Pdserve__V1__PrefillReply *pre = (Pdserve__V1__PrefillReply *)reply;
             int32_t first = pre->first_token;
@@ -619,6 +710,9 @@ static void run_prefill(router_t *r, request_t *q)
             q->queue_ms = (float)(q->t_prefill_start - q->t_arrival) / 1e6f + pre->queue_ms;
             q->kv_bytes += pre->kv_transfer_bytes;
             q->kv_ms += pre->kv_transfer_ms;
+            done.p = q->place.p;
+            done.prefill_tokens = q->place.prefill_tokens;
+            q->place.prefill_tokens = 0;
             if (pre->finished) {
                 q->final_count = g + 1;
                 q->finish_reason = pre->finish_reason;
@@ -633,21 +727,29 @@ static void run_prefill(router_t *r, request_t *q)
             retire = req_flush_locked(q);
         } else if (retriable(s) && pds_time_now_ns() < q->place_deadline &&
                    !atomic_load(&r->stopping)) {
-            PDS_LOG_INFO("router", "prefill_retry req=%s p=%s d=%s status=%s detail=\"%s\"", q->id,
-                         p->id, d->id, pds_status_name(s), detail);
+            PDS_LOG_INFO("router",
+                         "prefill_retry req=%s p=%s d=%s local=%d status=%s detail=\"%s\"", q->id,
+                         p->id, d->id, ch.local, pds_status_name(s), detail);
             q->state = REQ_PLACING;
-            snprintf(q->avoid_p, sizeof q->avoid_p, "%s", p->id);
+            snprintf(q->avoid_p, sizeof q->avoid_p, "%s", ch.local ? "" : p->id);
             snprintf(q->avoid_d, sizeof q->avoid_d, "%s", d->id);
             again = true;
         } else {
             retire = req_fail_locked(q, s, detail);
         }
         pthread_mutex_unlock(&q->mu);
+        if (s == PDS_OK && !ch.local) {
+            const Pdserve__V1__PrefillReply *pre = (const Pdserve__V1__PrefillReply *)reply;
+            if (pre->computed_tokens > 0 && pre->prefill_ms > 0)
+                router_observe_prefill(r, p, pre->computed_tokens, pre->prefill_ms);
+        }
+        router_unplace_prefill(r, &done);
         pds_rpc_msg_free(reply);
         if (retire) req_retire(q);
-        if (!again) return;
+        if (!again) break;
         if (s != PDS_OK) pds_time_sleep_ms(PDS_MIN(10.0 * (attempt + 1), 200.0));
     }
+    if (waiting) atomic_fetch_sub(&r->n_waiting, 1);
 }
 
 void *router_worker_main(void *arg)

@@ -34,22 +34,30 @@ static void on_status(pds_rpc_call_t *call, const ProtobufCMessage *req, void *a
     enum { CAP = 256 };
     Pdserve__V1__NodeStatus *store = pds_malloc(sizeof *store * CAP);
     Pdserve__V1__NodeStatus **ptrs = pds_malloc(sizeof *ptrs * CAP);
-    if (!store || !ptrs) {
+    Pdserve__V1__LatencyModel *lat = pds_malloc(sizeof *lat * CAP);
+    if (!store || !ptrs || !lat) {
         pds_free(store);
         pds_free(ptrs);
+        pds_free(lat);
         pds_rpc_call_finish(call, PDS_ERR_NO_MEMORY, "router out of memory");
         return;
     }
     Pdserve__V1__ClusterStatusReply reply = PDSERVE__V1__CLUSTER_STATUS_REPLY__INIT;
     reply.router_id = r->cfg.id;
+    Pdserve__V1__SloStats slo = PDSERVE__V1__SLO_STATS__INIT;
+    router_slo_fill_status(r, &slo);
+    reply.slo = &slo;
     pthread_mutex_lock(&r->mu);
-    router_nodes_fill_status(r, &reply, store, ptrs, CAP);
+    router_nodes_fill_status(r, &reply, store, ptrs, lat, CAP);
+    int waiting = atomic_load(&r->n_waiting);
+    reply.queued_requests = waiting > 0 ? (uint32_t)waiting : 0;
     reply.active_requests = (uint32_t)router_active_requests(r);
     /* packed inside the lock: the strings point into the node table */
     pds_rpc_call_reply(call, &reply.base);
     pthread_mutex_unlock(&r->mu);
     pds_free(store);
     pds_free(ptrs);
+    pds_free(lat);
 }
 
 static void on_register(pds_rpc_call_t *call, const ProtobufCMessage *req, void *arg)

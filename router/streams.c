@@ -47,7 +47,17 @@ static void *reader_main(void *arg)
             while ((s = pds_rpc_stream_next(st, &m)) == PDS_OK && m) {
                 failures = 0;
                 Pdserve__V1__TokenBatch *b = (Pdserve__V1__TokenBatch *)m;
-                for (size_t i = 0; i < b->n_seqs; i++) router_on_seq_tokens(r, d->id, b->seqs[i]);
+                int64_t ctx = 0;
+                int known = 0;
+                for (size_t i = 0; i < b->n_seqs; i++) {
+                    int64_t c = router_on_seq_tokens(r, d->id, b->seqs[i]);
+                    ctx += c;
+                    known += c > 0;
+                }
+                /* a step of `known` sequences over ctx tokens took step_ms: a refit sample
+                 * (batches that also carry unknown sequences would mislead it) */
+                if (b->step_ms > 0 && known > 0 && (size_t)known == b->n_seqs)
+                    router_observe_step(r, d, known, (double)ctx, b->step_ms);
                 pds_rpc_msg_free(m);
             }
             pthread_mutex_lock(&r->mu);

@@ -382,7 +382,8 @@ Test(engine_cuda, gemv_qkv_rope_matches_cpu_and_writes_the_pool)
                 if (h < H + KV) {
                     int j = i % (hd / 2);
                     double ang = (double)(float)((float)pos[t] * invf[j]);
-                    double x0 = y[(size_t)t * W + h * hd + j], x1 = y[(size_t)t * W + h * hd + j + hd / 2];
+                    double x0 = y[(size_t)t * W + h * hd + j],
+                           x1 = y[(size_t)t * W + h * hd + j + hd / 2];
                     v = i < hd / 2 ? x0 * cos(ang) - x1 * sin(ang) : x1 * cos(ang) + x0 * sin(ang);
                 }
                 ref[o] = v;

@@ -18,7 +18,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "kvx/kvx.h"
+#include "kvx/kvx_internal.h" /* white-box: the NCCL wire formats */
 
 #define NL        4
 #define RX_BLOCKS 40
@@ -621,6 +621,284 @@ Test(kvx, bad_input_gets_a_status_not_a_crash)
     pds_kvx_hub_destroy(h);
     pool_fini(&rx);
     pool_fini(&tx);
+}
+
+/* ---- NCCL backend and device pools, without a GPU ------------------------------------------
+ * What CI can check of the NCCL backend and the staging path: names, the error a node gets where
+ * the build or the machine cannot do it, and every parser a receiver trusts before posting NCCL
+ * receives into its pool. (tests/test_kvx_cuda.c has the GPU half.) */
+static bool gpu_present(void)
+{
+    return pds_kvx_has_cuda() && kvx_gpu_check_device(0) == PDS_OK;
+}
+
+Test(kvx, backend_names_round_trip_and_unknown_names_are_refused)
+{
+    pds_kvx_backend_t b = PDS_KVX_UCX;
+    cr_expect_eq(pds_kvx_backend_parse("nccl", &b), PDS_OK);
+    cr_expect_eq(b, PDS_KVX_NCCL);
+    cr_expect_str_eq(pds_kvx_backend_name(PDS_KVX_NCCL), "nccl");
+    for (int i = PDS_KVX_UCX; i <= PDS_KVX_NCCL; i++) {
+        cr_expect_eq(pds_kvx_backend_parse(pds_kvx_backend_name((pds_kvx_backend_t)i), &b), PDS_OK);
+        cr_expect_eq((int)b, i);
+    }
+    cr_expect_eq(pds_kvx_backend_parse("rdma", &b), PDS_ERR_INVALID_ARG);
+    cr_expect(strstr(pds_err_detail(), "ucx, loopback or nccl") != NULL, "%s", pds_err_detail());
+    cr_expect_eq(pds_kvx_backend_parse(NULL, &b), PDS_ERR_INVALID_ARG);
+    /* NCCL is built exactly when CUDA is (and nccl.h was found): a CPU build has neither. */
+    if (!pds_kvx_has_cuda()) cr_expect(!pds_kvx_has_nccl());
+}
+
+Test(kvx, nccl_without_a_gpu_or_the_library_says_why)
+{
+    if (gpu_present()) cr_skip_test("a GPU is present: tests/test_kvx_cuda.c covers this machine");
+    pds_kvx_params_t p = pds_kvx_default_params();
+    p.backend = PDS_KVX_NCCL;
+    pds_kvx_t *x = NULL;
+    pds_status_t s = pds_kvx_create(&p, &x);
+    cr_expect_null(x);
+    if (pds_kvx_has_nccl()) {
+        cr_expect_eq(s, PDS_ERR_DEVICE, "%s", pds_status_name(s));
+        cr_expect(strstr(pds_err_detail(), "NCCL backend needs a GPU") != NULL, "%s",
+                  pds_err_detail());
+    } else {
+        cr_expect_eq(s, PDS_ERR_UNSUPPORTED, "%s", pds_status_name(s));
+        cr_expect(strstr(pds_err_detail(), "no NCCL backend") != NULL, "%s", pds_err_detail());
+    }
+}
+
+static pds_status_t never_ready(void *ctx, int layer)
+{
+    return PDS_ERR_INTERNAL; /* no layer is ever staged in these tests */
+}
+
+Test(kvx, device_pool_or_source_without_a_gpu_is_refused_cleanly, .timeout = 30)
+{
+    if (gpu_present()) cr_skip_test("a GPU is present: tests/test_kvx_cuda.c covers this machine");
+    pds_kvx_params_t p = pds_kvx_default_params();
+    pds_kvx_t *x = NULL;
+    cr_assert_eq(pds_kvx_create(&p, &x), PDS_OK, "%s", pds_err_detail());
+    pool_t rx;
+    pool_init(&rx, RX_BLOCKS, RX_SEED);
+    const void *pb = NULL;
+    size_t pl = 0;
+    /* Host memory claimed to be device memory: no CUDA build -> UNSUPPORTED; no GPU -> DEVICE. */
+    pds_status_t want = pds_kvx_has_cuda() ? PDS_ERR_DEVICE : PDS_ERR_UNSUPPORTED;
+    pds_status_t s = pds_kvx_register_pool(x, &rx.lay, rx.layer, PDS_KVX_MEM_CUDA, &pb, &pl);
+    cr_expect_eq(s, want, "register_pool(CUDA): %s %s", pds_status_name(s), pds_err_detail());
+    /* ... and nothing half-registered: the same kvx still takes a host pool. */
+    cr_expect_eq(pds_kvx_register_pool(x, &rx.lay, rx.layer, PDS_KVX_MEM_HOST, &pb, &pl), PDS_OK);
+    const void *pb2 = NULL;
+    size_t pl2 = 0;
+    cr_expect_eq(pds_kvx_pool_blob_for(x, NULL, 0, &pb2, &pl2), PDS_OK);
+    cr_expect(pb2 == pb && pl2 == pl, "UCX hands every sender the registered pool blob");
+
+    pds_kvx_t *y = NULL;
+    cr_assert_eq(pds_kvx_create(&p, &y), PDS_OK);
+    cr_expect_eq(pds_kvx_pool_blob_for(y, NULL, 0, &pb2, &pl2), PDS_ERR_FAILED_PRECONDITION);
+    cr_expect_eq(pds_kvx_register_source(y, &rx.lay, rx.layer, PDS_KVX_MEM_CUDA, NULL, NULL),
+                 PDS_ERR_INVALID_ARG, "a device source needs a ready callback");
+    s = pds_kvx_register_source(y, &rx.lay, rx.layer, PDS_KVX_MEM_CUDA, never_ready, NULL);
+    cr_expect_eq(s, want, "register_source(CUDA): %s %s", pds_status_name(s), pds_err_detail());
+    cr_expect_eq(pds_kvx_register_source(y, &rx.lay, rx.layer, PDS_KVX_MEM_HOST, NULL, NULL),
+                 PDS_OK);
+    cr_expect_eq(pds_kvx_register_source(y, &rx.lay, rx.layer, PDS_KVX_MEM_HOST, NULL, NULL),
+                 PDS_ERR_ALREADY_EXISTS);
+    pds_kvx_destroy(y);
+    pds_kvx_destroy(x);
+
+    pds_kvx_hub_t *h = NULL;
+    cr_assert_eq(pds_kvx_hub_create(&h), PDS_OK);
+    p.backend = PDS_KVX_LOOPBACK;
+    p.hub = h;
+    cr_assert_eq(pds_kvx_create(&p, &x), PDS_OK);
+    cr_expect_eq(pds_kvx_register_source(x, &rx.lay, rx.layer, PDS_KVX_MEM_CUDA, never_ready, NULL),
+                 PDS_ERR_UNSUPPORTED);
+    pds_kvx_destroy(x);
+    pds_kvx_hub_destroy(h);
+    pool_fini(&rx);
+}
+
+/* A kvx object that exists only for the blob builders (no backend, no threads). */
+static pds_kvx_t *fake_kvx(pds_kvx_backend_t b, pool_t *pool)
+{
+    pds_kvx_t *x = calloc(1, sizeof *x);
+    cr_assert_not_null(x);
+    x->p.backend = b;
+    if (pool) {
+        x->layout = pool->lay;
+        x->block_bytes = pds_kv_block_bytes(&pool->lay);
+        x->pool_base = (uint8_t **)pool->layer;
+    }
+    return x;
+}
+
+Test(kvx, nccl_address_blob_parses_and_bad_ones_are_refused)
+{
+    pds_kvx_t *x = fake_kvx(PDS_KVX_NCCL, NULL);
+    kvx_naddr_t a = {.instance = 0x1122334455667788ULL, .device = 3, .pid = 4242};
+    snprintf(a.host, sizeof a.host, "gpu-node-7");
+    cr_assert_eq(kvx_addr_build(x, &a, sizeof a), PDS_OK);
+    kvx_naddr_t got;
+    cr_assert_eq(kvx_nccl_addr_parse(x->addr, x->addr_len, &got), PDS_OK);
+    cr_expect_eq(got.instance, a.instance);
+    cr_expect_eq(got.device, 3);
+    cr_expect_eq(got.pid, 4242);
+    cr_expect_str_eq(got.host, "gpu-node-7");
+
+    uint8_t bad[512];
+    memcpy(bad, x->addr, x->addr_len);
+    cr_expect_eq(kvx_nccl_addr_parse(bad, x->addr_len - 1, &got), PDS_ERR_PARSE);
+    bad[0] ^= 1; /* magic */
+    cr_expect_eq(kvx_nccl_addr_parse(bad, x->addr_len, &got), PDS_ERR_PARSE);
+    cr_expect_eq(kvx_nccl_addr_parse(NULL, 0, &got), PDS_ERR_PARSE);
+    pds_free(x->addr);
+    x->addr = NULL;
+
+    a.instance = 0; /* every live kvx has a non-zero instance */
+    cr_assert_eq(kvx_addr_build(x, &a, sizeof a), PDS_OK);
+    cr_expect_eq(kvx_nccl_addr_parse(x->addr, x->addr_len, &got), PDS_ERR_PARSE);
+    pds_free(x->addr);
+    x->addr = NULL;
+    cr_assert_eq(kvx_addr_build(x, &a, sizeof a - 8), PDS_OK); /* short payload */
+    cr_expect_eq(kvx_nccl_addr_parse(x->addr, x->addr_len, &got), PDS_ERR_PARSE);
+    pds_free(x->addr);
+    x->p.backend = PDS_KVX_UCX; /* a UCX address handed to an NCCL node */
+    a.instance = 9;
+    cr_assert_eq(kvx_addr_build(x, &a, sizeof a), PDS_OK);
+    cr_expect_eq(kvx_nccl_addr_parse(x->addr, x->addr_len, &got), PDS_ERR_INVALID_ARG);
+    cr_expect(strstr(pds_err_detail(), "backend ucx") != NULL, "%s", pds_err_detail());
+    pds_free(x->addr);
+    free(x);
+}
+
+Test(kvx, nccl_pool_blob_carries_the_pair_key_and_plain_blobs_are_refused)
+{
+    pool_t rx;
+    pool_init(&rx, RX_BLOCKS, RX_SEED);
+    pds_kvx_t *x = fake_kvx(PDS_KVX_NCCL, &rx);
+    kvx_nkey_t key = {.receiver = 7, .sender = 9, .epoch = 2};
+    for (int i = 0; i < KVX_NCCL_ID_BYTES; i++) key.id[i] = (uint8_t)(i * 13 + 5);
+    const void *rk[NL] = {&key};
+    size_t rl[NL] = {sizeof key};
+    void *blob = NULL;
+    size_t len = 0;
+    cr_assert_eq(kvx_pool_blob_make(x, rk, rl, &blob, &len), PDS_OK);
+    kvx_pool_hdr_t h;
+    kvx_nkey_t got;
+    cr_assert_eq(kvx_nccl_pool_key(blob, len, &h, &got), PDS_OK, "%s", pds_err_detail());
+    cr_expect(memcmp(&got, &key, sizeof key) == 0, "the key travels byte for byte");
+    cr_expect_eq(h.n_layers, NL);
+    cr_expect_eq(h.n_blocks, RX_BLOCKS);
+    cr_expect_eq(h.block_bytes, pds_kv_block_bytes(&rx.lay));
+    cr_expect_eq(kvx_nccl_pool_key(blob, len - 8, &h, &got), PDS_ERR_PARSE);
+    uint8_t *b = blob;
+    b[4] ^= 0xff; /* version */
+    cr_expect_eq(kvx_nccl_pool_key(blob, len, &h, &got), PDS_ERR_PARSE);
+    pds_free(blob);
+
+    /* The registered pool blob has no key: it is not for senders. */
+    cr_assert_eq(kvx_pool_blob_make(x, NULL, NULL, &blob, &len), PDS_OK);
+    cr_expect_eq(kvx_nccl_pool_key(blob, len, &h, &got), PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "pds_kvx_pool_blob_for") != NULL, "%s", pds_err_detail());
+    pds_free(blob);
+    /* A key without both instances. */
+    key.sender = 0;
+    cr_assert_eq(kvx_pool_blob_make(x, rk, rl, &blob, &len), PDS_OK);
+    cr_expect_eq(kvx_nccl_pool_key(blob, len, &h, &got), PDS_ERR_PARSE);
+    pds_free(blob);
+    /* A UCX pool blob. */
+    x->p.backend = PDS_KVX_UCX;
+    key.sender = 9;
+    cr_assert_eq(kvx_pool_blob_make(x, rk, rl, &blob, &len), PDS_OK);
+    cr_expect_eq(kvx_nccl_pool_key(blob, len, &h, &got), PDS_ERR_INVALID_ARG);
+    pds_free(blob);
+    free(x);
+    pool_fini(&rx);
+}
+
+/* A DATA header of the test sequence's layer 1, as a sender builds it. */
+static void data_header(kvx_nhdr_t *h, int64_t bb)
+{
+    memset(h, 0, sizeof *h);
+    kvx_wire_init(&h->w, KVX_MSG_DATA, TID);
+    h->w.layer = 1;
+    h->n_runs = (uint32_t)kvx_nccl_runs(NSEQ, SRC, DST, h->runs);
+    h->w.n_blocks = NSEQ;
+    h->w.bytes = (uint64_t)NSEQ * (uint64_t)bb;
+}
+
+Test(kvx, nccl_runs_merge_source_and_destination_runs)
+{
+    kvx_nrun_t runs[NSEQ];
+    int n = kvx_nccl_runs(NSEQ, SRC, DST, runs);
+    cr_assert_eq(n, RUNS_PER_LAYER);
+    /* {0,1,2}->{3,4,5}, {3}->{9}, {10..17}->{20..27} */
+    cr_expect(runs[0].index == 0 && runs[0].dst_first == 3 && runs[0].n == 3);
+    cr_expect(runs[1].index == 3 && runs[1].dst_first == 9 && runs[1].n == 1);
+    cr_expect(runs[2].index == 4 && runs[2].dst_first == 20 && runs[2].n == 8);
+    int32_t scattered[4] = {8, 6, 4, 2}, seq[4] = {0, 1, 2, 3};
+    cr_expect_eq(kvx_nccl_runs(4, seq, scattered, runs), 4);
+    cr_expect_eq(kvx_nccl_runs(4, seq, seq, runs), 1);
+    cr_expect_eq(runs[0].n, 4u);
+}
+
+Test(kvx, nccl_header_check_refuses_everything_it_cannot_follow)
+{
+    pool_t rx;
+    pool_init(&rx, RX_BLOCKS, RX_SEED);
+    int64_t bb = pds_kv_block_bytes(&rx.lay);
+    kvx_nhdr_t *h = calloc(1, sizeof *h), *out = calloc(1, sizeof *out);
+    cr_assert(h && out);
+    data_header(h, bb);
+    cr_assert_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_OK, "%s", pds_err_detail());
+    cr_expect_eq(out->n_runs, (uint32_t)RUNS_PER_LAYER);
+    cr_expect_eq(out->w.transfer_id, TID);
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h - 1, bb, NL, out), PDS_ERR_PARSE);
+
+    data_header(h, bb);
+    h->w.magic ^= 1;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_PARSE, "bad magic");
+    data_header(h, bb);
+    h->w.kind = 77;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_PARSE, "unknown kind");
+    data_header(h, bb);
+    h->n_runs = 0;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_CORRUPT, "no runs");
+    data_header(h, bb);
+    h->n_runs = (uint32_t)KVX_NCCL_MAX_RUNS + 1;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_CORRUPT, "too many runs");
+    data_header(h, bb);
+    h->runs[1].n = 0;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_CORRUPT, "empty run");
+    data_header(h, bb);
+    h->runs[2].n = 9; /* runs add up to 13, header says 12 */
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_CORRUPT, "sum");
+    cr_expect(strstr(pds_err_detail(), "add up to 13 blocks") != NULL, "%s", pds_err_detail());
+    data_header(h, bb);
+    h->w.bytes -= 1;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_CORRUPT, "bytes");
+    data_header(h, bb);
+    h->w.layer = NL;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_CORRUPT, "layer");
+    data_header(h, bb);
+    h->runs[0].index = 0x80000000u;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_CORRUPT, "index");
+    /* DONE and ABORT carry no runs. */
+    memset(h, 0, sizeof *h);
+    kvx_wire_init(&h->w, KVX_MSG_DONE, TID);
+    h->w.n_layers = NL;
+    h->w.n_blocks = NSEQ;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_OK);
+    h->n_runs = 1;
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_ERR_PARSE);
+    memset(h, 0, sizeof *h);
+    kvx_wire_init(&h->w, KVX_MSG_ABORT, TID);
+    cr_expect_eq(kvx_nccl_hdr_check(h, sizeof *h, bb, NL, out), PDS_OK);
+    cr_expect_eq(out->w.kind, KVX_MSG_ABORT);
+    free(h);
+    free(out);
+    pool_fini(&rx);
 }
 
 /* ---- allocation failure ------------------------------------------------------------------------

@@ -1123,6 +1123,35 @@ Test(prefill_node, bad_configuration_is_refused_with_a_message)
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 1, "loopback kvx: status %d", st);
 }
 
+/* [kvx] backend = nccl is a valid configuration (exit 1, not the config error 2), and a node that
+ * cannot use it — no NCCL in the build, no GPU, or a CPU engine whose pool NCCL cannot send —
+ * stops at start-up with a message naming NCCL. */
+Test(prefill_node, nccl_backend_is_configurable_and_refused_at_start_where_it_cannot_work)
+{
+    const char *build = getenv("PDS_BUILD_DIR");
+    cr_assert(build && *build);
+    char log[] = "/tmp/pds-prefill-nccl-XXXXXX";
+    int fd = mkstemp(log);
+    cr_assert(fd >= 0);
+    close(fd);
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd,
+             "%s/bin/pdserve-prefill --node.router= --model.preset=tiny --kvx.backend=nccl "
+             ">/dev/null 2>%s",
+             build, log);
+    int st = system(cmd);
+    char text[4096] = "";
+    FILE *f = fopen(log, "r");
+    if (f) {
+        size_t n = fread(text, 1, sizeof text - 1, f);
+        text[n] = '\0';
+        fclose(f);
+    }
+    unlink(log);
+    cr_expect(WIFEXITED(st) && WEXITSTATUS(st) == 1, "nccl kvx: status %d, stderr: %s", st, text);
+    cr_expect(strstr(text, "NCCL") != NULL, "stderr names NCCL: %s", text);
+}
+
 /* ---- a fake router: what the node registers and reports -----------------------------------------
  */
 static struct {

@@ -336,6 +336,58 @@ Test(slo, colocated_placement_only_pairs_a_node_with_itself)
     cr_expect_eq(dec.decode, 2);
 }
 
+Test(slo, conditional_disaggregation_prefills_locally_only_when_predicted_better)
+{
+    cluster_t c = small_cluster();
+    pds_slo_model_t local_m = pm;
+    local_m.link_gbytes_per_s = 0; /* a local prefill transfers nothing */
+    pds_slo_prefill_load_t cp[1] = {{.model = &local_m, .max_batch_tokens = 2048}};
+    pds_slo_decode_load_t cd[1] = {c.d[2]};
+    cd[0].model = &local_m;
+    pds_slo_place_params_t pp = pds_slo_place_default_params();
+    pp.policy = PDS_SLO_POLICY_REJECT;
+    /* TTFT binds: the best pair predicts 40 + 3 ms of exposed transfer, local 40 ms */
+    pds_slo_request_t req = {
+        .prompt_tokens = 300, .output_tokens = 100, .ttft_ms = 50, .tpot_ms = 1000};
+    pds_slo_decision_t dec;
+    bool local = false;
+    cr_assert_eq(pds_slo_place_cond(&pp, &req, c.p, 2, c.d, 3, cp, cd, 1, &dec, &local), PDS_OK);
+    cr_expect(local && dec.prefill == 0 && dec.decode == 0 && dec.meets);
+    cr_expect_float_eq(dec.pred_ttft_ms, 40.0, 1e-9);
+    /* a busy local queue (4000 tokens ahead: 2 batches more) loses to the transfer */
+    cp[0].queued_tokens = 4000;
+    cr_assert_eq(pds_slo_place_cond(&pp, &req, c.p, 2, c.d, 3, cp, cd, 1, &dec, &local), PDS_OK);
+    cr_expect(!local && dec.prefill == 1, "local %d prefill %d", local, dec.prefill);
+    cr_expect_eq(dec.decode, 0); /* TTFT binds both decode nodes' slack: the tie goes to d0 */
+    cr_expect_float_eq(dec.pred_ttft_ms, 43.0, 1e-9);
+    /* equal predictions go to the pair */
+    cp[0].queued_tokens = 0;
+    local_m.link_gbytes_per_s = pm.link_gbytes_per_s;
+    cr_assert_eq(pds_slo_place_cond(&pp, &req, c.p, 2, c.d, 3, cp, cd, 1, &dec, &local), PDS_OK);
+    cr_expect(!local);
+    local_m.link_gbytes_per_s = 0;
+    /* no pair at all: local only; nothing at all: unavailable */
+    cr_assert_eq(pds_slo_place_cond(&pp, &req, c.p, 0, c.d, 3, cp, cd, 1, &dec, &local), PDS_OK);
+    cr_expect(local);
+    cr_expect_eq(pds_slo_place_cond(&pp, &req, c.p, 0, c.d, 3, cp, cd, 0, &dec, &local),
+                 PDS_ERR_UNAVAILABLE);
+    /* nothing meets: the policy, with the closest group's predictions in the message */
+    req.ttft_ms = 10;
+    cr_expect_eq(pds_slo_place_cond(&pp, &req, c.p, 2, c.d, 3, cp, cd, 1, &dec, &local),
+                 PDS_ERR_EXHAUSTED);
+    cr_expect(local && !dec.placed);
+    cr_expect(strstr(pds_err_detail(), "TTFT 40.0 ms (target 10.0 ms)") != NULL, "%s",
+              pds_err_detail());
+    pp.policy = PDS_SLO_POLICY_QUEUE;
+    cr_expect_eq(pds_slo_place_cond(&pp, &req, c.p, 2, c.d, 3, cp, cd, 1, &dec, &local), PDS_AGAIN);
+    pp.policy = PDS_SLO_POLICY_BEST_EFFORT;
+    cr_expect_eq(pds_slo_place_cond(&pp, &req, c.p, 2, c.d, 3, cp, cd, 1, &dec, &local), PDS_OK);
+    cr_expect(local && dec.placed && !dec.meets);
+    req.prompt_tokens = 0;
+    cr_expect_eq(pds_slo_place_cond(&pp, &req, c.p, 2, c.d, 3, cp, cd, 1, &dec, &local),
+                 PDS_ERR_INVALID_ARG);
+}
+
 Test(slo, policy_names_round_trip)
 {
     pds_slo_policy_t p;
@@ -736,6 +788,28 @@ Test(slo, workload_generation_keeps_requests_across_rates_and_hits_the_rate)
     free(a), free(b);
 }
 
+Test(slo, length_scale_shrinks_lengths_before_the_context_clip)
+{
+    pds_slo_workload_t w;
+    cr_assert_eq(pds_slo_workload_builtin("summarization", &w), PDS_OK);
+    enum { N = 200 };
+    pds_slo_req_t a[N], b[N];
+    cr_assert_eq(pds_slo_workload_generate(&w, 2.0, N, 9, 0, a), PDS_OK);
+    w.length_scale = 0.25;
+    cr_assert_eq(pds_slo_workload_generate(&w, 2.0, N, 9, 2048, b), PDS_OK);
+    for (int i = 0; i < N; i++) {
+        cr_expect_eq(b[i].arrival_ms, a[i].arrival_ms, "request %d keeps its arrival", i);
+        int32_t p = (int32_t)floor(a[i].prompt_tokens * 0.25 + 0.5);
+        int32_t o = (int32_t)PDS_MAX(1.0, floor(a[i].output_tokens * 0.25 + 0.5));
+        if (p > 2047) p = 2047;
+        if (p + o > 2048) o = 2048 - p;
+        cr_expect_eq(b[i].prompt_tokens, p, "request %d prompt", i);
+        cr_expect_eq(b[i].output_tokens, o, "request %d output", i);
+    }
+    w.length_scale = -1;
+    cr_expect_eq(pds_slo_workload_generate(&w, 2.0, N, 9, 0, b), PDS_ERR_INVALID_ARG);
+}
+
 Test(slo, trace_replay_keeps_the_trace_pattern_scaled_to_the_rate)
 {
     const char *csv = "TIMESTAMP,ContextTokens,GeneratedTokens\n0,10,1\n1,20,2\n3,30,3\n";
@@ -750,6 +824,9 @@ Test(slo, trace_replay_keeps_the_trace_pattern_scaled_to_the_rate)
     cr_expect_float_eq(r[3].arrival_ms, (3000.0 + 1500.0) / 3, 1e-9); /* wrapped after one gap */
     cr_expect_eq(r[3].prompt_tokens, 10);
     cr_expect_eq(r[2].output_tokens, 3);
+    /* two requests of it: their own gap (1 s) sets the scale, so 2 req/s puts them 0.5 s apart */
+    cr_assert_eq(pds_slo_workload_generate(&w, 2, 2, 1, 0, r), PDS_OK);
+    cr_expect_float_eq(r[1].arrival_ms, 500.0, 1e-9);
     pds_slo_trace_destroy(t);
 }
 

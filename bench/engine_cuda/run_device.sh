@@ -6,7 +6,8 @@
 #   device: carry [".bundle"], command "bash bench/engine_cuda/run_device.sh"
 # Results under $OUT: gpu.txt, tests.log, bench.log, cuda.json, peer.log, peer.json; with
 # EXPLORE=1 also explore.log: a per-op GPU time profile (PDS_ENGINE_CUDA_PROFILE=1) and short
-# runs with one optimisation switched off at a time, to see what each is worth.
+# runs with one optimisation switched off at a time, to see what each is worth; with NCU=1 also
+# ncu.log (Nsight Compute sections for one prefill and one decode attention launch).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -18,10 +19,13 @@ T_TESTS=${T_TESTS:-170} T_BENCH=${T_BENCH:-200} T_PEER=${T_PEER:-200}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "$T_TESTS" test_engine_cuda --jobs 1 --verbose > "$OUT/tests.log" 2>&1
   echo "tests rc=$?"; grep -E "FAIL|Synthesis|PASS|CRASH|info" "$OUT/tests.log" | tail -40
-  # the other prefill tile width, through the same kernel test
-  PDS_ATTN_PREFILL_KEYS=64 timeout 60 test_engine_cuda --jobs 1 \
-    --filter 'engine_cuda/prefill_attention*' >> "$OUT/tests.log" 2>&1
-  echo "prefill attention test, 64-key tiles: rc=$?"
+  # the other prefill attention shapes, through the same kernel test
+  for v in "KEYS=64 MT=2" "KEYS=32 MT=1" "KEYS=64 MT=1"; do
+    set -- $v
+    env PDS_ENGINE_CUDA_ATTN_$1 PDS_ENGINE_CUDA_ATTN_$2 timeout 60 test_engine_cuda --jobs 1 \
+      --filter 'engine_cuda/prefill_attention*' >> "$OUT/tests.log" 2>&1
+    echo "prefill attention test, $v: rc=$?"
+  done
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "$T_BENCH" pdserve-bench-cuda --preset llama3-8b ${BENCH_ARGS:-} --out "$OUT/cuda.json" \
@@ -38,14 +42,22 @@ if [ "${EXPLORE:-0}" = 1 ]; then
       >> "$OUT/explore.log" 2>&1
     echo "=== rc=$?" >> "$OUT/explore.log"
   }
-  short profile PDS_ENGINE_CUDA_PROFILE=1 -- --prompt-lens 512,2048,4096,8192 \
-    --decode-batches 1,32 --decode-steps 4 --repeat 1
-  short keys64 PDS_ATTN_PREFILL_KEYS=64 -- --prompt-lens 2048,4096,8192 --decode-batches 1
-  short prefill_v1 PDS_ATTN_PREFILL_V1=1 -- --prompt-lens 2048,4096,8192 --decode-batches 1
-  short no_tune PDS_ENGINE_CUDA_TUNE=0 -- --prompt-lens 512,2048,4096 --decode-batches 1,8,32
-  short no_gemv PDS_ENGINE_CUDA_GEMV=0 -- --prompt-lens 128 --decode-batches 1,2,4
-  short no_graph_no_gemv PDS_ENGINE_CUDA_GEMV=0 PDS_ENGINE_CUDA_PROFILE=1 -- --prompt-lens 128 \
-    --decode-batches 1 --decode-steps 4
+  short profile PDS_ENGINE_CUDA_PROFILE=1 -- --prompt-lens 2048,4096 --decode-batches 1,32 \
+    --decode-steps 4 --repeat 1
+  short no_gemv PDS_ENGINE_CUDA_GEMV=0 -- --prompt-lens 128 --decode-batches 1
+  short no_tune PDS_ENGINE_CUDA_TUNE=0 -- --prompt-lens 2048,4096 --decode-batches 32
+  short no_pdl PDS_ENGINE_CUDA_PDL=0 -- --prompt-lens 2048 --decode-batches 1,32
+  if [ "${NCU:-0}" = 1 ] && command -v ncu > /dev/null; then # where the time goes, per kernel
+    sec="--section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"
+    timeout 150 ncu --clock-control none $sec --kernel-name regex:attn_prefill_fa --launch-skip 40 \
+      --launch-count 1 pdserve-bench-cuda --prompt-lens 4096 --decode-batches 1 --repeat 1 \
+      --decode-steps 1 > "$OUT/ncu.log" 2>&1
+    echo "ncu prefill rc=$?" >> "$OUT/explore.log"
+    timeout 150 ncu --clock-control none $sec --kernel-name regex:attn_decode_split \
+      --launch-skip 70 --launch-count 1 pdserve-bench-cuda --prompt-lens 128 \
+      --decode-batches 32 --decode-steps 2 --repeat 1 >> "$OUT/ncu.log" 2>&1
+    echo "ncu decode rc=$?" >> "$OUT/explore.log"
+  fi
   grep -E "^===|^profile|^  |^[0-9]" "$OUT/explore.log"
 fi
 if [ "${SKIP_PEER:-0}" != 1 ]; then

@@ -25,7 +25,27 @@ pds_kvx_params_t pds_kvx_default_params(void)
 
 const char *pds_kvx_backend_name(pds_kvx_backend_t b)
 {
-    return b == PDS_KVX_UCX ? "ucx" : b == PDS_KVX_LOOPBACK ? "loopback" : "unknown";
+    return b == PDS_KVX_UCX        ? "ucx"
+           : b == PDS_KVX_LOOPBACK ? "loopback"
+           : b == PDS_KVX_NCCL     ? "nccl"
+                                   : "unknown";
+}
+
+pds_status_t pds_kvx_backend_parse(const char *name, pds_kvx_backend_t *out)
+{
+    static const pds_kvx_backend_t all[] = {PDS_KVX_UCX, PDS_KVX_LOOPBACK, PDS_KVX_NCCL};
+    for (size_t i = 0; name && out && i < PDS_ARRAY_LEN(all); i++)
+        if (strcmp(name, pds_kvx_backend_name(all[i])) == 0) {
+            *out = all[i];
+            return PDS_OK;
+        }
+    return PDS_ERR(PDS_ERR_INVALID_ARG, "unknown kvx backend '%s' (ucx, loopback or nccl)",
+                   name ? name : "(null)");
+}
+
+bool pds_kvx_has_cuda(void)
+{
+    return kvx_gpu_built();
 }
 
 const char *pds_kvx_path_name(pds_kvx_path_t p)
@@ -146,6 +166,12 @@ static size_t pad8(size_t n)
 
 pds_status_t kvx_pool_blob_build(pds_kvx_t *x, const void *const *rkeys, const size_t *rkey_lens)
 {
+    return kvx_pool_blob_make(x, rkeys, rkey_lens, &x->pool_blob, &x->pool_len);
+}
+
+pds_status_t kvx_pool_blob_make(pds_kvx_t *x, const void *const *rkeys, const size_t *rkey_lens,
+                                void **blob, size_t *blob_len)
+{
     int L = x->layout.n_layers;
     size_t len = sizeof(kvx_pool_hdr_t);
     for (int l = 0; l < L; l++) len += 16 + pad8(rkey_lens ? rkey_lens[l] : 0);
@@ -168,8 +194,8 @@ pds_status_t kvx_pool_blob_build(pds_kvx_t *x, const void *const *rkeys, const s
         if (rl) memcpy(b + off + 16, rkeys[l], rl);
         off += 16 + pad8(rl);
     }
-    x->pool_blob = b;
-    x->pool_len = len;
+    *blob = b;
+    *blob_len = len;
     return PDS_OK;
 }
 
@@ -211,8 +237,10 @@ pds_status_t kvx_pool_entries(const void *blob, size_t len, const kvx_pool_hdr_t
 pds_status_t pds_kvx_create(const pds_kvx_params_t *p, pds_kvx_t **out)
 {
     pds_kvx_params_t prm = p ? *p : pds_kvx_default_params();
-    if (prm.backend != PDS_KVX_UCX && prm.backend != PDS_KVX_LOOPBACK)
+    if (prm.backend != PDS_KVX_UCX && prm.backend != PDS_KVX_LOOPBACK &&
+        prm.backend != PDS_KVX_NCCL)
         return PDS_ERR(PDS_ERR_INVALID_ARG, "unknown kvx backend %d", (int)prm.backend);
+    if (prm.init_timeout_ms <= 0) prm.init_timeout_ms = 30000;
     if (prm.path != PDS_KVX_PATH_AM && prm.path != PDS_KVX_PATH_PUT)
         return PDS_ERR(PDS_ERR_INVALID_ARG, "unknown kvx data path %d", (int)prm.path);
     if (prm.backend == PDS_KVX_LOOPBACK && !prm.hub)
@@ -226,7 +254,9 @@ pds_status_t pds_kvx_create(const pds_kvx_params_t *p, pds_kvx_t **out)
     pthread_mutex_init(&x->mu, NULL);
     pthread_cond_init(&x->cv, &ca);
     pthread_condattr_destroy(&ca);
-    pds_status_t s = prm.backend == PDS_KVX_UCX ? kvx_ucx_create(x) : kvx_loop_attach(x);
+    pds_status_t s = prm.backend == PDS_KVX_UCX    ? kvx_ucx_create(x)
+                     : prm.backend == PDS_KVX_NCCL ? kvx_nccl_create(x)
+                                                   : kvx_loop_attach(x);
     if (s != PDS_OK) goto undo_sync;
     *out = x;
     return PDS_OK;
@@ -259,8 +289,12 @@ void pds_kvx_destroy(pds_kvx_t *x)
         PDS_LOG_WARN(MOD, "destroy with open handles (recv %s, send %s): closing them",
                      x->recvs ? "yes" : "no", open_sends ? "yes" : "no");
     pthread_mutex_unlock(&x->mu);
+    /* The staging thread first: it calls into the backend. */
+    kvx_stage_destroy(x);
     if (x->p.backend == PDS_KVX_UCX) {
         kvx_ucx_destroy(x);
+    } else if (x->p.backend == PDS_KVX_NCCL) {
+        kvx_nccl_destroy(x);
     } else {
         kvx_loop_detach(x);
     }
@@ -278,6 +312,9 @@ void pds_kvx_destroy(pds_kvx_t *x)
         pds_free(t->sums);
         pds_free(t);
     }
+    kvx_gpu_destroy(x->rx_gpu);      /* the progress thread that used it is gone */
+    kvx_gpu_host_free(x->rx_mirror); /* after the backend unregistered it */
+    pds_free(x->rx_dev);
     pds_free(x->pool_blob);
     pds_free(x->pool_base);
     pds_free(x->addr);
@@ -338,9 +375,13 @@ pds_status_t pds_kvx_register_pool(pds_kvx_t *x, const pds_kv_layout_t *layout,
     if (!x || !layer_base || !pool_blob || !pool_len)
         return PDS_ERR(PDS_ERR_INVALID_ARG, "NULL argument");
     if (!layout_ok(layout)) return PDS_ERR(PDS_ERR_INVALID_ARG, "bad KV layout");
-    if (mem != PDS_KVX_MEM_HOST)
+    if (mem != PDS_KVX_MEM_HOST && mem != PDS_KVX_MEM_CUDA)
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "unknown memory kind %d", (int)mem);
+    if (mem == PDS_KVX_MEM_CUDA && x->p.backend == PDS_KVX_LOOPBACK)
+        return PDS_ERR(PDS_ERR_UNSUPPORTED, "loopback kvx moves host memory only");
+    if (mem == PDS_KVX_MEM_HOST && x->p.backend == PDS_KVX_NCCL)
         return PDS_ERR(PDS_ERR_UNSUPPORTED,
-                       "kvx: this UCX has no device memory support; register a host staging pool");
+                       "NCCL moves device memory only; use [kvx] backend = ucx for a host pool");
     for (int l = 0; l < layout->n_layers; l++)
         if (!layer_base[l]) return PDS_ERR(PDS_ERR_INVALID_ARG, "layer %d base is NULL", l);
     pthread_mutex_lock(&x->mu);
@@ -357,8 +398,18 @@ pds_status_t pds_kvx_register_pool(pds_kvx_t *x, const pds_kv_layout_t *layout,
     for (int l = 0; l < layout->n_layers; l++) x->pool_base[l] = layer_base[l];
     x->layout = *layout;
     x->block_bytes = pds_kv_block_bytes(layout);
-    s = x->p.backend == PDS_KVX_UCX ? kvx_ucx_register(x) : kvx_pool_blob_build(x, NULL, NULL);
+    /* Device pool: UCX registers a pinned mirror instead (pool_base re-pointed into it). */
+    if (mem == PDS_KVX_MEM_CUDA) s = kvx_stage_rx_register(x, layer_base);
+    if (s == PDS_OK)
+        s = x->p.backend == PDS_KVX_UCX ? kvx_ucx_register(x) : kvx_pool_blob_build(x, NULL, NULL);
     if (s != PDS_OK) {
+        kvx_gpu_destroy(x->rx_gpu);
+        x->rx_gpu = NULL;
+        kvx_gpu_host_free(x->rx_mirror);
+        x->rx_mirror = NULL;
+        pds_free(x->rx_dev);
+        x->rx_dev = NULL;
+        x->pool_on_gpu = false;
         pds_free(x->pool_base);
         x->pool_base = NULL;
         goto out;
@@ -367,6 +418,27 @@ pds_status_t pds_kvx_register_pool(pds_kvx_t *x, const pds_kv_layout_t *layout,
     *pool_blob = x->pool_blob;
     *pool_len = x->pool_len;
 out:
+    pthread_mutex_unlock(&x->mu);
+    return s;
+}
+
+pds_status_t pds_kvx_pool_blob_for(pds_kvx_t *x, const void *peer_addr, size_t addr_len,
+                                   const void **pool_blob, size_t *pool_len)
+{
+    if (!x || !pool_blob || !pool_len) return PDS_ERR(PDS_ERR_INVALID_ARG, "NULL argument");
+    kvx_naddr_t peer;
+    if (x->p.backend == PDS_KVX_NCCL) PDS_TRY(kvx_nccl_addr_parse(peer_addr, addr_len, &peer));
+    pthread_mutex_lock(&x->mu);
+    pds_status_t s = PDS_OK;
+    if (!x->have_pool) {
+        s = PDS_ERR(PDS_ERR_FAILED_PRECONDITION,
+                    "pool blob requested before pds_kvx_register_pool");
+    } else if (x->p.backend == PDS_KVX_NCCL) {
+        s = kvx_nccl_pool_blob_for(x, &peer, pool_blob, pool_len);
+    } else {
+        *pool_blob = x->pool_blob;
+        *pool_len = x->pool_len;
+    }
     pthread_mutex_unlock(&x->mu);
     return s;
 }
@@ -438,6 +510,7 @@ pds_status_t pds_kvx_expect(pds_kvx_t *x, uint64_t transfer_id, int n_blocks,
     r->next = x->recvs;
     x->recvs = r;
     if (x->p.backend == PDS_KVX_UCX) kvx_ucx_wake(x); /* re-arm the deadline in the poll */
+    if (x->p.backend == PDS_KVX_NCCL) kvx_nccl_wake(x);
     *out = r;
     r = NULL;
     goto out;
@@ -577,30 +650,43 @@ void kvx_verify_queued(pds_kvx_t *x)
 
         int64_t t0 = pds_time_now_ns();
         if (corrupt && c_layer >= 0 && c_layer < r->n_layers && c_block >= 0 &&
-            c_block < r->n_blocks && (int64_t)c_byte < bb)
-            x->pool_base[c_layer][(int64_t)r->dst_ids[c_block] * bb + (int64_t)c_byte] ^= 0x01;
+            c_block < r->n_blocks && (int64_t)c_byte < bb) {
+            uint8_t *p = x->pool_base[c_layer] + (int64_t)r->dst_ids[c_block] * bb + c_byte;
+            uint8_t v = 0;
+            if (!x->pool_on_gpu)
+                *p ^= 0x01;
+            else if (kvx_gpu_memcpy(&v, p, 1) == PDS_OK) { /* a bit error in device memory */
+                v ^= 0x01;
+                (void)kvx_gpu_memcpy(p, &v, 1);
+            }
+        }
+        /* Staged device pool: into the reserved device blocks first, verified there. */
+        pds_status_t vs = PDS_OK;
+        int64_t dt_land = 0;
+        if (x->rx_mirror) {
+            vs = kvx_stage_rx_land(x, r);
+            dt_land = pds_time_now_ns() - t0;
+            t0 = pds_time_now_ns();
+        }
         int bad_layer = -1, bad_index = -1;
         uint64_t got = 0, want = 0;
-        if (r->have_sums) {
-            for (int l = 0; l < r->n_layers && bad_layer < 0; l++)
-                for (int i = 0; i < r->n_blocks; i++) {
-                    uint64_t h =
-                        pds_kvx_checksum(x->pool_base[l] + (int64_t)r->dst_ids[i] * bb, (size_t)bb);
-                    if (h != r->sums[(int64_t)l * r->n_blocks + i]) {
-                        bad_layer = l;
-                        bad_index = i;
-                        got = h;
-                        want = r->sums[(int64_t)l * r->n_blocks + i];
-                        break;
-                    }
-                }
-        }
+        if (vs == PDS_OK && r->have_sums)
+            vs = kvx_stage_rx_verify(x, r, &bad_layer, &bad_index, &got);
+        if (bad_layer >= 0) want = r->sums[(int64_t)bad_layer * r->n_blocks + bad_index];
         int64_t dt = pds_time_now_ns() - t0;
+        char vdetail[160];
+        snprintf(vdetail, sizeof vdetail, "%s", vs == PDS_OK ? "" : pds_err_detail());
 
         pthread_mutex_lock(&x->mu);
         r->verifying = false;
         x->stats.verify_ns += dt;
-        if (bad_layer >= 0)
+        if (x->rx_mirror) {
+            x->stats.stage_ns += dt_land;
+            x->stats.staged_bytes += (int64_t)r->n_layers * r->n_blocks * bb;
+        }
+        if (vs != PDS_OK)
+            kvx_recv_finish(r, vs, "device pool: %s", vdetail);
+        else if (bad_layer >= 0)
             kvx_recv_finish(r, PDS_ERR_CORRUPT,
                             "checksum mismatch at layer %d block index %d (block %d): "
                             "got %016llx, sender %016llx",
@@ -786,9 +872,15 @@ pds_status_t pds_kvx_send_open(pds_kvx_t *x, const void *peer_addr, size_t addr_
     t->verdict = PDS_IN_PROGRESS;
     t->src_n_blocks = src_layout->n_blocks;
     pds_status_t s;
-    if (x->p.backend == PDS_KVX_UCX) {
+    if (x->p.backend == PDS_KVX_NCCL && !(x->have_source && x->src_mem == PDS_KVX_MEM_CUDA)) {
+        s = PDS_ERR(PDS_ERR_FAILED_PRECONDITION,
+                    "NCCL sends device memory: pds_kvx_register_source(.., PDS_KVX_MEM_CUDA, ..) "
+                    "first");
+    } else if (x->p.backend != PDS_KVX_LOOPBACK) {
         pthread_mutex_lock(&x->mu);
-        s = kvx_ucx_open(t, peer_addr, addr_len, peer_pool, pool_len);
+        s = x->p.backend == PDS_KVX_UCX
+                ? kvx_ucx_open(t, peer_addr, addr_len, peer_pool, pool_len)
+                : kvx_nccl_open(t, peer_addr, addr_len, peer_pool, pool_len);
         if (s == PDS_OK) {
             t->next = x->sends;
             x->sends = t;
@@ -824,7 +916,16 @@ pds_status_t pds_kvx_send_layer(pds_kvx_send_t *t, int layer, const void *src_ba
         if (src_ids[i] < 0 || src_ids[i] >= t->src_n_blocks)
             return PDS_ERR(PDS_ERR_INVALID_ARG, "source block id %d at index %d out of [0, %d)",
                            src_ids[i], i, t->src_n_blocks);
+    if (x->have_source && x->src_mem == PDS_KVX_MEM_CUDA) {
+        if (src_base != x->src_base[layer])
+            return PDS_ERR(PDS_ERR_INVALID_ARG,
+                           "layer %d: src_base %p is not the registered device base %p", layer,
+                           src_base, (void *)x->src_base[layer]);
+        t->layer_sent[layer] = 1;
+        return kvx_stage_send_layer(t, layer, src_ids);
+    }
     const uint8_t *src = src_base;
+    if (!t->t_first_ns) t->t_first_ns = pds_time_now_ns();
     if (x->p.checksum)
         kvx_layer_sums(src, t->block_bytes, t->n_blocks, src_ids,
                        t->sums + (int64_t)layer * t->n_blocks);
@@ -864,10 +965,16 @@ pds_status_t pds_kvx_send_commit(pds_kvx_send_t *t, int64_t timeout_ms)
     } else {
         pthread_mutex_lock(&x->mu);
         t->committing = true;
-        s = kvx_ucx_commit(t, deadline);
+        s = kvx_stage_drain(t, deadline); /* device source: every layer handed to the transport */
+        if (s == PDS_OK && t->status != PDS_OK)
+            s = PDS_ERR(t->status, "transfer %llu failed while staging", (unsigned long long)t->id);
+        if (s == PDS_OK)
+            s = x->p.backend == PDS_KVX_UCX ? kvx_ucx_commit(t, deadline)
+                                            : kvx_nccl_commit(t, deadline);
     }
     x->stats.bytes_sent += t->bytes;
     x->stats.msgs_sent += t->msgs;
+    t->t_done_ns = pds_time_now_ns();
     if (s == PDS_OK) {
         t->committed_ok = true;
         x->stats.transfers_sent++;
@@ -879,13 +986,25 @@ pds_status_t pds_kvx_send_commit(pds_kvx_send_t *t, int64_t timeout_ms)
     return s;
 }
 
+void pds_kvx_send_times(const pds_kvx_send_t *t, int64_t *first_ns, int64_t *done_ns)
+{
+    if (first_ns) *first_ns = t ? t->t_first_ns : 0;
+    if (done_ns) *done_ns = t ? t->t_done_ns : 0;
+}
+
 void pds_kvx_send_close(pds_kvx_send_t *t)
 {
     if (!t) return;
     pds_kvx_t *x = t->x;
     if (x->p.backend == PDS_KVX_LOOPBACK && !t->committed_ok) kvx_loop_abort(t);
     pthread_mutex_lock(&x->mu);
+    if (t->staging > 0) {
+        /* Staged layers still queued: make them skip their work, and wait (bounded by compute). */
+        if (t->status == PDS_OK) t->status = PDS_ERR_CANCELLED;
+        (void)kvx_stage_drain(t, INT64_MAX);
+    }
     if (x->p.backend == PDS_KVX_UCX) kvx_ucx_send_close(t);
+    if (x->p.backend == PDS_KVX_NCCL) kvx_nccl_send_close(t);
     if (!t->committing) {
         x->stats.bytes_sent += t->bytes;
         x->stats.msgs_sent += t->msgs;

@@ -91,7 +91,7 @@ pds_status_t pds_kvx_backend_parse(const char *name, pds_kvx_backend_t *out);
 /* Whether this build has the NCCL backend and CUDA staging (a GPU is still needed at run time). */
 bool pds_kvx_has_nccl(void);
 bool pds_kvx_has_cuda(void);
-const char *pds_kvx_path_name(pds_kvx_path_t p);       /* "am", "put" */
+const char *pds_kvx_path_name(pds_kvx_path_t p); /* "am", "put" */
 /* Writes "ucx 1.13.1" (the UCX library this process runs with, for reports) into buf. */
 void pds_kvx_transport_version(char *buf, size_t cap);
 
@@ -204,6 +204,9 @@ pds_status_t pds_kvx_send_layer(pds_kvx_send_t *t, int layer, const void *src_ba
  * (a layer was not sent), PDS_ERR_TIMEOUT, PDS_ERR_UNAVAILABLE (peer unreachable or vanished),
  * PDS_ERR_CORRUPT / PDS_ERR_CANCELLED / PDS_ERR_TIMEOUT (the receiver's verdict). Once. */
 pds_status_t pds_kvx_send_commit(pds_kvx_send_t *t, int64_t timeout_ms);
+/* For reports: when the transfer's first layer started moving (send_layer on host memory; after
+ * ready() for a device source) and when commit returned (0 if not yet). */
+void pds_kvx_send_times(const pds_kvx_send_t *t, int64_t *first_ns, int64_t *done_ns);
 /* Releases the handle. If not committed successfully, tells the receiver to abort (best effort) and
  * makes sure no transport reads the source memory after it returns (an endpoint with operations
  * still in flight is closed). Accepts NULL. */

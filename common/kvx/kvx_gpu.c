@@ -7,13 +7,13 @@
 #include <cuda_runtime_api.h>
 #include <string.h>
 
-#define CU_ERR(e, call) pds_err_set(PDS_ERR_DEVICE, __FILE__, __LINE__, "%s: %s", call, \
-                                    cudaGetErrorString(e))
+#define CU_ERR(e, call) \
+    pds_err_set(PDS_ERR_DEVICE, __FILE__, __LINE__, "%s: %s", call, cudaGetErrorString(e))
 
 struct kvx_gpu {
     int device;
     cudaStream_t stream;
-    int32_t *ids_dev; /* (cap) block ids for the checksum kernel */
+    int32_t *ids_dev;   /* (cap) block ids for the checksum kernel */
     uint64_t *sums_dev; /* (cap) its output */
     int cap;
 };
@@ -108,10 +108,12 @@ void kvx_gpu_destroy(kvx_gpu_t *g)
 {
     if (!g) return;
     cudaSetDevice(g->device);
+    /* Stream-ordered frees: cudaFree could wait for every kernel on the device, an NCCL receive
+     * that is waiting for its peer included. */
+    if (g->ids_dev) cudaFreeAsync(g->ids_dev, g->stream);
+    if (g->sums_dev) cudaFreeAsync(g->sums_dev, g->stream);
     cudaStreamSynchronize(g->stream);
     cudaStreamDestroy(g->stream);
-    cudaFree(g->ids_dev);
-    cudaFree(g->sums_dev);
     pds_free(g);
 }
 
@@ -134,9 +136,8 @@ pds_status_t kvx_gpu_copy_blocks(kvx_gpu_t *g, void *dst_base, const void *src_b
         int k = 1;
         while (i + k < n && ids[i + k] == ids[i] + k) k++;
         int64_t off = (int64_t)ids[i] * block_bytes;
-        cudaError_t e =
-            cudaMemcpyAsync((uint8_t *)dst_base + off, (const uint8_t *)src_base + off,
-                            (size_t)(k * block_bytes), cudaMemcpyDefault, g->stream);
+        cudaError_t e = cudaMemcpyAsync((uint8_t *)dst_base + off, (const uint8_t *)src_base + off,
+                                        (size_t)(k * block_bytes), cudaMemcpyDefault, g->stream);
         if (e != cudaSuccess) {
             cudaStreamSynchronize(g->stream);
             return CU_ERR(e, "cudaMemcpyAsync");
@@ -147,21 +148,31 @@ pds_status_t kvx_gpu_copy_blocks(kvx_gpu_t *g, void *dst_base, const void *src_b
     return e == cudaSuccess ? PDS_OK : CU_ERR(e, "cudaStreamSynchronize");
 }
 
+pds_status_t kvx_gpu_copy(kvx_gpu_t *g, void *dst, const void *src, size_t n)
+{
+    PDS_TRY(kvx_gpu_use(g));
+    cudaError_t e = cudaMemcpyAsync(dst, src, n, cudaMemcpyDefault, g->stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(g->stream);
+    return e == cudaSuccess ? PDS_OK : CU_ERR(e, "cudaMemcpyAsync");
+}
+
 pds_status_t kvx_gpu_block_sums(kvx_gpu_t *g, const void *dev_base, int64_t block_bytes, int n,
                                 const int32_t *ids, uint64_t *sums)
 {
     if (n <= 0) return PDS_OK;
     PDS_TRY(kvx_gpu_use(g));
     cudaError_t e;
-    if (n > g->cap) {
-        cudaFree(g->ids_dev);
-        cudaFree(g->sums_dev);
+    if (n > g->cap) { /* stream-ordered, as in kvx_gpu_destroy */
+        if (g->ids_dev) cudaFreeAsync(g->ids_dev, g->stream);
+        if (g->sums_dev) cudaFreeAsync(g->sums_dev, g->stream);
         g->ids_dev = NULL;
         g->sums_dev = NULL;
         g->cap = 0;
-        if ((e = cudaMalloc((void **)&g->ids_dev, (size_t)n * sizeof(int32_t))) != cudaSuccess ||
-            (e = cudaMalloc((void **)&g->sums_dev, (size_t)n * sizeof(uint64_t))) != cudaSuccess)
-            return CU_ERR(e, "cudaMalloc (checksum scratch)");
+        if ((e = cudaMallocAsync((void **)&g->ids_dev, (size_t)n * sizeof(int32_t), g->stream)) !=
+                cudaSuccess ||
+            (e = cudaMallocAsync((void **)&g->sums_dev, (size_t)n * sizeof(uint64_t), g->stream)) !=
+                cudaSuccess)
+            return CU_ERR(e, "cudaMallocAsync (checksum scratch)");
         g->cap = n;
     }
     e = cudaMemcpyAsync(g->ids_dev, ids, (size_t)n * sizeof *ids, cudaMemcpyHostToDevice,

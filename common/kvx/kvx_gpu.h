@@ -42,13 +42,15 @@ pds_status_t kvx_gpu_use(kvx_gpu_t *g);
  * each; one cudaMemcpyAsync per run of consecutive ids) and waits for them. */
 pds_status_t kvx_gpu_copy_blocks(kvx_gpu_t *g, void *dst_base, const void *src_base,
                                  int64_t block_bytes, int n, const int32_t *ids);
+/* Copies n bytes (any direction) on g's stream and waits for that copy only. */
+pds_status_t kvx_gpu_copy(kvx_gpu_t *g, void *dst, const void *src, size_t n);
 /* pds_kvx_checksum of blocks ids[0..n) of a device layer array into host sums[0..n); waits. */
 pds_status_t kvx_gpu_block_sums(kvx_gpu_t *g, const void *dev_base, int64_t block_bytes, int n,
                                 const int32_t *ids, uint64_t *sums);
 
 /* kvx_sum.cu: the checksum kernel's launcher (one 4-thread group per block, the 4 lanes of
  * pds_kvx_checksum in parallel). ids and out are device pointers; stream is a cudaStream_t. */
-int kvx_sum_launch(const void *base, int64_t block_bytes, int n, const int32_t *ids,
-                   uint64_t *out, void *stream);
+int kvx_sum_launch(const void *base, int64_t block_bytes, int n, const int32_t *ids, uint64_t *out,
+                   void *stream);
 
 #endif /* PDS_KVX_GPU_H */

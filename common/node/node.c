@@ -12,9 +12,10 @@
 #define T pds_node_config_t
 static const char *const role_names[] = {"prefill", "decode", "colocated", NULL};
 static const char *const backend_names[] = {"cpu", "cuda", NULL};
-static const char *const kvx_names[] = {"ucx", "loopback", NULL};
+static const char *const kvx_names[] = {"ucx", "loopback", "nccl", NULL}; /* pds_kvx_backend_t */
 static const char *const path_names[] = {"am", "put", NULL};
 static const char *const level_names[] = {"trace", "debug", "info", "warn", "error", "off", NULL};
+static const char *const coloc_names[] = {"prefill_first", "chunked", NULL};
 
 static const pds_config_field_t node_fields[] = {
     {"node", "id", PDS_CONFIG_STRING, PDS_CONFIG_MEMBER(T, id), .def = "node-0",
@@ -53,13 +54,19 @@ static const pds_config_field_t node_fields[] = {
     {"engine", "max_batch_seqs", PDS_CONFIG_INT, PDS_CONFIG_MEMBER(T, max_batch_seqs), .def = "256",
      .min = "1", .help = "most sequences in one forward"},
     {"kvx", "backend", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, kvx_backend), .def = "ucx",
-     .choices = kvx_names, .help = "KV transfer backend: ucx | loopback (tests)"},
+     .choices = kvx_names, .help = "KV transfer backend: ucx | nccl (GPU pools) | loopback (tests)"},
     {"kvx", "path", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, kvx_path), .def = "am",
      .choices = path_names, .help = "UCX data path: am (active messages) | put (RMA)"},
     {"kvx", "checksum", PDS_CONFIG_BOOL, PDS_CONFIG_MEMBER(T, kvx_checksum), .def = "true",
      .help = "verify a checksum per (layer, block) before decoding"},
     {"kvx", "timeout", PDS_CONFIG_DURATION, PDS_CONFIG_MEMBER(T, transfer_timeout_ns), .def = "30s",
      .min = "10ms", .help = "a transfer not complete by then fails"},
+    {"colocated", "mode", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, coloc_mode), .def = "prefill_first",
+     .choices = coloc_names,
+     .help = "role colocated: prefill_first (a prompt batch runs before the next decode step, "
+             "vLLM) | chunked (each step: decodes + prompt chunks within chunk_tokens, Sarathi)"},
+    {"colocated", "chunk_tokens", PDS_CONFIG_INT, PDS_CONFIG_MEMBER(T, coloc_chunk_tokens),
+     .def = "512", .min = "16", .help = "role colocated, chunked: token budget of one step"},
     {"log", "level", PDS_CONFIG_ENUM, PDS_CONFIG_MEMBER(T, log_level), .def = "info",
      .choices = level_names, .help = "trace | debug | info | warn | error | off"},
 };

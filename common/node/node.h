@@ -50,10 +50,13 @@ typedef struct {
     int max_batch_tokens;
     int max_batch_seqs;
     /* [kvx] */
-    int kvx_backend; /* pds_kvx_backend_t: 0 ucx, 1 loopback */
+    int kvx_backend; /* pds_kvx_backend_t: 0 ucx, 1 loopback, 2 nccl */
     int kvx_path;    /* pds_kvx_path_t: 0 am, 1 put */
     bool kvx_checksum;
     int64_t transfer_timeout_ns;
+    /* [colocated] (role colocated only) */
+    int coloc_mode;         /* 0 prefill_first (vLLM), 1 chunked (Sarathi-Serve) */
+    int coloc_chunk_tokens; /* chunked: tokens per step (decodes + prompt chunks) */
     /* [log] */
     int log_level; /* pds_log_level_t */
 } pds_node_config_t;

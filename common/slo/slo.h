@@ -213,6 +213,20 @@ pds_status_t pds_slo_place(const pds_slo_place_params_t *pp, const pds_slo_reque
                            const pds_slo_prefill_load_t *pre, int n_prefill,
                            const pds_slo_decode_load_t *dec, int n_decode, pds_slo_decision_t *out);
 
+/* Conditional disaggregation: the better of the best (prefill, decode) pair (pre x dec) and the
+ * best colocated node prefilling locally (cpre[i] with cdec[i]: the node's local prefill queue and
+ * its own decode batch; no transfer). A candidate predicted to meet both targets beats one that
+ * does not, then the larger slack wins; a tie goes to the pair (no prefill interference on the
+ * decode batch). *local says which group `out` indexes (for a local choice prefill == decode).
+ * Either group may be empty (n = 0). Status and policy as pds_slo_place; when nothing meets, the
+ * policy's answer and message come from the group that came closest. pp->colocated is ignored. */
+pds_status_t pds_slo_place_cond(const pds_slo_place_params_t *pp, const pds_slo_request_t *req,
+                                const pds_slo_prefill_load_t *pre, int n_prefill,
+                                const pds_slo_decode_load_t *dec, int n_decode,
+                                const pds_slo_prefill_load_t *cpre,
+                                const pds_slo_decode_load_t *cdec, int n_coloc,
+                                pds_slo_decision_t *out, bool *local);
+
 /* ---- workloads and traces -----------------------------------------------------------------------
  */
 typedef struct {
@@ -237,7 +251,8 @@ void pds_slo_trace_destroy(pds_slo_trace_t *t); /* accepts NULL */
 typedef enum {
     PDS_SLO_ARRIVAL_POISSON = 0,
     PDS_SLO_ARRIVAL_GAMMA, /* gamma inter-arrivals with coefficient of variation cv (bursty > 1) */
-    PDS_SLO_ARRIVAL_TRACE  /* the trace's own arrival times, time-scaled to the rate */
+    PDS_SLO_ARRIVAL_TRACE  /* the trace's own arrival times, time-scaled so that the requests
+                              generated (the first n, or the whole trace) arrive at the rate */
 } pds_slo_arrival_t;
 
 /* Lengths: from a lognormal (median, sigma of ln) clipped to [min, max], or drawn from a trace's
@@ -251,6 +266,8 @@ typedef struct {
     double output_median, output_sigma;
     int32_t output_min, output_max;
     const pds_slo_trace_t *trace;
+    double length_scale; /* prompt and output lengths x this (rounded, >= 1) before the
+                            max_context clip; 0 = 1 (e.g. a long-context trace on a small model) */
 } pds_slo_workload_t;
 
 /* "chatbot" (ShareGPT-like), "code" (HumanEval-like), "summarization" (LongBench-like); sources in
@@ -258,8 +275,8 @@ typedef struct {
 pds_status_t pds_slo_workload_builtin(const char *name, pds_slo_workload_t *out);
 /* n requests at `rate_per_s`, deterministic for (workload, seed); the same seed at another rate
  * gives the same lengths and the same arrival pattern stretched in time (common random numbers, so
- * a rate bisection compares like with like). Lengths are clipped to max_context - 1 prompt and
- * max_context - prompt outputs when max_context > 0. out: (n). */
+ * a rate bisection compares like with like). Lengths are scaled by w->length_scale, then clipped
+ * to max_context - 1 prompt and max_context - prompt outputs when max_context > 0. out: (n). */
 pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_per_s, int n,
                                        uint64_t seed, int32_t max_context, pds_slo_req_t *out);
 

@@ -566,3 +566,56 @@ pds_status_t pds_slo_place(const pds_slo_place_params_t *pp, const pds_slo_reque
     return PDS_ERR(PDS_ERR_EXHAUSTED, "SLO cannot be met%s: %s",
                    expired ? " before the queue deadline" : "", out->why);
 }
+
+pds_status_t pds_slo_place_cond(const pds_slo_place_params_t *pp, const pds_slo_request_t *req,
+                                const pds_slo_prefill_load_t *pre, int n_prefill,
+                                const pds_slo_decode_load_t *dec, int n_decode,
+                                const pds_slo_prefill_load_t *cpre,
+                                const pds_slo_decode_load_t *cdec, int n_coloc,
+                                pds_slo_decision_t *out, bool *local)
+{
+    if (req->prompt_tokens < 1 || req->output_tokens < 1)
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "placement: prompt %lld and output %lld must be >= 1",
+                       (long long)req->prompt_tokens, (long long)req->output_tokens);
+    bool pairs = n_prefill > 0 && n_decode > 0;
+    *local = false;
+    if (!pairs && n_coloc <= 0) {
+        memset(out, 0, sizeof *out);
+        out->prefill = out->decode = -1;
+        out->slack = -INFINITY;
+        snprintf(out->why, sizeof out->why, "no %s node available",
+                 n_decode <= 0 ? "decode or colocated" : "prefill or colocated");
+        return PDS_ERR(PDS_ERR_UNAVAILABLE, "placement: %s", out->why);
+    }
+    /* first the best candidate of each group, whatever the policy */
+    pds_slo_place_params_t be = *pp;
+    be.policy = PDS_SLO_POLICY_BEST_EFFORT;
+    be.colocated = false;
+    pds_slo_decision_t dd, dl;
+    bool have_d = pairs && pds_slo_place(&be, req, pre, n_prefill, dec, n_decode, &dd) == PDS_OK;
+    be.colocated = true;
+    bool have_l =
+        n_coloc > 0 && pds_slo_place(&be, req, cpre, n_coloc, cdec, n_coloc, &dl) == PDS_OK;
+    pds_err_clear();
+    bool use_l = have_l && (!have_d || (dl.meets && !dd.meets) ||
+                            (dl.meets == dd.meets && dl.slack > dd.slack));
+    if ((use_l && (dl.meets || pp->policy == PDS_SLO_POLICY_BEST_EFFORT)) ||
+        (!use_l && have_d && (dd.meets || pp->policy == PDS_SLO_POLICY_BEST_EFFORT))) {
+        *out = use_l ? dl : dd;
+        *local = use_l;
+        if (use_l)
+            snprintf(out->why, sizeof out->why,
+                     "best: colocated #%d prefilling locally predicts TTFT %.1f ms (target %.1f "
+                     "ms), TPOT %.2f ms (target %.2f ms)",
+                     dl.decode, dl.pred_ttft_ms, req->ttft_ms, dl.pred_tpot_ms, req->tpot_ms);
+        return PDS_OK;
+    }
+    /* nothing meets (or nothing has room): the policy, on the group that came closest */
+    be = *pp;
+    be.colocated = use_l || !pairs;
+    *local = be.colocated;
+    pds_status_t s = be.colocated ? pds_slo_place(&be, req, cpre, n_coloc, cdec, n_coloc, out)
+                                  : pds_slo_place(&be, req, pre, n_prefill, dec, n_decode, out);
+    if (s == PDS_OK) s = PDS_AGAIN; /* cannot happen: nothing met above */
+    return s;
+}

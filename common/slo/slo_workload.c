@@ -133,6 +133,9 @@ pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_
          w->output_min < 1 || w->prompt_max < w->prompt_min || w->output_max < w->output_min))
         return PDS_ERR(PDS_ERR_INVALID_ARG, "workload %s: length distribution out of range",
                        w->name ? w->name : "");
+    if (!(w->length_scale >= 0) || !isfinite(w->length_scale))
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "workload: length scale %g must be >= 0",
+                       w->length_scale);
     if (w->arrival == PDS_SLO_ARRIVAL_GAMMA && !(w->cv > 0))
         return PDS_ERR(PDS_ERR_INVALID_ARG, "workload: gamma arrivals need cv > 0 (got %g)", w->cv);
     slo_rng_t ra, rl;
@@ -140,10 +143,14 @@ pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_
     slo_rng_seed(&rl, seed);
     const pds_slo_trace_t *tr = w->trace;
     double t = 0, ms_per_unit = 1000.0 / rate_per_s;
-    /* trace replay: stretch the trace's time so its mean rate becomes rate_per_s */
+    /* trace replay: stretch the trace's time so the mean rate becomes rate_per_s */
     double trace_span = 0, trace_scale = 0;
     if (w->arrival == PDS_SLO_ARRIVAL_TRACE) {
+        /* the rate is that of the requests replayed: the first n when n is shorter than the
+         * trace (an hour-long trace's first minute may be far from its mean rate) */
         double mean_gap = tr->n > 1 ? tr->duration_ms / (tr->n - 1) : 1000.0;
+        if (n > 1 && n < tr->n && tr->reqs[n - 1].arrival_ms > 0)
+            mean_gap = tr->reqs[n - 1].arrival_ms / (n - 1);
         if (!(mean_gap > 0)) mean_gap = 1000.0;
         trace_scale = (1000.0 / rate_per_s) / mean_gap;
         trace_span = tr->duration_ms + mean_gap; /* a wrapped replay continues after one gap */
@@ -176,6 +183,12 @@ pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_
                 lognormal_len(&rl, w->prompt_median, w->prompt_sigma, w->prompt_min, w->prompt_max);
             out[i].output_tokens =
                 lognormal_len(&rl, w->output_median, w->output_sigma, w->output_min, w->output_max);
+        }
+        if (w->length_scale > 0 && w->length_scale != 1) {
+            out[i].prompt_tokens =
+                (int32_t)PDS_MAX(1.0, floor(out[i].prompt_tokens * w->length_scale + 0.5));
+            out[i].output_tokens =
+                (int32_t)PDS_MAX(1.0, floor(out[i].output_tokens * w->length_scale + 0.5));
         }
         if (max_context > 1) {
             if (out[i].prompt_tokens > max_context - 1) out[i].prompt_tokens = max_context - 1;

@@ -565,12 +565,41 @@ static int cmd_status(int argc, char **argv, common_opts_t *co)
         json_t *root = json_pack("{s:s, s:I, s:I, s:o}", "router_id", r->router_id,
                                  "queued_requests", (json_int_t)r->queued_requests,
                                  "active_requests", (json_int_t)r->active_requests, "nodes", nodes);
+        const Pdserve__V1__SloStats *st = r->slo;
+        if (st)
+            json_object_set_new(
+                root, "slo",
+                json_pack(
+                    "{s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f, "
+                    "s:f, s:I}",
+                    "placement", st->placement, "policy", st->policy, "placed",
+                    (json_int_t)st->placed, "placed_meeting", (json_int_t)st->placed_meeting,
+                    "placed_best_effort", (json_int_t)st->placed_best_effort, "placed_local",
+                    (json_int_t)st->placed_local, "queued", (json_int_t)st->queued, "rejected",
+                    (json_int_t)st->rejected, "finished", (json_int_t)st->finished, "met_predicted",
+                    (json_int_t)st->met_predicted, "met_actual", (json_int_t)st->met_actual,
+                    "ttft_mean_abs_err_pct", st->ttft_mean_abs_err_pct, "tpot_mean_abs_err_pct",
+                    st->tpot_mean_abs_err_pct, "ttft_mean_err_pct", st->ttft_mean_err_pct,
+                    "tpot_mean_err_pct", st->tpot_mean_err_pct, "refits", (json_int_t)st->refits));
         json_dumpf(root, stdout, JSON_COMPACT);
         fputc('\n', stdout);
         json_decref(root);
     } else {
         printf("router %s: %u queued, %u active requests, %zu nodes\n", r->router_id,
                r->queued_requests, r->active_requests, r->n_nodes);
+        const Pdserve__V1__SloStats *st = r->slo;
+        if (st)
+            printf("placement %s (policy %s): %llu placed (%llu predicted to meet, %llu "
+                   "best-effort, %llu local prefill), %llu queued, %llu rejected; finished with "
+                   "targets %llu, met %llu (predicted %llu); mean |error| TTFT %.1f%% TPOT "
+                   "%.1f%%; %llu refits\n",
+                   st->placement, st->policy, (unsigned long long)st->placed,
+                   (unsigned long long)st->placed_meeting,
+                   (unsigned long long)st->placed_best_effort, (unsigned long long)st->placed_local,
+                   (unsigned long long)st->queued, (unsigned long long)st->rejected,
+                   (unsigned long long)st->finished, (unsigned long long)st->met_actual,
+                   (unsigned long long)st->met_predicted, st->ttft_mean_abs_err_pct,
+                   st->tpot_mean_abs_err_pct, (unsigned long long)st->refits);
         printf("%-14s %-21s %-9s %-8s %9s %7s %9s %13s %7s\n", "NODE", "ADDRESS", "ROLE", "STATE",
                "QUEUED_TK", "RUNNING", "CONTEXT", "KV_FREE/TOTAL", "AGE_MS");
         for (size_t i = 0; i < r->n_nodes; i++) {

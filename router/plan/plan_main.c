@@ -94,6 +94,7 @@ static void usage(FILE *f)
         "         [--requests 2000] [--seed 1] [--max-context N] [--tp-efficiency 0.9]\n"
         "         [--tp-allreduce-us 10] [--router HOST:PORT] [--out-dir DIR] [--quiet]\n"
         "       pdserve-plan profile --preset NAME --out FILE ...   (pdserve-plan profile --help)\n"
+        "       pdserve-plan simulate --profile P.json --rates ... (one cluster; --help)\n"
         "Simulates clusters with the profiled latency model and the router's placement, bisects\n"
         "the rate meeting both targets for --attainment of requests, and reports the cheapest\n"
         "configuration per unit of goodput; --out-dir writes its node config files.\n");
@@ -402,16 +403,15 @@ static pds_status_t write_node(const char *dir, const char *id, const char *role
         fprintf(f, "dir = /var/lib/pdserve/models/%s\n\n", p->model_name);
     fprintf(f, "[engine]\nbackend = %s\n", p->backend[0] ? p->backend : "cpu");
     if (p->threads > 0 && strcmp(p->backend, "cuda") != 0) fprintf(f, "threads = %d\n", p->threads);
+    if (strcmp(role, "decode") != 0) fprintf(f, "max_batch_tokens = %d\n", p->max_batch_tokens);
+    if (strcmp(role, "prefill") != 0) fprintf(f, "max_batch_seqs = %d\n", p->max_batch_seqs);
     if (strcmp(role, "colocated") == 0 && mode == PDS_SLO_SIM_COLOC_CHUNKED)
         fprintf(f,
-                "; planned as chunked prefill (Sarathi-Serve): %d tokens per step\n"
-                "max_batch_tokens = %d\n",
+                "\n[colocated]\n; chunked prefill (Sarathi-Serve): decodes + prompt chunks "
+                "within %d tokens per step\nmode = chunked\nchunk_tokens = %d\n",
                 o->chunk_tokens, o->chunk_tokens);
-    else if (strcmp(role, "decode") != 0)
-        fprintf(f, "%smax_batch_tokens = %d\n",
-                strcmp(role, "colocated") == 0 ? "; planned as prefill-first (vLLM style)\n" : "",
-                p->max_batch_tokens);
-    if (strcmp(role, "prefill") != 0) fprintf(f, "max_batch_seqs = %d\n", p->max_batch_seqs);
+    else if (strcmp(role, "colocated") == 0)
+        fprintf(f, "\n[colocated]\n; prefill-first (vLLM style)\nmode = prefill_first\n");
     fprintf(f, "\n[kvx]\nbackend = ucx\npath = am\nchecksum = true\ntimeout = 30s\n");
     bool bad = ferror(f);
     if (fclose(f) != 0 || bad) return PDS_ERR(PDS_ERR_IO, "cannot write %s", path);
@@ -744,6 +744,7 @@ int main(int argc, char **argv)
         return 2;
 #endif
     }
+    if (argc > 1 && strcmp(argv[1], "simulate") == 0) return plan_simulate_main(argc - 1, argv + 1);
     opts_t o;
     if (parse_args(argc, argv, &o) != PDS_OK) {
         fprintf(stderr, "pdserve-plan: %s\n", pds_err_detail());

@@ -593,6 +593,7 @@ typedef struct {
     Pdserve__V1__GenerateRequest r;
     Pdserve__V1__SamplingParams sp;
     Pdserve__V1__TokenIds tid;
+    Pdserve__V1__Slo slo;
 } wire_req_t;
 
 static void to_wire(const pdt_req_t *q, wire_req_t *w)
@@ -622,6 +623,13 @@ static void to_wire(const pdt_req_t *q, wire_req_t *w)
     w->r.n_stop_token_ids = (size_t)q->n_stop;
     w->r.stop_token_ids = (int32_t *)q->stop;
     w->r.ignore_eos = q->ignore_eos;
+    if (q->slo_class || q->ttft_ms > 0 || q->tpot_ms > 0) {
+        pdserve__v1__slo__init(&w->slo);
+        w->slo.class_name = (char *)(q->slo_class ? q->slo_class : "");
+        w->slo.ttft_ms = q->ttft_ms;
+        w->slo.tpot_ms = q->tpot_ms;
+        w->r.slo = &w->slo;
+    }
 }
 
 static void copy_str(char *dst, size_t cap, const char *s)

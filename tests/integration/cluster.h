@@ -95,6 +95,8 @@ typedef struct {
     int32_t stop[8];
     int n_stop;
     bool ignore_eos;
+    const char *slo_class;  /* GenerateRequest.slo when any of these is set */
+    float ttft_ms, tpot_ms; /* 0 = the class's (or the router's default) */
 } pdt_req_t;
 
 typedef struct {

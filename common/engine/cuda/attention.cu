@@ -3,15 +3,23 @@
  * flash-decoding kernel for decode steps, and a plain kernel for head sizes the fast ones do not
  * cover.
  *
- * Prefill: one CTA = 64 query rows of one head (4 warps x 16 rows); K/V tiles of 64 tokens are
- * gathered from the pool through the block table into padded shared memory, S = Q K^T and O += P V
- * run on mma.sync m16n8k16 (bf16 in, fp32 accumulate) with an online softmax in registers (exp2,
- * log2e folded into the scale). Tiles past the causal diagonal are never loaded.
+ * Prefill: one CTA = 128 query rows of one head; Q is staged in shared memory, K/V tiles are
+ * gathered from the pool through the block table by cp.async into two padded shared-memory stages
+ * (the next tile loads while this one is computed on); S = Q K^T and O += P V run on mma.sync
+ * m16n8k16 (bf16 in, fp32 accumulate) with an online softmax in registers (exp2, log2e and the
+ * scale folded into one FFMA; the output rescale skipped when no row maximum moved). Tiles past
+ * the causal diagonal are never loaded, and the longest (last) tiles are scheduled first.
  *
  * Decode: one CTA = one (sequence, KV head, context chunk); it serves all query heads of the GQA
- * group, so each K/V byte is read once per step. Scores go to shared memory, then P V with 16-byte
- * loads; partial (max, sum, unnormalised output) per chunk are merged by a combine kernel. The grid
- * is sized for the longest context a CUDA graph bucket allows; chunks past a sequence's end exit.
+ * group, so each K/V byte is read once per step. Several keys' loads per thread are in flight
+ * before the first is used; scores go to shared memory, then P V with 16-byte loads; partial (max,
+ * sum, unnormalised output) per chunk are merged by a combine kernel. The grid is sized for the
+ * longest context a CUDA graph bucket allows; chunks past a sequence's end exit.
+ *
+ * Measured on an H100 (llama3-8b shapes, bench/results/cuda-llama3-8b.md): the prefill kernel runs
+ * causal attention at 200-260 TFLOP/s (about 1.8x the first version); ncu on one launch shows
+ * issue slots 42% and the tensor pipe ~40% busy, mostly fixed-latency dependency stalls. 8 warps
+ * of 16 rows (MT = 1) or 64-key tiles were no faster. A wgmma (sm_90a) kernel is the next step.
  */
 #include <cuda_bf16.h>
 #include <math.h>
@@ -19,6 +27,7 @@
 #include <string.h>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/launch.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -29,9 +38,7 @@ typedef __nv_bfloat16 bf16;
             return PDS_ERR(PDS_ERR_DEVICE, "launch of %s: %s", name, cudaGetErrorString(e_)); \
     } while (0)
 
-#define LOG2E   1.4426950408889634f
-#define PF_ROWS 64 /* query rows per prefill CTA */
-#define PF_KEYS 64 /* keys per K/V tile */
+#define LOG2E 1.4426950408889634f
 
 /* ---- small helpers ----------------------------------------------------------------------------
  */
@@ -92,171 +99,15 @@ __device__ __forceinline__ const bf16 *kv_row(const bf16 *kv, const int32_t *bt,
            (int64_t)head * head_dim;
 }
 
-/* ---- prefill: tensor-core flash attention -------------------------------------------------------
- */
-template <int HD>
-__global__ void __launch_bounds__(128)
-    attn_prefill_mma(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
-                     const int32_t *bts, const int32_t *tiles, int n_heads, int n_kv_heads, int bs,
-                     float scale_log2, bf16 *out)
-{
-    constexpr int LD = HD + 8; /* padded row: ldmatrix and 32-bit accesses conflict-free */
-    __shared__ __align__(16) bf16 sk[PF_KEYS * LD];
-    __shared__ __align__(16) bf16 sv[PF_KEYS * LD];
-    const int tile = blockIdx.x, h = blockIdx.y;
-    const int si = tiles[2 * tile], row0 = tiles[2 * tile + 1];
-    const pds_cuda_seq_t S = seqs[si];
-    const int n_past = S.n_ctx - S.n_new;
-    const int kvh = h / (n_heads / n_kv_heads);
-    const int32_t *bt = bts + S.bt_off;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int wrow =
-        row0 + warp * 16; /* first row (within the sequence's new tokens) of this warp */
-
-    /* Q fragments straight from global memory */
-    uint32_t qa[HD / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) {
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            int row = wrow + g + ((r & 1) ? 8 : 0);
-            int col = h * HD + kk * 16 + t4 * 2 + ((r & 2) ? 8 : 0);
-            qa[kk][r] = row < S.n_new
-                            ? *(const uint32_t *)(q + (int64_t)(S.q_start + row) * q_stride + col)
-                            : 0u;
-        }
-    }
-    float o[HD / 8][4];
-#pragma unroll
-    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    const int qpos0 = n_past + wrow + g, qpos1 = qpos0 + 8;
-    const int kv_end = n_past + min(row0 + PF_ROWS, S.n_new); /* keys any row of the CTA sees */
-    const int64_t kvw = (int64_t)n_kv_heads * HD;
-
-    for (int kb = 0; kb < kv_end; kb += PF_KEYS) {
-        __syncthreads();
-        /* gather the K and V tile: PF_KEYS rows of HD bf16, 16 bytes per access */
-        constexpr int CH = HD / 8;
-        for (int c = threadIdx.x; c < PF_KEYS * CH; c += 128) {
-            int r = c / CH, col = (c % CH) * 8;
-            int tok = kb + r;
-            uint4 kx = make_uint4(0, 0, 0, 0), vx = make_uint4(0, 0, 0, 0);
-            if (tok < kv_end) {
-                int blk = bt[tok / bs];
-                const bf16 *base = kv + ((int64_t)blk * 2 * bs + tok % bs) * kvw + kvh * HD + col;
-                kx = *(const uint4 *)base;
-                vx = *(const uint4 *)(base + (int64_t)bs * kvw);
-            }
-            *(uint4 *)&sk[r * LD + col] = kx;
-            *(uint4 *)&sv[r * LD + col] = vx;
-        }
-        __syncthreads();
-        /* warp-uniform skip (mma.sync needs all lanes): rows past the end, or keys all beyond
-         * the diagonal of the warp's last row */
-        if (wrow >= S.n_new || kb > n_past + wrow + 15) continue;
-
-        float s[PF_KEYS / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < PF_KEYS / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk += 2) {
-                uint32_t b[4];
-                ldsm_x4(b, &sk[(nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8]);
-                mma_bf16(s[nt], qa[kk], b[0], b[1]);
-                mma_bf16(s[nt], qa[kk + 1], b[2], b[3]);
-            }
-        }
-        /* scale, causal mask, online softmax (rows g and g+8 of the warp's 16) */
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < PF_KEYS / 8; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key = kb + nt * 8 + t4 * 2 + (e & 1);
-                int qp = (e < 2) ? qpos0 : qpos1;
-                float v = (key <= qp && key < kv_end) ? s[nt][e] * scale_log2 : -INFINITY;
-                s[nt][e] = v;
-                if (e < 2)
-                    mx0 = fmaxf(mx0, v);
-                else
-                    mx1 = fmaxf(mx1, v);
-            }
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-        float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);
-        m0 = mn0;
-        m1 = mn1;
-        float rs0 = 0.0f, rs1 = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < PF_KEYS / 8; nt++) {
-            s[nt][0] = exp2f(s[nt][0] - mu0);
-            s[nt][1] = exp2f(s[nt][1] - mu0);
-            s[nt][2] = exp2f(s[nt][2] - mu1);
-            s[nt][3] = exp2f(s[nt][3] - mu1);
-            rs0 += s[nt][0] + s[nt][1];
-            rs1 += s[nt][2] + s[nt][3];
-        }
-        l0 = l0 * al0 + rs0;
-        l1 = l1 * al1 + rs1;
-#pragma unroll
-        for (int i = 0; i < HD / 8; i++) {
-            o[i][0] *= al0;
-            o[i][1] *= al0;
-            o[i][2] *= al1;
-            o[i][3] *= al1;
-        }
-        /* O += P V */
-#pragma unroll
-        for (int k2 = 0; k2 < PF_KEYS / 16; k2++) {
-            uint32_t a[4];
-            a[0] = pack_bf16(s[2 * k2][0], s[2 * k2][1]);
-            a[1] = pack_bf16(s[2 * k2][2], s[2 * k2][3]);
-            a[2] = pack_bf16(s[2 * k2 + 1][0], s[2 * k2 + 1][1]);
-            a[3] = pack_bf16(s[2 * k2 + 1][2], s[2 * k2 + 1][3]);
-#pragma unroll
-            for (int nd = 0; nd < HD / 8; nd += 2) {
-                uint32_t b[4];
-                ldsm_x4_t(b, &sv[(k2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nd * 8 +
-                                 (lane >> 4) * 8]);
-                mma_bf16(o[nd], a, b[0], b[1]);
-                mma_bf16(o[nd + 1], a, b[2], b[3]);
-            }
-        }
-    }
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    float il0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, il1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    const int ostride = n_heads * HD;
-    int r0 = wrow + g, r1 = r0 + 8;
-#pragma unroll
-    for (int nd = 0; nd < HD / 8; nd++) {
-        int col = h * HD + nd * 8 + t4 * 2;
-        if (r0 < S.n_new)
-            *(uint32_t *)(out + (int64_t)(S.q_start + r0) * ostride + col) =
-                pack_bf16(o[nd][0] * il0, o[nd][1] * il0);
-        if (r1 < S.n_new)
-            *(uint32_t *)(out + (int64_t)(S.q_start + r1) * ostride + col) =
-                pack_bf16(o[nd][2] * il1, o[nd][3] * il1);
-    }
-}
-
-/* ---- prefill v2: 128 query rows per CTA, K/V double-buffered with cp.async ----------------------
- * One CTA = FA_ROWS query rows of one head, 4 warps x 32 rows (two m16 tiles per warp, so every K
- * and V fragment read from shared memory feeds two MMAs). Q is staged in shared memory once; K/V
- * tiles of FA_KEYS tokens are gathered through the block table by cp.async into one of two stages
- * while the other is computed on. The grid is (head, tile) with tiles taken in reverse order, so
- * the longest (last, causal) tiles start first and the heads of one GQA group run side by side on
- * the same K/V (L2 reuse). FA_KEYS (keys per tile) is 32 or 64: 64 halves the barriers and the Q
- * fragment reloads per key, 32 keeps head_dim 128 within the register file. */
+/* ---- prefill: tensor-core flash attention, K/V double-buffered with cp.async -------------------
+ * One CTA = FA_ROWS query rows of one head: 4 warps x 32 rows (MT = 2 m16 tiles per warp, so every
+ * K and V fragment read from shared memory feeds two MMAs) or 8 warps x 16 rows (MT = 1: half the
+ * registers per thread, twice the warps to hide latency, twice the fragment reads). Q is staged in
+ * shared memory once; K/V tiles of FA_KEYS tokens are gathered through the block table by cp.async
+ * into one of two stages while the other is computed on. The grid is (head, tile) with tiles taken
+ * in reverse order, so the longest (last, causal) tiles start first and the heads of one GQA group
+ * run side by side on the same K/V (L2 reuse). FA_KEYS (keys per tile) is 32 or 64: 64 halves the
+ * barriers and the Q fragment reloads per key, 32 keeps head_dim 128 within the register file. */
 #define FA_ROWS 128
 
 template <int HD, int FA_KEYS> constexpr size_t fa_smem_bytes()
@@ -264,17 +115,20 @@ template <int HD, int FA_KEYS> constexpr size_t fa_smem_bytes()
     return sizeof(bf16) * (size_t)(FA_ROWS + 4 * FA_KEYS) * (HD + 8);
 }
 
-template <int HD, int FA_KEYS>
-__global__ void __launch_bounds__(128, 2)
+template <int HD, int FA_KEYS, int MT>
+__global__ void __launch_bounds__(FA_ROWS / MT * 2, 2)
     attn_prefill_fa(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
                     const int32_t *bts, const int32_t *tiles, int n_heads, int n_kv_heads, int bs,
-                    float scale_log2, bf16 *out)
+                    int bs_shift /* log2(bs) for a power of two, else -1 */, float scale_log2,
+                    bf16 *out)
 {
     constexpr int LD = HD + 8, CH = HD / 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16 *sq = (bf16 *)fa_smem;       /* [FA_ROWS][LD] */
     bf16 *sk = sq + FA_ROWS * LD;     /* [2][FA_KEYS][LD] */
     bf16 *sv = sk + 2 * FA_KEYS * LD; /* [2][FA_KEYS][LD] */
+    pdl_wait();
+    pdl_trigger();
     const int h = blockIdx.x, tile = gridDim.y - 1 - blockIdx.y;
     const int si = tiles[2 * tile], row0 = tiles[2 * tile + 1];
     const pds_cuda_seq_t S = seqs[si];
@@ -287,43 +141,52 @@ __global__ void __launch_bounds__(128, 2)
     const int n_kt = (kv_end + FA_KEYS - 1) / FA_KEYS;
     const int64_t kvw = (int64_t)n_kv_heads * HD;
 
-    for (int c = tid; c < FA_ROWS * CH; c += 128) {
+    constexpr int NT = FA_ROWS / MT * 2; /* threads: FA_ROWS / (16 * MT) warps */
+    for (int c = tid; c < FA_ROWS * CH; c += NT) {
         int r = c / CH, col = (c % CH) * 8;
         bool ok = r < nrows;
         const bf16 *src = ok ? q + (int64_t)(S.q_start + row0 + r) * q_stride + h * HD + col : q;
         cp_async16(&sq[r * LD + col], src, ok);
     }
+    /* each thread copies NI (row, 16-byte column) pieces of K and of V per tile; the block-table
+     * reads are issued together, then the copies */
+    constexpr int NI = FA_KEYS * CH / NT;
     auto load_kv = [&](int t, int stage) {
         bf16 *dk = sk + stage * FA_KEYS * LD, *dv = sv + stage * FA_KEYS * LD;
-#pragma unroll 1
-        for (int i = 0; i < FA_KEYS * CH / 128; i++) {
-            int c = tid + i * 128;
-            int r = c / CH, col = (c % CH) * 8;
-            int tok = t * FA_KEYS + r;
-            bool ok = tok < kv_end;
-            const bf16 *kp = kv, *vp = kv;
-            if (ok) {
-                kp = kv + ((int64_t)bt[tok / bs] * 2 * bs + tok % bs) * kvw + kvh * HD + col;
-                vp = kp + (int64_t)bs * kvw;
-            }
+        int blk[NI];
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            const int tok = t * FA_KEYS + (tid + i * NT) / CH;
+            const int bi = bs_shift >= 0 ? tok >> bs_shift : tok / bs;
+            blk[i] = tok < kv_end ? bt[bi] : 0;
+        }
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            const int c = tid + i * NT, r = c / CH, col = (c % CH) * 8;
+            const int tok = t * FA_KEYS + r;
+            const int off = bs_shift >= 0 ? tok & (bs - 1) : tok % bs;
+            const bf16 *kp = kv + ((int64_t)blk[i] * 2 * bs + off) * kvw + kvh * HD + col;
+            const bool ok = tok < kv_end;
             cp_async16(&dk[r * LD + col], kp, ok);
-            cp_async16(&dv[r * LD + col], vp, ok);
+            cp_async16(&dv[r * LD + col], kp + (int64_t)bs * kvw, ok);
         }
     };
     load_kv(0, 0);
     cp_async_commit();
 
-    const int wrow = row0 + warp * 32; /* first row (within the new tokens) of this warp */
+    const int wrow = row0 + warp * 16 * MT; /* first row (within the new tokens) of this warp */
     const bool live = wrow < S.n_new;
     const int wpos0 = n_past + wrow;
-    const int wpos_last = n_past + min(wrow + 31, S.n_new - 1);
-    float o[2][HD / 8][4];
+    const int wpos_last = n_past + min(wrow + 16 * MT - 1, S.n_new - 1);
+    float o[MT][HD / 8][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++)
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int i = 0; i < HD / 8; i++) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
-    float m[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}};
-    float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        for (int i = 0; i < HD / 8; i++)
+            o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.0f;
 
     for (int t = 0; t < n_kt; t++) {
         if (t + 1 < n_kt) {
@@ -337,18 +200,19 @@ __global__ void __launch_bounds__(128, 2)
         const int kb = t * FA_KEYS;
         if (live && kb <= wpos_last) { /* warp-uniform: mma.sync needs all lanes */
             const bf16 *ck = sk + (t & 1) * FA_KEYS * LD, *cv = sv + (t & 1) * FA_KEYS * LD;
-            float s[2][FA_KEYS / 8][4];
+            float s[MT][FA_KEYS / 8][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++)
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
                 for (int nt = 0; nt < FA_KEYS / 8; nt++)
                     s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < HD / 16; kk += 2) {
-                uint32_t qa[2][2][4];
+                uint32_t qa[MT][2][4];
 #pragma unroll
-                for (int mt = 0; mt < 2; mt++) {
-                    const bf16 *qr = &sq[(warp * 32 + mt * 16 + (lane & 15)) * LD + (lane >> 4) * 8];
+                for (int mt = 0; mt < MT; mt++) {
+                    const bf16 *qr =
+                        &sq[(warp * 16 * MT + mt * 16 + (lane & 15)) * LD + (lane >> 4) * 8];
                     ldsm_x4(qa[mt][0], qr + kk * 16);
                     ldsm_x4(qa[mt][1], qr + (kk + 1) * 16);
                 }
@@ -357,17 +221,18 @@ __global__ void __launch_bounds__(128, 2)
                     uint32_t b[4];
                     ldsm_x4(b, &ck[(nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8]);
 #pragma unroll
-                    for (int mt = 0; mt < 2; mt++) {
+                    for (int mt = 0; mt < MT; mt++) {
                         mma_bf16(s[mt][nt], qa[mt][0], b[0], b[1]);
                         mma_bf16(s[mt][nt], qa[mt][1], b[2], b[3]);
                     }
                 }
             }
-            /* scale, causal mask (only on tiles that reach past the warp's first row), online
-             * softmax over the thread's four rows: (mt, g) and (mt, g + 8) */
+            /* causal mask (only on tiles that reach past the warp's first row), online softmax
+             * over the thread's four rows (mt, g) and (mt, g + 8); maxima are kept unscaled and
+             * the scale is folded into exp2's argument (one FFMA) */
             const bool need_mask = kb + FA_KEYS - 1 > wpos0;
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
+            for (int mt = 0; mt < MT; mt++) {
                 const int qp0 = wpos0 + mt * 16 + g, qp1 = qp0 + 8;
                 float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -375,13 +240,11 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         int key = kb + nt * 8 + t4 * 2 + (e & 1);
-                        float v = s[mt][nt][e] * scale_log2;
-                        if (need_mask && key > ((e < 2) ? qp0 : qp1)) v = -INFINITY;
-                        s[mt][nt][e] = v;
+                        if (need_mask && key > ((e < 2) ? qp0 : qp1)) s[mt][nt][e] = -INFINITY;
                         if (e < 2)
-                            mx0 = fmaxf(mx0, v);
+                            mx0 = fmaxf(mx0, s[mt][nt][e]);
                         else
-                            mx1 = fmaxf(mx1, v);
+                            mx1 = fmaxf(mx1, s[mt][nt][e]);
                     }
                 }
                 mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
@@ -390,35 +253,39 @@ __global__ void __launch_bounds__(128, 2)
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
                 float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
                 float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-                float al0 = exp2f(m[mt][0] - mu0), al1 = exp2f(m[mt][1] - mu1);
+                float al0 = exp2f((m[mt][0] - mu0) * scale_log2);
+                float al1 = exp2f((m[mt][1] - mu1) * scale_log2);
                 m[mt][0] = mn0;
                 m[mt][1] = mn1;
+                const float b0 = -mu0 * scale_log2, b1 = -mu1 * scale_log2;
                 float rs0 = 0.0f, rs1 = 0.0f;
 #pragma unroll
                 for (int nt = 0; nt < FA_KEYS / 8; nt++) {
-                    s[mt][nt][0] = exp2f(s[mt][nt][0] - mu0);
-                    s[mt][nt][1] = exp2f(s[mt][nt][1] - mu0);
-                    s[mt][nt][2] = exp2f(s[mt][nt][2] - mu1);
-                    s[mt][nt][3] = exp2f(s[mt][nt][3] - mu1);
+                    s[mt][nt][0] = exp2f(fmaf(s[mt][nt][0], scale_log2, b0));
+                    s[mt][nt][1] = exp2f(fmaf(s[mt][nt][1], scale_log2, b0));
+                    s[mt][nt][2] = exp2f(fmaf(s[mt][nt][2], scale_log2, b1));
+                    s[mt][nt][3] = exp2f(fmaf(s[mt][nt][3], scale_log2, b1));
                     rs0 += s[mt][nt][0] + s[mt][nt][1];
                     rs1 += s[mt][nt][2] + s[mt][nt][3];
                 }
                 l[mt][0] = l[mt][0] * al0 + rs0;
                 l[mt][1] = l[mt][1] * al1 + rs1;
+                if (__any_sync(0xffffffffu, al0 != 1.0f || al1 != 1.0f)) {
 #pragma unroll
-                for (int i = 0; i < HD / 8; i++) {
-                    o[mt][i][0] *= al0;
-                    o[mt][i][1] *= al0;
-                    o[mt][i][2] *= al1;
-                    o[mt][i][3] *= al1;
+                    for (int i = 0; i < HD / 8; i++) {
+                        o[mt][i][0] *= al0;
+                        o[mt][i][1] *= al0;
+                        o[mt][i][2] *= al1;
+                        o[mt][i][3] *= al1;
+                    }
                 }
             }
             /* O += P V */
 #pragma unroll
             for (int k2 = 0; k2 < FA_KEYS / 16; k2++) {
-                uint32_t a[2][4];
+                uint32_t a[MT][4];
 #pragma unroll
-                for (int mt = 0; mt < 2; mt++) {
+                for (int mt = 0; mt < MT; mt++) {
                     a[mt][0] = pack_bf16(s[mt][2 * k2][0], s[mt][2 * k2][1]);
                     a[mt][1] = pack_bf16(s[mt][2 * k2][2], s[mt][2 * k2][3]);
                     a[mt][2] = pack_bf16(s[mt][2 * k2 + 1][0], s[mt][2 * k2 + 1][1]);
@@ -430,7 +297,7 @@ __global__ void __launch_bounds__(128, 2)
                     ldsm_x4_t(b, &cv[(k2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nd * 8 +
                                      (lane >> 4) * 8]);
 #pragma unroll
-                    for (int mt = 0; mt < 2; mt++) {
+                    for (int mt = 0; mt < MT; mt++) {
                         mma_bf16(o[mt][nd], a[mt], b[0], b[1]);
                         mma_bf16(o[mt][nd + 1], a[mt], b[2], b[3]);
                     }
@@ -442,7 +309,7 @@ __global__ void __launch_bounds__(128, 2)
     if (!live) return;
     const int ostride = n_heads * HD;
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
+    for (int mt = 0; mt < MT; mt++) {
         float l0 = l[mt][0], l1 = l[mt][1];
         l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
         l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
@@ -512,26 +379,9 @@ __global__ void attn_plain(const bf16 *q, int q_stride, const bf16 *kv, const pd
     }
 }
 
-/* PDS_ATTN_PREFILL_V1=1 selects the first kernel (64 rows per CTA, no pipelining): kept for
- * comparison in benchmarks. Read once. */
-static bool prefill_v1(void)
-{
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("PDS_ATTN_PREFILL_V1");
-        v = e && strcmp(e, "1") == 0;
-    }
-    return v == 1;
-}
-
-static int tile_rows(int head_dim)
-{
-    return (prefill_v1() || (head_dim != 64 && head_dim != 128)) ? PF_ROWS : FA_ROWS;
-}
-
 extern "C" int pds_cuda_attn_prefill_tile_rows(int head_dim)
 {
-    return tile_rows(head_dim);
+    return FA_ROWS;
 }
 
 extern "C" int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int head_dim,
@@ -539,7 +389,7 @@ extern "C" int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int hea
 {
     int n = 0;
     for (int s = 0; s < n_seqs; s++)
-        for (int r = 0; r < n_new[s]; r += tile_rows(head_dim)) {
+        for (int r = 0; r < n_new[s]; r += FA_ROWS) {
             if (n >= cap) return n;
             tiles[2 * n] = s;
             tiles[2 * n + 1] = r;
@@ -548,7 +398,7 @@ extern "C" int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int hea
     return n;
 }
 
-template <int HD, int BN>
+template <int HD, int BN, int MT>
 static pds_status_t launch_fa(const uint16_t *q, int q_stride, const uint16_t *kv,
                               const pds_cuda_seq_t *seqs, const int32_t *bts, const int32_t *tiles,
                               int n_tiles, int n_heads, int n_kv_heads, int bs, float scale_log2,
@@ -557,14 +407,18 @@ static pds_status_t launch_fa(const uint16_t *q, int q_stride, const uint16_t *k
     constexpr size_t smem = fa_smem_bytes<HD, BN>();
     static bool raised = false; /* per instance: the dynamic shared-memory limit, set once */
     if (!raised) {
-        PDS_CUDA_TRY(cudaFuncSetAttribute(attn_prefill_fa<HD, BN>,
+        PDS_CUDA_TRY(cudaFuncSetAttribute(attn_prefill_fa<HD, BN, MT>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         raised = true;
     }
-    if (n_tiles > 65535) return PDS_ERR(PDS_ERR_UNSUPPORTED, "prefill attention: %d tiles", n_tiles);
-    attn_prefill_fa<HD, BN><<<dim3(n_heads, n_tiles), 128, smem, s>>>(
-        (const bf16 *)q, q_stride, (const bf16 *)kv, seqs, bts, tiles, n_heads, n_kv_heads, bs,
-        scale_log2, (bf16 *)out);
+    if (n_tiles > 65535)
+        return PDS_ERR(PDS_ERR_UNSUPPORTED, "prefill attention: %d tiles", n_tiles);
+    int shift = -1;
+    for (int b = 0; b < 30; b++)
+        if (bs == (1 << b)) shift = b;
+    pds_launch(attn_prefill_fa<HD, BN, MT>, dim3(n_heads, n_tiles), FA_ROWS / MT * 2, smem, s,
+               (const bf16 *)q, q_stride, (const bf16 *)kv, seqs, bts, tiles, n_heads, n_kv_heads,
+               bs, shift, scale_log2, (bf16 *)out);
     LAUNCH_CHECK("attn_prefill_fa");
     return PDS_OK;
 }
@@ -578,41 +432,31 @@ extern "C" pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride,
 {
     if (n_tiles <= 0) return PDS_OK;
     float scale = 1.0f / sqrtf((float)head_dim);
-    if (!prefill_v1() && (head_dim == 128 || head_dim == 64)) {
-        static int keys = 0; /* PDS_ATTN_PREFILL_KEYS=64 or 32 (default 32 for head_dim 128) */
-        if (!keys) {
-            const char *e = getenv("PDS_ATTN_PREFILL_KEYS");
-            keys = e && atoi(e) == 64 ? 64 : e && atoi(e) == 32 ? 32 : -1;
-        }
-        if (head_dim == 128 && keys == 64)
-            return launch_fa<128, 64>(q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles,
-                                      n_heads, n_kv_heads, block_size, scale * LOG2E, out, s);
-        else if (head_dim == 128)
-            return launch_fa<128, 32>(q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles,
-                                      n_heads, n_kv_heads, block_size, scale * LOG2E, out, s);
-        else if (keys == 32)
-            return launch_fa<64, 32>(q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles,
-                                     n_heads, n_kv_heads, block_size, scale * LOG2E, out, s);
-        else
-            return launch_fa<64, 64>(q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles,
-                                     n_heads, n_kv_heads, block_size, scale * LOG2E, out, s);
-    }
-    dim3 grid(n_tiles, n_heads);
-    if (head_dim == 128) {
-        attn_prefill_mma<128><<<grid, 128, 0, s>>>(
-            (const bf16 *)q, q_stride, (const bf16 *)kv_layer, seqs, block_tables, tiles, n_heads,
-            n_kv_heads, block_size, scale * LOG2E, (bf16 *)out);
-        LAUNCH_CHECK("attn_prefill_mma<128>");
-    } else if (head_dim == 64) {
-        attn_prefill_mma<64><<<grid, 128, 0, s>>>((const bf16 *)q, q_stride, (const bf16 *)kv_layer,
-                                                  seqs, block_tables, tiles, n_heads, n_kv_heads,
-                                                  block_size, scale * LOG2E, (bf16 *)out);
-        LAUNCH_CHECK("attn_prefill_mma<64>");
-    } else {
+    if (head_dim != 128 && head_dim != 64)
         return PDS_ERR(PDS_ERR_UNSUPPORTED,
                        "prefill attention: head_dim %d needs pds_cuda_attn_plain", head_dim);
+    /* PDS_ENGINE_CUDA_ATTN_KEYS=32|64 (keys per tile), PDS_ENGINE_CUDA_ATTN_MT=1|2 (m16 tiles per
+     * warp): shapes measured side by side on the H100 (bench/results/cuda-llama3-8b.md); the
+     * defaults, 32 keys and 2 tiles, were as fast as any and spill nothing */
+    static int keys = 0, mt = 0;
+    if (!keys) {
+        const char *e = getenv("PDS_ENGINE_CUDA_ATTN_KEYS");
+        keys = e && atoi(e) == 64 ? 64 : 32;
+        e = getenv("PDS_ENGINE_CUDA_ATTN_MT");
+        mt = e && atoi(e) == 1 ? 1 : 2;
     }
-    return PDS_OK;
+    const float sl = scale * LOG2E;
+#define FA_ARGS                                                                                 \
+    q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles, n_heads, n_kv_heads, block_size, \
+        sl, out, s
+    if (head_dim == 128) {
+        if (mt == 1)
+            return keys == 32 ? launch_fa<128, 32, 1>(FA_ARGS) : launch_fa<128, 64, 1>(FA_ARGS);
+        return keys == 32 ? launch_fa<128, 32, 2>(FA_ARGS) : launch_fa<128, 64, 2>(FA_ARGS);
+    }
+    if (mt == 1) return keys == 32 ? launch_fa<64, 32, 1>(FA_ARGS) : launch_fa<64, 64, 1>(FA_ARGS);
+    return keys == 32 ? launch_fa<64, 32, 2>(FA_ARGS) : launch_fa<64, 64, 2>(FA_ARGS);
+#undef FA_ARGS
 }
 
 /* Plain path: needs the sequence list and T instead of tiles. Declared here, used by the engine
@@ -639,18 +483,20 @@ extern "C" pds_status_t pds_cuda_attn_plain(const uint16_t *q, int q_stride,
  * ----------------------------------------------------------- */
 #define DEC_THREADS 128
 
-/* smem: q [G][HD] fp32 (pre-scaled), scores [G][split] fp32, reduce [RG][G][HD] fp32 with
+/* smem: q [G][HD] fp32 (pre-scaled), scores [split][G] fp32, reduce [RG][G][HD] fp32 with
  * RG = DEC_THREADS / (HD / 8) rows of V in flight */
 template <int HD, int G>
-__global__ void __launch_bounds__(DEC_THREADS)
+__global__ void __launch_bounds__(DEC_THREADS, G *HD >= 1024 ? 2 : 4)
     attn_decode_split(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
                       const int32_t *bts, int n_heads, int n_kv_heads, int bs, int split,
                       int max_splits, float scale_log2, float *part_o, float *part_ml)
 {
     extern __shared__ float dsm[];
     float *sq = dsm;              /* [G][HD] */
-    float *ss = sq + G * HD;      /* [G][split] */
+    float *ss = sq + G * HD;      /* [split][G] */
     float *sred = ss + G * split; /* [8][G][HD] */
+    pdl_wait();
+    pdl_trigger();
     const int sp = blockIdx.x, kvh = blockIdx.y, si = blockIdx.z;
     const pds_cuda_seq_t S = seqs[si];
     const int start = sp * split;
@@ -660,32 +506,19 @@ __global__ void __launch_bounds__(DEC_THREADS)
     const int64_t kvw = (int64_t)n_kv_heads * HD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-    for (int i = tid; i < G * HD; i += DEC_THREADS) {
-        int gh = i / HD, d = i % HD;
-        sq[i] = __bfloat162float(q[(int64_t)S.q_start * q_stride + (kvh * G + gh) * HD + d]) *
-                scale_log2;
-    }
-    __syncthreads();
-
-    /* scores: 8 lanes per key, DL dims per lane */
-    constexpr int DL = HD / 8;
+    /* scores: 8 lanes per key, DL dims per lane; DU keys per lane group in flight. The first
+     * keys' loads are issued before q is staged, so the two latencies overlap. */
+    constexpr int DL = HD / 8, DU = 4;
     const int sub = lane & 7;
-    float qr[G][DL];
-#pragma unroll
-    for (int gh = 0; gh < G; gh++)
-#pragma unroll
-        for (int d = 0; d < DL; d++) qr[gh][d] = sq[gh * HD + sub * DL + d];
-    /* warp-uniform trip count: the shuffles below need all 32 lanes. DU keys per lane group in
-     * flight: all their loads are issued before the first is used. */
-    constexpr int DU = 4;
-    for (int j0 = start + warp * 4; j0 < end; j0 += 16 * DU) {
-        uint4 kx[DU][DL / 8];
+    uint4 kx[DU][DL / 8];
+    auto load_k = [&](int j0) {
 #pragma unroll
         for (int u = 0; u < DU; u++) {
             const int j = j0 + u * 16 + (lane >> 3);
             if (j < end) {
-                const uint4 *k = (const uint4 *)(kv + ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw +
-                                                 kvh * HD + sub * DL);
+                const uint4 *k =
+                    (const uint4 *)(kv + ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD +
+                                    sub * DL);
 #pragma unroll
                 for (int c = 0; c < DL / 8; c++) kx[u][c] = __ldcs(k + c);
             } else {
@@ -693,6 +526,23 @@ __global__ void __launch_bounds__(DEC_THREADS)
                 for (int c = 0; c < DL / 8; c++) kx[u][c] = make_uint4(0, 0, 0, 0);
             }
         }
+    };
+    int j0 = start + warp * 4;
+    if (j0 < end) load_k(j0);
+
+    for (int i = tid; i < G * HD; i += DEC_THREADS) {
+        int gh = i / HD, d = i % HD;
+        sq[i] = __bfloat162float(q[(int64_t)S.q_start * q_stride + (kvh * G + gh) * HD + d]) *
+                scale_log2;
+    }
+    __syncthreads();
+    float qr[G][DL];
+#pragma unroll
+    for (int gh = 0; gh < G; gh++)
+#pragma unroll
+        for (int d = 0; d < DL; d++) qr[gh][d] = sq[gh * HD + sub * DL + d];
+    /* warp-uniform trip count: the shuffles below need all 32 lanes */
+    while (j0 < end) {
 #pragma unroll
         for (int u = 0; u < DU; u++) {
             const int j = j0 + u * 16 + (lane >> 3);
@@ -711,9 +561,11 @@ __global__ void __launch_bounds__(DEC_THREADS)
                 dot += __shfl_xor_sync(0xffffffffu, dot, 1);
                 dot += __shfl_xor_sync(0xffffffffu, dot, 2);
                 dot += __shfl_xor_sync(0xffffffffu, dot, 4);
-                if (j < end && sub == 0) ss[gh * split + (j - start)] = dot;
+                if (j < end && sub == 0) ss[(j - start) * G + gh] = dot;
             }
         }
+        j0 += 16 * DU;
+        if (j0 < end) load_k(j0);
     }
     __syncthreads();
 
@@ -721,12 +573,12 @@ __global__ void __launch_bounds__(DEC_THREADS)
     __shared__ float sm_m[G], sm_l[G];
     for (int gh = warp; gh < G; gh += DEC_THREADS / 32) {
         float mx = -INFINITY;
-        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[gh * split + j]);
+        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[j * G + gh]);
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         float sum = 0.0f;
         for (int j = lane; j < n; j += 32) {
-            float p = exp2f(ss[gh * split + j] - mx);
-            ss[gh * split + j] = p;
+            float p = exp2f(ss[j * G + gh] - mx);
+            ss[j * G + gh] = p;
             sum += p;
         }
         for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -748,10 +600,12 @@ __global__ void __launch_bounds__(DEC_THREADS)
 #pragma unroll
         for (int u = 0; u < VU; u++) {
             const int j = j0 + u * RG;
-            vx[u] = j < end ? __ldcs((const uint4 *)(kv + ((int64_t)(bt[j / bs] * 2 + 1) * bs + j % bs) *
-                                                              kvw +
-                                                     kvh * HD + c * 8))
-                            : make_uint4(0, 0, 0, 0);
+            vx[u] =
+                j < end
+                    ? __ldcs((const uint4 *)(kv +
+                                             ((int64_t)(bt[j / bs] * 2 + 1) * bs + j % bs) * kvw +
+                                             kvh * HD + c * 8))
+                    : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < VU; u++) {
@@ -761,9 +615,18 @@ __global__ void __launch_bounds__(DEC_THREADS)
             float vf[8];
 #pragma unroll
             for (int e = 0; e < 8; e++) vf[e] = __bfloat162float(xb[e]);
+            float pr[G]; /* the row's G probabilities: one 16-byte shared load per 4 heads */
+            if (G % 4 == 0) {
+#pragma unroll
+                for (int g4 = 0; g4 < G; g4 += 4)
+                    *(float4 *)&pr[g4] = *(const float4 *)&ss[(j - start) * G + g4];
+            } else {
+#pragma unroll
+                for (int gh = 0; gh < G; gh++) pr[gh] = ss[(j - start) * G + gh];
+            }
 #pragma unroll
             for (int gh = 0; gh < G; gh++) {
-                float p = ss[gh * split + (j - start)];
+                float p = pr[gh];
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[gh][e] += p * vf[e];
             }
@@ -793,6 +656,8 @@ __global__ void attn_decode_combine(const pds_cuda_seq_t *seqs, int n_heads, int
                                     int max_splits, const float *part_o, const float *part_ml,
                                     bf16 *out)
 {
+    pdl_wait();
+    pdl_trigger();
     const int si = blockIdx.x, h = blockIdx.y;
     const pds_cuda_seq_t S = seqs[si];
     int ns = min((S.n_ctx + split - 1) / split, max_splits);
@@ -842,9 +707,9 @@ static pds_status_t launch_decode(const uint16_t *q, int q_stride, const uint16_
                            split, smem);
     }
     dim3 grid(max_splits, n_kv_heads, n_seqs);
-    attn_decode_split<HD, G><<<grid, DEC_THREADS, smem, s>>>(
-        (const bf16 *)q, q_stride, (const bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split,
-        max_splits, (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);
+    pds_launch(attn_decode_split<HD, G>, grid, DEC_THREADS, smem, s, (const bf16 *)q, q_stride,
+               (const bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split, max_splits,
+               (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);
     LAUNCH_CHECK("attn_decode_split");
     return PDS_OK;
 }
@@ -878,8 +743,9 @@ extern "C" pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride,
     if (st == PDS_ERR_UNSUPPORTED)
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "decode attention: head_dim %d, group %d", head_dim, G);
     if (st != PDS_OK) return st;
-    attn_decode_combine<<<dim3(n_seqs, n_heads), 128, 0, s>>>(
-        seqs, n_heads, head_dim, split_tokens, max_splits, part_o, part_ml, (bf16 *)out);
+    pds_launch(attn_decode_combine, dim3(n_seqs, n_heads), 128, 0, s, seqs, n_heads, head_dim,
+               split_tokens, max_splits, (const float *)part_o, (const float *)part_ml,
+               (bf16 *)out);
     LAUNCH_CHECK("attn_decode_combine");
     return PDS_OK;
 }

@@ -10,7 +10,14 @@
  * Only the last token of each sequence goes through the final norm, the LM head and the sampler.
  *
  * Trade-offs: weights are fused per layer ([q;k;v] and [gate;up]) so a layer is four GEMMs; each
- * GEMM's algorithm is chosen once per shape from cuBLASLt's heuristic and cached. A decode step
+ * GEMM's algorithm is chosen once per shape by timing up to 32 of cuBLASLt's candidates on the real
+ * operands (12-24 for prefill shapes, whose row counts are bucketed to powers of two so that a
+ * new prompt length rarely pays for tuning; PDS_ENGINE_CUDA_TUNE=0: heuristic's first choice).
+ * Decode steps of 1-4 sequences skip cuBLAS: matrix-vector kernels (gemv.cu) stream the weights
+ * and fuse RoPE + the K/V write, SiLU*mul and the residual add (PDS_ENGINE_CUDA_GEMV=0: off). The
+ * kernels of cuda_kernels.h are launched with programmatic dependent launch (launch.cuh). With
+ * PDS_ENGINE_CUDA_PROFILE=1, an event after each op gives per-op GPU times (decode then runs
+ * without graphs); pds_engine_cuda_profile_report() prints them. A decode step
  * (every sequence adds one token, no layer callback) is captured once per (batch bucket, context
  * bucket) as a CUDA graph and replayed; padding rows of a bucket write their K/V into one spare
  * block past the pool's end, so they never touch a live sequence. Prefill records one event per
@@ -32,8 +39,10 @@
 #define GEMM_CACHE   128
 #define TUNE_CACHE   64
 #define TUNE_EXACT_N 256
-#define TUNE_ALGOS   12
-#define MAX_GRAPHS   96
+#define TUNE_ALGOS                                                                 \
+    32 /* candidates timed for n <= TUNE_EXACT_N; tune_big above (each costs more) \
+        */
+#define MAX_GRAPHS 96
 
 #define LT_TRY(call)                                                                       \
     do {                                                                                   \
@@ -93,9 +102,9 @@ enum {
     OP_COUNT
 };
 static const char *const op_names[OP_COUNT] = {
-    "embed",         "rmsnorm", "gemm qkv",      "rope+kv write",   "attention",
-    "gemm o (+res)", "gemm g|u", "silu*mul",     "gemm down (+res)", "lm head",
-    "sample",        "gemv qkv+rope+kv", "gemv o (+res)", "gemv g|u+silu", "gemv down (+res)"};
+    "embed",         "rmsnorm",          "gemm qkv",      "rope+kv write",    "attention",
+    "gemm o (+res)", "gemm g|u",         "silu*mul",      "gemm down (+res)", "lm head",
+    "sample",        "gemv qkv+rope+kv", "gemv o (+res)", "gemv g|u+silu",    "gemv down (+res)"};
 #define PROF_MAX 4096
 typedef struct {
     cudaEvent_t ev[PROF_MAX + 1];
@@ -120,10 +129,12 @@ typedef struct {
     int gemm_next;
     tune_entry_t tuned[TUNE_CACHE];
     int tune_next;
-    bool tune;          /* time cuBLASLt's candidates once per shape bucket (PDS_ENGINE_CUDA_TUNE) */
+    bool tune;    /* time cuBLASLt's candidates once per shape bucket (PDS_ENGINE_CUDA_TUNE) */
+    int tune_big; /* candidates timed for n > TUNE_EXACT_N (PDS_ENGINE_CUDA_TUNE_BIG) */
     cudaEvent_t tev[2]; /* tuning timers */
-    bool gemv;          /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
-    prof_t *prof;       /* PDS_ENGINE_CUDA_PROFILE=1 */
+    bool gemv;    /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
+    prof_t *prof; /* PDS_ENGINE_CUDA_PROFILE=1 */
+    int dec_ctas_per_sm; /* decode attention splits the context to fill this many CTAs per SM */
     /* weights */
     void *wmem;
     size_t wbytes;
@@ -139,11 +150,11 @@ typedef struct {
     /* workspace */
     void *ws;
     size_t ws_bytes;
-    float *x;       /* [max_T, hidden] fp32 residual */
-    uint16_t *xn;   /* [max_T, hidden] bf16 normalised */
-    uint16_t *qkv;  /* [max_T, qkv_w] */
-    uint16_t *att;  /* [max_T, H*hd] */
-    uint16_t *gu;   /* [max_T, 2*ffn] bf16; also the scratch output when tuning GEMMs */
+    float *x;      /* [max_T, hidden] fp32 residual */
+    uint16_t *xn;  /* [max_T, hidden] bf16 normalised */
+    uint16_t *qkv; /* [max_T, qkv_w] */
+    uint16_t *att; /* [max_T, H*hd] */
+    uint16_t *gu;  /* [max_T, 2*ffn] bf16; also the scratch output when tuning GEMMs */
     size_t gu_bytes;
     uint16_t *act;  /* [max_T, ffn] */
     float *logits;  /* [max_S, vocab] */
@@ -217,29 +228,54 @@ static int tune_bucket(int n)
 }
 
 /* Times up to TUNE_ALGOS of cuBLASLt's candidates for e's shape on the given operands (y: where
- * the product may be written; contents are overwritten) and keeps the fastest in e->algo. */
-static pds_status_t gemm_tune(cuda_impl_t *g, gemm_entry_t *e, const cublasLtMatmulHeuristicResult_t *res,
-                              int got, const void *w, const void *x, void *y)
+ * the product may be written; contents are overwritten) and keeps the fastest in e->algo. The GPU
+ * is first kept busy with the heuristic's choice (so that clocks ramping up from idle do not
+ * favour the candidates timed last), then every candidate is timed in two rounds (3 products
+ * each) and judged by its faster round. */
+static pds_status_t gemm_tune(cuda_impl_t *g, gemm_entry_t *e,
+                              const cublasLtMatmulHeuristicResult_t *res, int got, const void *w,
+                              const void *x, void *y)
 {
-    float alpha = 1.0f, beta = e->acc ? 1.0f : 0.0f, best = INFINITY;
-    for (int i = 0; i < got; i++) {
-        if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
-        cublasStatus_t st = cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c,
-                                           y, e->c, &res[i].algo, g->lt_ws, LT_WORKSPACE, g->stream);
-        if (st != CUBLAS_STATUS_SUCCESS) continue;
-        PDS_CUDA_TRY(cudaEventRecord(g->tev[0], g->stream));
-        for (int r = 0; r < 3 && st == CUBLAS_STATUS_SUCCESS; r++)
-            st = cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c, y, e->c,
-                                &res[i].algo, g->lt_ws, LT_WORKSPACE, g->stream);
-        PDS_CUDA_TRY(cudaEventRecord(g->tev[1], g->stream));
-        PDS_CUDA_TRY(cudaEventSynchronize(g->tev[1]));
-        float ms = 0;
-        PDS_CUDA_TRY(cudaEventElapsedTime(&ms, g->tev[0], g->tev[1]));
-        if (st == CUBLAS_STATUS_SUCCESS && ms < best) {
-            best = ms;
-            e->algo = res[i].algo;
+    float alpha = 1.0f, beta = e->acc ? 1.0f : 0.0f;
+    float best_ms[TUNE_ALGOS];
+    for (int i = 0; i < got; i++) best_ms[i] = INFINITY;
+    cudaEvent_t t0 = g->tev[0], t1 = g->tev[1];
+    float warm = 0;
+    PDS_CUDA_TRY(cudaEventRecord(t0, g->stream));
+    for (int r = 0; r < 200 && warm < 20.0f; r++) { /* about 20 ms of work, at least 4 products */
+        LT_TRY(cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c, y, e->c,
+                              &res[0].algo, g->lt_ws, LT_WORKSPACE, g->stream));
+        if (r % 4 == 3) {
+            PDS_CUDA_TRY(cudaEventRecord(t1, g->stream));
+            PDS_CUDA_TRY(cudaEventSynchronize(t1));
+            PDS_CUDA_TRY(cudaEventElapsedTime(&warm, t0, t1));
         }
     }
+    for (int round = 0; round < 2; round++) {
+        for (int i = 0; i < got; i++) {
+            if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
+            cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+            if (round == 0) /* untimed first run of each candidate */
+                st = cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c, y, e->c,
+                                    &res[i].algo, g->lt_ws, LT_WORKSPACE, g->stream);
+            if (st != CUBLAS_STATUS_SUCCESS) continue;
+            PDS_CUDA_TRY(cudaEventRecord(t0, g->stream));
+            for (int r = 0; r < 3 && st == CUBLAS_STATUS_SUCCESS; r++)
+                st = cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c, y, e->c,
+                                    &res[i].algo, g->lt_ws, LT_WORKSPACE, g->stream);
+            PDS_CUDA_TRY(cudaEventRecord(t1, g->stream));
+            PDS_CUDA_TRY(cudaEventSynchronize(t1));
+            float ms = 0;
+            PDS_CUDA_TRY(cudaEventElapsedTime(&ms, t0, t1));
+            if (st == CUBLAS_STATUS_SUCCESS && ms < best_ms[i]) best_ms[i] = ms;
+        }
+    }
+    float best = INFINITY;
+    for (int i = 0; i < got; i++)
+        if (best_ms[i] < best) {
+            best = best_ms[i];
+            e->algo = res[i].algo;
+        }
     return PDS_OK;
 }
 
@@ -292,8 +328,9 @@ static pds_status_t gemm_entry_make(cuda_impl_t *g, gemm_entry_t *e, int m, int 
     void *ty = acc ? (void *)g->gu : y;
     bool tune = g->tune && !te && cap == cudaStreamCaptureStatusNone && w && x && ty &&
                 (!acc || (size_t)m * n * (out_f32 ? 4 : 2) <= g->gu_bytes);
-    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(g->lt, e->op, e->a, e->b, e->c, e->c, pref,
-                                                       tune ? TUNE_ALGOS : 1, res, &got);
+    int want = !tune ? 1 : n <= TUNE_EXACT_N ? TUNE_ALGOS : g->tune_big;
+    cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(g->lt, e->op, e->a, e->b, e->c, e->c, pref, want, res, &got);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS || got == 0)
         return PDS_ERR(PDS_ERR_DEVICE,
@@ -651,11 +688,13 @@ static uint16_t *kv_layer_ptr(cuda_impl_t *g, int layer)
     return (uint16_t *)((char *)g->kv + g->kv_layer_stride * (size_t)layer);
 }
 
-/* Decode split policy for a batch bucket and context bucket: enough CTAs to fill the GPU twice. */
+/* Decode split policy for a batch bucket and context bucket: chunks of at least 32 tokens, small
+ * enough to give dec_ctas_per_sm CTAs per SM (several waves, so that one CTA's loads overlap
+ * another's arithmetic). */
 static void decode_split(const cuda_impl_t *g, const pds_model_config_t *c, int batch, int ctx,
                          int *split, int *max_splits)
 {
-    int want_ctas = 2 * g->sms;
+    int want_ctas = g->dec_ctas_per_sm * g->sms;
     int per_seq = PDS_MAX(1, PDS_DIV_UP(want_ctas, batch * c->n_kv_heads));
     int sp = 512;
     while (sp > 32 && PDS_DIV_UP(ctx, sp) < per_seq) sp /= 2;
@@ -722,8 +761,9 @@ void pds_engine_cuda_profile_report(pds_engine_t *e, const char *label, FILE *f)
     double total = 0;
     for (int i = 0; i < OP_COUNT; i++) total += p->ms[i];
     int nf = p->forwards ? p->forwards : 1;
-    if (f) fprintf(f, "profile %s: %d forwards, %.3f ms GPU per forward\n", label, p->forwards,
-            total / nf);
+    if (f)
+        fprintf(f, "profile %s: %d forwards, %.3f ms GPU per forward\n", label, p->forwards,
+                total / nf);
     for (int i = 0; i < OP_COUNT && f; i++)
         if (p->calls[i])
             fprintf(f, "  %-18s %9.3f ms/fwd %5.1f%%  %7.2f us/call x %ld/fwd\n", op_names[i],
@@ -1105,10 +1145,14 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
     g->no_graphs = ng && strcmp(ng, "0") == 0;
     const char *tu = getenv("PDS_ENGINE_CUDA_TUNE");
     g->tune = !(tu && strcmp(tu, "0") == 0);
+    const char *tb = getenv("PDS_ENGINE_CUDA_TUNE_BIG");
+    g->tune_big = tb && atoi(tb) > 0 ? PDS_MIN(atoi(tb), TUNE_ALGOS) : 24;
     const char *gv = getenv("PDS_ENGINE_CUDA_GEMV");
     g->gemv = !(gv && strcmp(gv, "0") == 0);
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[0]));
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[1]));
+    const char *dc = getenv("PDS_ENGINE_CUDA_DECODE_CTAS");
+    g->dec_ctas_per_sm = dc && atoi(dc) > 0 ? atoi(dc) : 8;
     const char *pr = getenv("PDS_ENGINE_CUDA_PROFILE");
     if (pr && strcmp(pr, "1") == 0) {
         g->prof = pds_calloc(1, sizeof *g->prof);

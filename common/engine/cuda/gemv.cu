@@ -18,6 +18,7 @@
 #include <math.h>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/launch.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -34,9 +35,9 @@ typedef __nv_bfloat16 bf16;
 enum { EPI_STORE = 0, EPI_ADD = 1, EPI_SILU = 2, EPI_QKV = 3 };
 
 struct gemv_epi {
-    void *out;  /* EPI_STORE/ADD: [n, M] fp32; EPI_SILU: [n, ffn] bf16; EPI_QKV: [n, M] bf16 */
-    int M;      /* output rows of the weight */
-    int ffn;    /* EPI_SILU */
+    void *out; /* EPI_STORE/ADD: [n, M] fp32; EPI_SILU: [n, ffn] bf16; EPI_QKV: [n, M] bf16 */
+    int M;     /* output rows of the weight */
+    int ffn;   /* EPI_SILU */
     /* EPI_QKV */
     const int32_t *pos, *slots;
     const float *inv_freq;
@@ -87,10 +88,11 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
                 gemv_epi ep)
 {
     const int p = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (p >= n_pairs) return;
-    int ra, rb;
+    const bool live = p < n_pairs;
+    int ra = 0, rb = 0;
     int head = 0, i = 0, half = 0;
-    if (EPI == EPI_SILU) {
+    if (!live) {
+    } else if (EPI == EPI_SILU) {
         ra = p, rb = p + ep.ffn;
     } else if (EPI == EPI_QKV) {
         half = ep.head_dim / 2;
@@ -100,20 +102,35 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
         ra = 2 * p, rb = min(2 * p + 1, ep.M - 1); /* odd M: the last row twice, stored once */
     }
     const int K8 = K >> 3;
-    const uint4 *wa = (const uint4 *)(w + (int64_t)ra * K), *wb = (const uint4 *)(w + (int64_t)rb * K);
+    const uint4 *wa = (const uint4 *)(w + (int64_t)ra * K),
+                *wb = (const uint4 *)(w + (int64_t)rb * K);
     const uint4 *xv = (const uint4 *)x;
     constexpr int U = N <= 2 ? 4 : 2;
     float acc[2][N];
 #pragma unroll
     for (int n = 0; n < N; n++) acc[0][n] = acc[1][n] = 0.0f;
-    for (int c0 = lane; c0 < K8; c0 += 32 * U) {
-        uint4 va[U], vb[U];
+    /* the first weights do not depend on the previous kernel: load them before waiting for it */
+    uint4 va[U], vb[U];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int c = c0 + u * 32;
-            if (c < K8) {
-                va[u] = ld_stream(wa + c);
-                vb[u] = ld_stream(wb + c);
+    for (int u = 0; u < U; u++) {
+        const int c = lane + u * 32;
+        if (live && c < K8) {
+            va[u] = ld_stream(wa + c);
+            vb[u] = ld_stream(wb + c);
+        }
+    }
+    pdl_wait();
+    pdl_trigger();
+    if (!live) return;
+    for (int c0 = lane; c0 < K8; c0 += 32 * U) {
+        if (c0 != lane) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int c = c0 + u * 32;
+                if (c < K8) {
+                    va[u] = ld_stream(wa + c);
+                    vb[u] = ld_stream(wb + c);
+                }
             }
         }
 #pragma unroll
@@ -151,7 +168,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
             }
         } else if (EPI == EPI_SILU) {
             const float g = round_bf(a), u = round_bf(b);
-            ((bf16 *)ep.out)[(int64_t)n * ep.ffn + p] = __float2bfloat16_rn(g / (1.0f + expf(-g)) * u);
+            ((bf16 *)ep.out)[(int64_t)n * ep.ffn + p] =
+                __float2bfloat16_rn(g / (1.0f + expf(-g)) * u);
         } else {
             const float x0 = round_bf(a), x1 = round_bf(b);
             bf16 y0 = __float2bfloat16_rn(x0), y1 = __float2bfloat16_rn(x1);
@@ -189,16 +207,16 @@ static pds_status_t gemv_launch(const uint16_t *w, int K, const uint16_t *x, int
     const bf16 *W = (const bf16 *)w, *X = (const bf16 *)x;
     switch (n) {
     case 1:
-        gemv_kernel<1, EPI><<<grid, GEMV_WARPS * 32, 0, s>>>(W, X, K, n_pairs, ep);
+        pds_launch(gemv_kernel<1, EPI>, grid, GEMV_WARPS * 32, 0, s, W, X, K, n_pairs, ep);
         break;
     case 2:
-        gemv_kernel<2, EPI><<<grid, GEMV_WARPS * 32, 0, s>>>(W, X, K, n_pairs, ep);
+        pds_launch(gemv_kernel<2, EPI>, grid, GEMV_WARPS * 32, 0, s, W, X, K, n_pairs, ep);
         break;
     case 3:
-        gemv_kernel<3, EPI><<<grid, GEMV_WARPS * 32, 0, s>>>(W, X, K, n_pairs, ep);
+        pds_launch(gemv_kernel<3, EPI>, grid, GEMV_WARPS * 32, 0, s, W, X, K, n_pairs, ep);
         break;
     default:
-        gemv_kernel<4, EPI><<<grid, GEMV_WARPS * 32, 0, s>>>(W, X, K, n_pairs, ep);
+        pds_launch(gemv_kernel<4, EPI>, grid, GEMV_WARPS * 32, 0, s, W, X, K, n_pairs, ep);
         break;
     }
     LAUNCH_CHECK("gemv_kernel");
@@ -210,8 +228,8 @@ extern "C" int pds_cuda_gemv_max_rows(void)
     return GEMV_MAX_N;
 }
 
-extern "C" pds_status_t pds_cuda_gemv_f32(const uint16_t *w, int M, int K, const uint16_t *x,
-                                          int n, float *y, int accumulate, cudaStream_t s)
+extern "C" pds_status_t pds_cuda_gemv_f32(const uint16_t *w, int M, int K, const uint16_t *x, int n,
+                                          float *y, int accumulate, cudaStream_t s)
 {
     gemv_epi ep = {};
     ep.out = y;

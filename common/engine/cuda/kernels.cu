@@ -14,6 +14,7 @@
 #include <math.h>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/launch.cuh"
 
 #define LAUNCH_CHECK(name)                                                                    \
     do {                                                                                      \
@@ -48,6 +49,8 @@ __device__ float block_sum(float v, float *red /* [32] */)
  */
 __global__ void embed_kernel(const int32_t *tokens, const bf16 *table, int hidden, float *x)
 {
+    pdl_wait();
+    pdl_trigger();
     int t = blockIdx.x;
     const bf16 *row = table + (int64_t)tokens[t] * hidden;
     float *xr = x + (int64_t)t * hidden;
@@ -58,7 +61,7 @@ extern "C" pds_status_t pds_cuda_embed(const int32_t *tokens, int n, const uint1
                                        int hidden, float *x, cudaStream_t s)
 {
     if (n <= 0) return PDS_OK;
-    embed_kernel<<<n, 256, 0, s>>>(tokens, (const bf16 *)table, hidden, x);
+    pds_launch(embed_kernel, n, 256, 0, s, tokens, (const bf16 *)table, hidden, x);
     LAUNCH_CHECK("embed_kernel");
     return PDS_OK;
 }
@@ -69,6 +72,8 @@ __global__ void rmsnorm_kernel(const float *x, const int32_t *rows_idx, int hidd
                                float eps, bf16 *out)
 {
     __shared__ float red[32];
+    pdl_wait();
+    pdl_trigger();
     int r = blockIdx.x;
     int src = rows_idx ? rows_idx[r] : r;
     const float *xr = x + (int64_t)src * hidden;
@@ -81,52 +86,136 @@ __global__ void rmsnorm_kernel(const float *x, const int32_t *rows_idx, int hidd
         o[i] = __float2bfloat16_rn(w[i] * (xr[i] * inv));
 }
 
+/* hidden % 4 == 0: float4 loads, the row held in registers between the two passes (NV float4 per
+ * thread at most). */
+#define RMS_NV 4
+__global__ void rmsnorm4_kernel(const float4 *x, const int32_t *rows_idx, int h4, const float4 *w,
+                                float eps, uint2 *out)
+{
+    __shared__ float red[32];
+    pdl_wait();
+    pdl_trigger();
+    const int r = blockIdx.x;
+    const int src = rows_idx ? rows_idx[r] : r;
+    const float4 *xr = x + (int64_t)src * h4;
+    float4 v[RMS_NV];
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RMS_NV; i++) {
+        const int j = threadIdx.x + i * blockDim.x;
+        v[i] = j < h4 ? xr[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
+    }
+    ss = block_sum(ss, red);
+    const float inv = 1.0f / sqrtf(ss / (float)(4 * h4) + eps);
+    uint2 *o = out + (int64_t)r * h4;
+#pragma unroll
+    for (int i = 0; i < RMS_NV; i++) {
+        const int j = threadIdx.x + i * blockDim.x;
+        if (j >= h4) break;
+        const float4 ww = w[j];
+        __nv_bfloat162 a = __floats2bfloat162_rn(ww.x * (v[i].x * inv), ww.y * (v[i].y * inv));
+        __nv_bfloat162 b = __floats2bfloat162_rn(ww.z * (v[i].z * inv), ww.w * (v[i].w * inv));
+        o[j] = make_uint2(*(uint32_t *)&a, *(uint32_t *)&b);
+    }
+}
+
 extern "C" pds_status_t pds_cuda_rmsnorm(const float *x, const int32_t *rows_idx, int rows,
                                          int hidden, const float *w, float eps, uint16_t *out,
                                          cudaStream_t s)
 {
     if (rows <= 0) return PDS_OK;
-    int threads = hidden >= 2048 ? 512 : 128;
-    rmsnorm_kernel<<<rows, threads, 0, s>>>(x, rows_idx, hidden, w, eps, (bf16 *)out);
+    const int h4 = hidden / 4;
+    const int threads = PDS_MIN(1024, PDS_MAX(32, PDS_DIV_UP(PDS_DIV_UP(h4, RMS_NV), 32) * 32));
+    if (hidden % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0 &&
+        (uintptr_t)out % 8 == 0 && threads * RMS_NV >= h4) {
+        pds_launch(rmsnorm4_kernel, rows, threads, 0, s, (const float4 *)x, rows_idx, h4,
+                   (const float4 *)w, eps, (uint2 *)out);
+        LAUNCH_CHECK("rmsnorm4_kernel");
+        return PDS_OK;
+    }
+    pds_launch(rmsnorm_kernel, rows, hidden >= 2048 ? 512 : 128, 0, s, x, rows_idx, hidden, w, eps,
+               (bf16 *)out);
     LAUNCH_CHECK("rmsnorm_kernel");
     return PDS_OK;
 }
 
 /* ---- RoPE + K/V write
  * ---------------------------------------------------------------------------- */
+/* One block per token: the cos/sin of its position are computed once per frequency (not once per
+ * head) into shared memory, then every q/k head pair is rotated and k/v copied into the pool. */
 __global__ void rope_kv_kernel(bf16 *qkv, const int32_t *pos, const int32_t *slots, int n_heads,
                                int n_kv_heads, int head_dim, const float *inv_freq, bf16 *kv,
                                int block_size)
 {
+    extern __shared__ float cs_sm[]; /* [half] cos, then [half] sin */
+    pdl_wait();
+    pdl_trigger();
     int t = blockIdx.x, half = head_dim / 2;
     int width = (n_heads + 2 * n_kv_heads) * head_dim;
     bf16 *row = qkv + (int64_t)t * width;
     float p = (float)pos[t];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float sn, cs;
+        sincosf(p * inv_freq[i], &sn, &cs);
+        cs_sm[i] = cs;
+        cs_sm[half + i] = sn;
+    }
+    __syncthreads();
     int slot = slots[t];
     int blk = slot / block_size, off = slot % block_size;
     int64_t kvw = (int64_t)n_kv_heads * head_dim;
     bf16 *kdst = kv + ((int64_t)blk * 2 * block_size + off) * kvw;
     bf16 *vdst = kv + ((int64_t)(blk * 2 + 1) * block_size + off) * kvw;
-    /* rotate q and k heads: pair (i, i + half) */
-    for (int j = threadIdx.x; j < (n_heads + n_kv_heads) * half; j += blockDim.x) {
-        int h = j / half, i = j % half;
-        float ang = p * inv_freq[i];
-        float sn, cs;
-        sincosf(ang, &sn, &cs);
-        bf16 *v = row + h * head_dim;
-        float x0 = __bfloat162float(v[i]), x1 = __bfloat162float(v[i + half]);
-        bf16 y0 = __float2bfloat16_rn(x0 * cs - x1 * sn);
-        bf16 y1 = __float2bfloat16_rn(x1 * cs + x0 * sn);
-        v[i] = y0;
-        v[i + half] = y1;
-        if (h >= n_heads) {
-            int kh = h - n_heads;
-            kdst[kh * head_dim + i] = y0;
-            kdst[kh * head_dim + i + half] = y1;
+    /* rotate q and k heads: pair (i, i + half); four pairs per thread (8-byte accesses) when the
+     * halves allow */
+    if (half % 4 == 0 && width % 4 == 0 && n_kv_heads * head_dim % 4 == 0) {
+        const int q4 = half / 4;
+        for (int j = threadIdx.x; j < (n_heads + n_kv_heads) * q4; j += blockDim.x) {
+            int h = j / q4, i = (j - h * q4) * 4;
+            bf16 *v = row + h * head_dim;
+            uint2 a = *(const uint2 *)(v + i), b = *(const uint2 *)(v + i + half);
+            const bf16 *xa = (const bf16 *)&a, *xb = (const bf16 *)&b;
+            uint2 ya, yb;
+            bf16 *oa = (bf16 *)&ya, *ob = (bf16 *)&yb;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float cs = cs_sm[i + e], sn = cs_sm[half + i + e];
+                float x0 = __bfloat162float(xa[e]), x1 = __bfloat162float(xb[e]);
+                oa[e] = __float2bfloat16_rn(x0 * cs - x1 * sn);
+                ob[e] = __float2bfloat16_rn(x1 * cs + x0 * sn);
+            }
+            *(uint2 *)(v + i) = ya;
+            *(uint2 *)(v + i + half) = yb;
+            if (h >= n_heads) {
+                bf16 *k = kdst + (h - n_heads) * head_dim;
+                *(uint2 *)(k + i) = ya;
+                *(uint2 *)(k + i + half) = yb;
+            }
         }
-    }
+    } else
+        for (int j = threadIdx.x; j < (n_heads + n_kv_heads) * half; j += blockDim.x) {
+            int h = j / half, i = j - h * half;
+            float cs = cs_sm[i], sn = cs_sm[half + i];
+            bf16 *v = row + h * head_dim;
+            float x0 = __bfloat162float(v[i]), x1 = __bfloat162float(v[i + half]);
+            bf16 y0 = __float2bfloat16_rn(x0 * cs - x1 * sn);
+            bf16 y1 = __float2bfloat16_rn(x1 * cs + x0 * sn);
+            v[i] = y0;
+            v[i + half] = y1;
+            if (h >= n_heads) {
+                int kh = h - n_heads;
+                kdst[kh * head_dim + i] = y0;
+                kdst[kh * head_dim + i + half] = y1;
+            }
+        }
     const bf16 *vsrc = row + (n_heads + n_kv_heads) * head_dim;
-    for (int j = threadIdx.x; j < n_kv_heads * head_dim; j += blockDim.x) vdst[j] = vsrc[j];
+    if (kvw % 8 == 0 && (uintptr_t)vsrc % 16 == 0 && (uintptr_t)vdst % 16 == 0) {
+        for (int j = threadIdx.x; j < kvw / 8; j += blockDim.x)
+            ((uint4 *)vdst)[j] = ((const uint4 *)vsrc)[j];
+    } else {
+        for (int j = threadIdx.x; j < kvw; j += blockDim.x) vdst[j] = vsrc[j];
+    }
 }
 
 extern "C" pds_status_t pds_cuda_rope_kv_write(uint16_t *qkv, const int32_t *pos,
@@ -135,8 +224,8 @@ extern "C" pds_status_t pds_cuda_rope_kv_write(uint16_t *qkv, const int32_t *pos
                                                uint16_t *kv_layer, int block_size, cudaStream_t s)
 {
     if (T <= 0) return PDS_OK;
-    rope_kv_kernel<<<T, 256, 0, s>>>((bf16 *)qkv, pos, slots, n_heads, n_kv_heads, head_dim,
-                                     inv_freq, (bf16 *)kv_layer, block_size);
+    pds_launch(rope_kv_kernel, T, 256, sizeof(float) * (size_t)head_dim, s, (bf16 *)qkv, pos, slots,
+               n_heads, n_kv_heads, head_dim, inv_freq, (bf16 *)kv_layer, block_size);
     LAUNCH_CHECK("rope_kv_kernel");
     return PDS_OK;
 }
@@ -145,6 +234,8 @@ extern "C" pds_status_t pds_cuda_rope_kv_write(uint16_t *qkv, const int32_t *pos
  * ------------------------------------------------------------------------------------ */
 __global__ void silu_mul_kernel(const bf16 *gu, int64_t T, int ffn, bf16 *out)
 {
+    pdl_wait();
+    pdl_trigger();
     int64_t n = T * ffn;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -158,6 +249,8 @@ __global__ void silu_mul_kernel(const bf16 *gu, int64_t T, int ffn, bf16 *out)
 /* 8 elements per thread with 16-byte loads, when ffn % 8 == 0. */
 __global__ void silu_mul8_kernel(const uint4 *gu, int64_t T, int ffn8, uint4 *out)
 {
+    pdl_wait();
+    pdl_trigger();
     int64_t n = T * ffn8;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -181,12 +274,14 @@ extern "C" pds_status_t pds_cuda_silu_mul(const uint16_t *gu, int T, int ffn, ui
     if (ffn % 8 == 0) {
         int64_t n = (int64_t)T * (ffn / 8);
         int blocks = (int)PDS_MIN((n + 255) / 256, (int64_t)8192);
-        silu_mul8_kernel<<<blocks, 256, 0, s>>>((const uint4 *)gu, T, ffn / 8, (uint4 *)out);
+        pds_launch(silu_mul8_kernel, blocks, 256, 0, s, (const uint4 *)gu, (int64_t)T, ffn / 8,
+                   (uint4 *)out);
         LAUNCH_CHECK("silu_mul8_kernel");
     } else {
         int64_t n = (int64_t)T * ffn;
         int blocks = (int)PDS_MIN((n + 255) / 256, (int64_t)8192);
-        silu_mul_kernel<<<blocks, 256, 0, s>>>((const bf16 *)gu, T, ffn, (bf16 *)out);
+        pds_launch(silu_mul_kernel, blocks, 256, 0, s, (const bf16 *)gu, (int64_t)T, ffn,
+                   (bf16 *)out);
         LAUNCH_CHECK("silu_mul_kernel");
     }
     return PDS_OK;
@@ -285,6 +380,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ sample_smem sm;
     __shared__ float wb[32];
     __shared__ int wa[32];
+    pdl_wait();
+    pdl_trigger();
     int r = blockIdx.x;
     const float *l = logits + (int64_t)r * V;
     pds_cuda_sample_t p = params[r];
@@ -339,7 +436,7 @@ extern "C" pds_status_t pds_cuda_sample(const float *logits, int S, int vocab,
                                         const pds_cuda_sample_t *p, int32_t *tokens, cudaStream_t s)
 {
     if (S <= 0) return PDS_OK;
-    sample_kernel<<<S, SAMPLE_THREADS, 0, s>>>(logits, vocab, p, tokens);
+    pds_launch(sample_kernel, S, SAMPLE_THREADS, 0, s, logits, vocab, p, tokens);
     LAUNCH_CHECK("sample_kernel");
     return PDS_OK;
 }

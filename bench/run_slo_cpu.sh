@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# run_slo_cpu.sh: the CPU benchmarks of SLO placement behind bench/results/cpu-small-slo-*.md.
+# Each starts its own local cluster on loopback (router + nodes, preset small, one engine thread
+# per node, KV over UCX tcp on lo), drives it with `pdserve-bench load` and stops it.
+#
+#   bash bench/run_slo_cpu.sh predict   [--build DIR] [--out DIR]
+#       planner vs measured: 1 prefill + 1 decode, two workloads (code, Azure conv trace with
+#       lengths x 1/8) at three rates each; `pdserve-plan simulate` predicts the same requests
+#       from bench/profiles/cpu-small-1t.json. Writes OUT/slo-predict.json.
+#   bash bench/run_slo_cpu.sh placement [--build DIR] [--out DIR]
+#       least-loaded vs SLO placement (best-effort, reject) on 2 prefill + 1 decode with a tight
+#       TTFT target and a mixed workload (Azure code trace, lengths x 1/4). OUT/slo-placement.json
+#   bash bench/run_slo_cpu.sh coloc     [--build DIR] [--out DIR]
+#       disaggregated (1P+1D) vs colocated (2 nodes, chunked) on the same load, rate sweep, with
+#       plots (attainment vs rate, TTFT/TPOT CDFs) through bench/plot_load.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-}
+[ $# -gt 0 ] && shift
+build=build out=bench/results
+while [ $# -gt 0 ]; do
+  case $1 in
+    --build) build=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    *) echo "run_slo_cpu.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+bin=$build/bin
+profile=bench/profiles/cpu-small-1t.json
+traces=/work/shared/workloads
+export UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
+dir=$(mktemp -d /tmp/pds-slo.XXXXXX)
+pids=()
+
+stop_cluster() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  pids=()
+}
+trap stop_cluster EXIT
+
+wait_ready() { # name -> address
+  for _ in $(seq 1 300); do
+    if grep -q '^READY ' "$dir/$1.out" 2>/dev/null; then sed -n 's/^READY //p' "$dir/$1.out"; return; fi
+    sleep 0.1
+  done
+  echo "run_slo_cpu.sh: $1 not READY; log tail:" >&2; tail -n 20 "$dir/$1.log" >&2; exit 1
+}
+
+# start_cluster NAME "router flags" "node spec"... ; spec = role:id[:extra flags separated by ,]
+# (role prefill | decode | colocated). Sets $router (not in a subshell: it keeps the pids).
+start_cluster() {
+  local name=$1 rflags=$2; shift 2
+  mkdir -p "$dir/$name"
+  # shellcheck disable=SC2086
+  "$bin/pdserve-router" --router.listen=127.0.0.1:0 --router.id=router-0 $rflags </dev/null \
+    >"$dir/$name/router.out" 2>"$dir/$name/router.log" &
+  pids+=($!)
+  router=$(dir=$dir/$name wait_ready router)
+  local n=0
+  for spec in "$@"; do
+    IFS=: read -r role id extra <<<"$spec"
+    local prog=pdserve-decode; [ "$role" = prefill ] && prog=pdserve-prefill
+    local flags=(--node.id="$id" --node.role="$role" --node.router="$router"
+                 --node.listen=127.0.0.1:0 --model.preset=small --model.seed=1
+                 --engine.threads=1 --kvx.backend=ucx --log.level=warn)
+    [ -n "$extra" ] && IFS=, read -r -a more <<<"$extra" && flags+=("${more[@]}")
+    "$bin/$prog" "${flags[@]}" </dev/null >"$dir/$name/$id.out" 2>"$dir/$name/$id.log" &
+    pids+=($!)
+    n=$((n + 1))
+  done
+  for spec in "$@"; do IFS=: read -r _ id _ <<<"$spec"; dir=$dir/$name wait_ready "$id" >/dev/null; done
+  for _ in $(seq 1 100); do
+    up=$("$bin/pdserve-cli" status --router "$router" --json 2>/dev/null | grep -o '"state":"UP"' | wc -l || true)
+    [ "$up" -ge "$n" ] && break
+    sleep 0.1
+  done
+}
+
+slo_status() { "$bin/pdserve-cli" status --router "$1" --json; }
+
+case $what in
+  predict)
+    # lengths: code as built in; the Azure conversation trace scaled by 1/8 (its prompts have a
+    # median of 1020 tokens: 0.6 s of prefill each on one CPU thread)
+    results=()
+    for wl in "code::1:2,4,6" "trace:$traces/azure-llm-2023-conv.csv:0.125:1,2,3"; do
+      workload=${wl%%:*}; rest=${wl#*:}
+      if [ "$workload" = trace ]; then workload="trace:${rest%%:*}"; fi
+      rest=${rest#*:}; scale=${rest%%:*}; rates=${rest#*:}
+      tag=$(echo "$workload" | sed 's|.*/||; s|\.csv||; s|[^a-z0-9-]|-|g')
+      common=(--workload "$workload" --length-scale "$scale" --max-context 8192 --requests 40
+              --seed 7 --ttft-ms 250 --tpot-ms 25)
+      start_cluster "$tag" "--slo.placement=least-loaded" prefill:p0 decode:d0
+      "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$rates" \
+        --label "$tag" --json "$dir/$tag-measured.json" --csv "$dir/$tag-measured.csv" \
+        --no-progress | tee "$dir/$tag-measured.txt"
+      stop_cluster
+      "$bin/pdserve-plan" simulate --profile "$profile" "${common[@]}" --rates "$rates" \
+        --policy best-effort --link-gbps 20 --json "$dir/$tag-sim.json" | tee "$dir/$tag-sim.txt"
+      results+=("$tag" "$dir/$tag-measured.json" "$dir/$tag-sim.json")
+    done
+    mkdir -p "$out"
+    /usr/bin/python3 - "$out/cpu-small-slo-predict.json" "$(cat /proc/loadavg)" "${results[@]}" <<'EOF'
+import json, sys
+out, load, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+rows = []
+for i in range(0, len(rest), 3):
+    tag, m, s = rest[i], json.load(open(rest[i + 1])), json.load(open(rest[i + 2]))
+    for rm, rs in zip(m["runs"], s["runs"]):
+        def err(p, q): return 100.0 * (p - q) / q if q else None
+        rows.append({"workload": tag, "rate": rm["rate"], "n": rm["sent"],
+                     "measured": {"attainment": rm["attainment"], "ttft_p90_ms": rm["ttft_ms"]["p90"],
+                                  "tpot_p90_ms": rm["tpot_ms"]["p90"], "ttft_p50_ms": rm["ttft_ms"]["p50"],
+                                  "tpot_p50_ms": rm["tpot_ms"]["p50"]},
+                     "predicted": {"attainment": rs["attainment"], "ttft_p90_ms": rs["ttft_ms"]["p90"],
+                                   "tpot_p90_ms": rs["tpot_ms"]["p90"], "ttft_p50_ms": rs["ttft_ms"]["p50"],
+                                   "tpot_p50_ms": rs["tpot_ms"]["p50"]},
+                     "error_pct": {"ttft_p90": err(rs["ttft_ms"]["p90"], rm["ttft_ms"]["p90"]),
+                                   "tpot_p90": err(rs["tpot_ms"]["p90"], rm["tpot_ms"]["p90"]),
+                                   "attainment_points": 100 * (rs["attainment"] - rm["attainment"])}})
+json.dump({"bench": "slo-predict", "loadavg_after": load, "rows": rows,
+           "measured": [json.load(open(rest[i + 1])) for i in range(0, len(rest), 3)],
+           "simulated": [json.load(open(rest[i + 2])) for i in range(0, len(rest), 3)]},
+          open(out, "w"), indent=2)
+print("| workload | rate | attainment meas / pred | TTFT p90 meas / pred (err) | TPOT p90 meas / pred (err) |")
+print("|---|---|---|---|---|")
+for r in rows:
+    m, p, e = r["measured"], r["predicted"], r["error_pct"]
+    print(f"| {r['workload']} | {r['rate']:g} | {100*m['attainment']:.0f}% / {100*p['attainment']:.0f}% | "
+          f"{m['ttft_p90_ms']:.0f} / {p['ttft_p90_ms']:.0f} ms ({e['ttft_p90']:+.0f}%) | "
+          f"{m['tpot_p90_ms']:.1f} / {p['tpot_p90_ms']:.1f} ms ({e['tpot_p90']:+.0f}%) |")
+EOF
+    ;;
+  placement)
+    # a mixed workload: the Azure code trace (prompts p50 1469 / p90 5186 tokens) x 1/4, in its
+    # own bursty arrival pattern; a tight TTFT target that short prompts can meet and long ones
+    # cannot
+    common=(--workload "trace:$traces/azure-llm-2023-code.csv" --length-scale 0.25
+            --max-context 8192 --requests 80 --seed 3 --ttft-ms 400 --tpot-ms 100)
+    rate=${RATE:-2.5}
+    runs=()
+    for cfg in "least-loaded:--slo.placement=least-loaded" \
+               "slo-best-effort:--slo.placement=slo --slo.policy=best-effort --slo.profile=$profile" \
+               "slo-reject:--slo.placement=slo --slo.policy=reject --slo.profile=$profile"; do
+      tag=${cfg%%:*}; rflags=${cfg#*:}
+      start_cluster "$tag" "$rflags" prefill:p0 prefill:p1 decode:d0
+      "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rate "$rate" --label "$tag" \
+        --json "$dir/$tag.json" --requests-csv "$dir/$tag-req.csv" --no-progress |
+        tee "$dir/$tag.txt"
+      slo_status "$router" >"$dir/$tag-status.json"
+      stop_cluster
+      runs+=("$tag" "$dir/$tag.json" "$dir/$tag-status.json")
+    done
+    mkdir -p "$out"
+    /usr/bin/python3 - "$out/cpu-small-slo-placement.json" "$(cat /proc/loadavg)" "${runs[@]}" <<'EOF'
+import json, sys
+out, load, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+res = []
+for i in range(0, len(rest), 3):
+    j = json.load(open(rest[i + 1])); st = json.load(open(rest[i + 2]))
+    res.append({"placement": rest[i], "load": j, "router_status": st})
+json.dump({"bench": "slo-placement", "loadavg_after": load, "runs": res}, open(out, "w"), indent=2)
+print("| placement | attainment | met / sent | rejected | TTFT p50 / p90 (ok) | TPOT p90 |")
+print("|---|---|---|---|---|---|")
+for r in res:
+    x = r["load"]["runs"][0]
+    print(f"| {r['placement']} | {100*x['attainment']:.1f}% | {x['met']} / {x['sent']} | {x['rejected']} | "
+          f"{x['ttft_ms']['p50']:.0f} / {x['ttft_ms']['p90']:.0f} ms | {x['tpot_ms']['p90']:.1f} ms |")
+EOF
+    ;;
+  coloc)
+    common=(--workload code --max-context 8192 --requests 30 --seed 5 --ttft-ms 250 --tpot-ms 25)
+    rates=${RATES:-1,2,4}
+    csvs=()
+    for cfg in "disaggregated:prefill:p0 decode:d0" \
+               "colocated-chunked:colocated:c0:--colocated.mode=chunked,--colocated.chunk_tokens=256 colocated:c1:--colocated.mode=chunked,--colocated.chunk_tokens=256"; do
+      tag=${cfg%%:*}; nodes=${cfg#*:}
+      # shellcheck disable=SC2086
+      start_cluster "$tag" "--slo.placement=least-loaded" $nodes
+      "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$rates" --label "$tag" \
+        --json "$dir/$tag.json" --csv "$dir/$tag.csv" --requests-csv "$dir/$tag-req.csv" \
+        --no-progress | tee "$dir/$tag.txt"
+      stop_cluster
+      csvs+=("$dir/$tag.csv" "$dir/$tag-req.csv")
+      cp "$dir/$tag.json" "$out/cpu-small-coloc-$tag.json"
+    done
+    bash bench/plot_load.sh --out "$out/cpu-small-coloc" "${csvs[@]}"
+    ;;
+  *) echo "usage: bench/run_slo_cpu.sh predict|placement|coloc [--build DIR] [--out DIR]" >&2
+     exit 2 ;;
+esac
+echo "logs in $dir"
