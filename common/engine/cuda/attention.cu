@@ -17,9 +17,10 @@
  * longest context a CUDA graph bucket allows; chunks past a sequence's end exit.
  *
  * Measured on an H100 (llama3-8b shapes, bench/results/cuda-llama3-8b.md): the prefill kernel runs
- * causal attention at 200-260 TFLOP/s (about 1.8x the first version); ncu on one launch shows
- * issue slots 42% and the tensor pipe ~40% busy, mostly fixed-latency dependency stalls. 8 warps
- * of 16 rows (MT = 1) or 64-key tiles were no faster. A wgmma (sm_90a) kernel is the next step.
+ * causal attention at 205-215 TFLOP/s (the first version's ~110, inferred from TTFT); ncu on one
+ * launch shows issue slots 42% and the tensor pipe ~40% busy, mostly fixed-latency dependency
+ * stalls. 8 warps of 16 rows (MT = 1) or 64-key tiles were no faster. A wgmma (sm_90a) kernel is
+ * the next step.
  */
 #include <cuda_bf16.h>
 #include <math.h>
