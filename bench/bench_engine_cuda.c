@@ -151,6 +151,10 @@ int pds_bench_engine_cuda_main(int argc, char **argv)
     pds_engine_info(e, &info);
     int64_t used = 0, total = 0;
     pds_engine_cuda_memory(0, &used, &total);
+    int tuned = 0;
+    double tune_ms = 0;
+    pds_engine_cuda_tune_stats(e, &tuned, &tune_ms);
+    printf("engine: %d GEMM shapes tuned at creation in %.0f ms\n", tuned, tune_ms);
     printf("engine: %s, %s, create %.0f ms; weights %.2f GB, KV pool %lld tokens (%.2f GB), "
            "workspace %.2f GB; GPU memory in use %.2f of %.2f GB\n",
            info.device_name, preset, create_ms, info.weight_bytes / 1e9, (long long)info.kv_tokens,
@@ -288,6 +292,9 @@ int pds_bench_engine_cuda_main(int argc, char **argv)
         "kv_pool_tokens", (json_int_t)info.kv_tokens, "kv_pool_GB", info.kv_bytes / 1e9,
         "workspace_GB", info.workspace_bytes / 1e9, "gpu_used_after_create_GB", used / 1e9,
         "gpu_used_at_end_GB", used2 / 1e9, "ttft", jt, "decode", jd);
+    json_object_set_new(root, "create",
+                        json_pack("{s:f, s:i, s:f}", "create_ms", create_ms, "gemm_shapes_tuned",
+                                  tuned, "tune_ms", tune_ms));
     if (out_path && json_dump_file(root, out_path, JSON_INDENT(2)) != 0)
         fprintf(stderr, "could not write %s\n", out_path);
     json_decref(root);

@@ -630,7 +630,6 @@ int pds_bench_load_main(int argc, char **argv)
                      .attain_target = 0.9,
                      .probes = 6,
                      .progress = isatty(2)};
-    bool progress_set = false;
     double d;
     int c, v;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -726,7 +725,6 @@ int pds_bench_load_main(int argc, char **argv)
             break;
         case O_NOPROG:
             o.progress = false;
-            progress_set = true;
             break;
         case O_HELP:
             usage(stdout);
@@ -740,7 +738,6 @@ int pds_bench_load_main(int argc, char **argv)
         fprintf(stderr, "%s: bad value '%s' for an option (see --help)\n", argv[0], optarg);
         return 2;
     }
-    (void)progress_set;
     if (optind < argc) {
         fprintf(stderr, "%s: unexpected argument '%s'\n", argv[0], argv[optind]);
         return 2;

@@ -137,8 +137,8 @@ EOF
     # own bursty arrival pattern; a tight TTFT target that short prompts can meet and long ones
     # cannot
     common=(--workload "trace:$traces/azure-llm-2023-code.csv" --length-scale 0.25
-            --max-context 8192 --requests 80 --seed 3 --ttft-ms 400 --tpot-ms 100)
-    rate=${RATE:-2.5}
+            --max-context 8192 --requests "${REQUESTS:-60}" --seed 3 --ttft-ms 400 --tpot-ms 100)
+    rate=${RATE:-1.2}
     runs=()
     for cfg in "least-loaded:--slo.placement=least-loaded" \
                "slo-best-effort:--slo.placement=slo --slo.policy=best-effort --slo.profile=$profile" \

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, the CUDA engine bench (floors, TTFT, decode), then the HF peer, each
-# under its own time limit so that one stage failing leaves the others' results. Run from the
+# One device call: GPU tests, the CUDA engine bench (floors, TTFT, decode), the SLO profile
+# (PLAN=1), the HF peer, then the short exploratory runs (EXPLORE=1), each under its own time limit so that one stage failing leaves the others' results. Run from the
 # repository root on the GPU machine after the bundle was built here:
 #   ../shared/device/bundle.sh .bundle build-cuda/bin/test_engine_cuda build-cuda/bin/pdserve-bench-cuda
 #   device: carry [".bundle"], command "bash bench/engine_cuda/run_device.sh"
-# Results under $OUT: gpu.txt, tests.log, bench.log, cuda.json, peer.log, peer.json; with
-# EXPLORE=1 also explore.log: a per-op GPU time profile (PDS_ENGINE_CUDA_PROFILE=1) and short
-# runs with one optimisation switched off at a time, to see what each is worth; with NCU=1 also
-# ncu.log (Nsight Compute sections for one prefill and one decode attention launch).
+# Results under $OUT: tests.log (nvidia-smi first), bench.log, cuda.json, peer.log, peer.json;
+# with EXPLORE=1 also explore.log: a per-op GPU time profile (PDS_ENGINE_CUDA_PROFILE=1) and short
+# runs with one optimisation switched off or changed at a time, to see what each is worth; with
+# NCU=1 also ncu.log (Nsight Compute sections for one prefill and one decode attention launch);
+# with PLAN=1 (pdserve-plan in the bundle) the SLO latency profile: plan.txt (the sweep and the
+# printed fit) and h100-llama3-8b.json.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 source .bundle/env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv \
-  > "$OUT/gpu.txt" 2>&1
-cat "$OUT/gpu.txt"
+  > "$OUT/tests.log" 2>&1
+cat "$OUT/tests.log"
 T_TESTS=${T_TESTS:-170} T_BENCH=${T_BENCH:-200} T_PEER=${T_PEER:-200}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "$T_TESTS" test_engine_cuda --jobs 1 --verbose > "$OUT/tests.log" 2>&1
+  timeout "$T_TESTS" test_engine_cuda --jobs 1 --verbose >> "$OUT/tests.log" 2>&1
   echo "tests rc=$?"; grep -E "FAIL|Synthesis|PASS|CRASH|info" "$OUT/tests.log" | tail -40
   # the other prefill attention shapes, through the same kernel test
   for v in "KEYS=64 MT=2" "KEYS=32 MT=1" "KEYS=64 MT=1"; do
@@ -26,11 +28,26 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
       --filter 'engine_cuda/prefill_attention*' >> "$OUT/tests.log" 2>&1
     echo "prefill attention test, $v: rc=$?"
   done
+  # the register-staged decode attention kernel (splits too long for the whole-chunk kernel)
+  PDS_ENGINE_CUDA_DEC_STAGED=0 timeout 60 test_engine_cuda --jobs 1 \
+    --filter 'engine_cuda/decode_attention*' >> "$OUT/tests.log" 2>&1
+  echo "decode attention test, DEC_STAGED=0: rc=$?"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "$T_BENCH" pdserve-bench-cuda --preset llama3-8b ${BENCH_ARGS:-} --out "$OUT/cuda.json" \
     > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; cat "$OUT/bench.log"
+fi
+if [ "${PLAN:-0}" = 1 ] && command -v pdserve-plan > /dev/null; then
+  timeout "${T_PLAN:-150}" pdserve-plan profile --preset llama3-8b --backend cuda \
+    ${PLAN_ARGS:---max-prompt 8192 --batches 1,2,4,8,16,32,64,128 --contexts 128,512,1024,2048 --reps 5} \
+    --out "$OUT/h100-llama3-8b.json" > "$OUT/plan.txt" 2>&1
+  echo "plan rc=$?"; tail -12 "$OUT/plan.txt"
+fi
+if [ "${SKIP_PEER:-0}" != 1 ]; then
+  PYTHONUNBUFFERED=1 timeout "$T_PEER" python3 bench/engine_cuda/peer_hf.py ${PEER_ARGS:-} \
+    --out "$OUT/peer.json" > "$OUT/peer.log" 2>&1
+  echo "peer rc=$?"; tail -30 "$OUT/peer.log"
 fi
 if [ "${EXPLORE:-0}" = 1 ]; then
   short() { # label, env..., then bench args after --
@@ -44,9 +61,12 @@ if [ "${EXPLORE:-0}" = 1 ]; then
   }
   short profile PDS_ENGINE_CUDA_PROFILE=1 -- --prompt-lens 2048,4096 --decode-batches 1,32 \
     --decode-steps 4 --repeat 1
-  short no_gemv PDS_ENGINE_CUDA_GEMV=0 -- --prompt-lens 128 --decode-batches 1
-  short no_tune PDS_ENGINE_CUDA_TUNE=0 -- --prompt-lens 2048,4096 --decode-batches 32
-  short no_pdl PDS_ENGINE_CUDA_PDL=0 -- --prompt-lens 2048 --decode-batches 1,32
+  # EXPLORE_RUNS: "label VAR=value" entries separated by ';'
+  IFS=';' read -ra runs <<< "${EXPLORE_RUNS:-no_staged PDS_ENGINE_CUDA_DEC_STAGED=0;algos32 PDS_ENGINE_CUDA_TUNE_ALGOS=32}"
+  for v in "${runs[@]}"; do
+    set -- $v
+    short "$1" "$2" -- --prompt-lens 2048 --decode-batches 1,8,32,128
+  done
   if [ "${NCU:-0}" = 1 ] && command -v ncu > /dev/null; then # where the time goes, per kernel
     sec="--section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"
     timeout 150 ncu --clock-control none $sec --kernel-name regex:attn_prefill_fa --launch-skip 40 \
@@ -59,9 +79,4 @@ if [ "${EXPLORE:-0}" = 1 ]; then
     echo "ncu decode rc=$?" >> "$OUT/explore.log"
   fi
   grep -E "^===|^profile|^  |^[0-9]" "$OUT/explore.log"
-fi
-if [ "${SKIP_PEER:-0}" != 1 ]; then
-  PYTHONUNBUFFERED=1 timeout "$T_PEER" python3 bench/engine_cuda/peer_hf.py ${PEER_ARGS:-} \
-    --out "$OUT/peer.json" > "$OUT/peer.log" 2>&1
-  echo "peer rc=$?"; tail -30 "$OUT/peer.log"
 fi

@@ -11,10 +11,14 @@
  * the causal diagonal are never loaded, and the longest (last) tiles are scheduled first.
  *
  * Decode: one CTA = one (sequence, KV head, context chunk); it serves all query heads of the GQA
- * group, so each K/V byte is read once per step. Several keys' loads per thread are in flight
- * before the first is used; scores go to shared memory, then P V with 16-byte loads; partial (max,
- * sum, unnormalised output) per chunk are merged by a combine kernel. The grid is sized for the
- * longest context a CUDA graph bucket allows; chunks past a sequence's end exit.
+ * group, so each K/V byte is read once per step. Chunks of up to 64 KiB of K+V (128 tokens at
+ * head_dim 128) are fetched whole into shared memory by cp.async at the CTA's start, K and V as
+ * two groups, so all of a chunk's bytes are in flight at once and V arrives while the scores are
+ * computed (attn_decode_staged; PDS_ENGINE_CUDA_DEC_STAGED=0: off); longer chunks use the
+ * register-staged kernel (several keys' loads per thread in flight before the first is used).
+ * Scores go to shared memory, then P V with 16-byte loads; partial (max, sum, unnormalised
+ * output) per chunk are merged by a combine kernel. The grid is sized for the longest context a
+ * CUDA graph bucket allows; chunks past a sequence's end exit.
  *
  * Measured on an H100 (llama3-8b shapes, bench/results/cuda-llama3-8b.md): the prefill kernel runs
  * causal attention at 205-215 TFLOP/s (the first version's ~110, inferred from TTFT); ncu on one
@@ -653,6 +657,171 @@ __global__ void __launch_bounds__(DEC_THREADS, G *HD >= 1024 ? 2 : 4)
     }
 }
 
+/* The same work with the whole chunk staged: every K and V row of the chunk is fetched into shared
+ * memory by cp.async at the start (K and V as two commit groups), so a CTA has its whole chunk in
+ * flight at once and the V bytes arrive while the scores are computed. smem: K/V [2][split][HD]
+ * bf16 (reused as the reduce rows once P V is done), q [G][HD] fp32, scores [split][G] fp32, K row
+ * offsets [split] int64 (elements into the pool). Used for splits up to DEC_STAGED_BYTES of K+V. */
+#define DEC_STAGED_BYTES (64 * 1024)
+template <int HD, int G>
+__global__ void __launch_bounds__(DEC_THREADS, 3)
+    attn_decode_staged(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
+                       const int32_t *bts, int n_heads, int n_kv_heads, int bs, int split,
+                       int max_splits, float scale_log2, float *part_o, float *part_ml)
+{
+    constexpr int CH = HD / 8, RG = DEC_THREADS / CH; /* 16-byte chunks per row; P V row groups */
+    extern __shared__ __align__(16) unsigned char dsm_b[];
+    const int kvbytes = max(split * HD * 4, RG * G * HD * 4);
+    bf16 *sk = (bf16 *)dsm_b;               /* [split][HD] */
+    bf16 *sv = sk + (size_t)split * HD;     /* [split][HD] */
+    float *sred = (float *)dsm_b;           /* [RG][G][HD], after P V */
+    float *sq = (float *)(dsm_b + kvbytes); /* [G][HD] */
+    float *ss = sq + G * HD;                /* [split][G] */
+    int64_t *srow = (int64_t *)(((uintptr_t)(ss + G * split) + 7) & ~(uintptr_t)7); /* [split] */
+    pdl_wait();
+    pdl_trigger();
+    const int sp = blockIdx.x, kvh = blockIdx.y, si = blockIdx.z;
+    const pds_cuda_seq_t S = seqs[si];
+    const int start = sp * split;
+    if (start >= S.n_ctx) return;
+    const int end = min(S.n_ctx, start + split), n = end - start;
+    const int32_t *bt = bts + S.bt_off;
+    const int64_t kvw = (int64_t)n_kv_heads * HD;
+    const int64_t vofs = (int64_t)bs * kvw; /* V rows follow the block's K rows */
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+
+    for (int r = tid; r < n; r += DEC_THREADS) {
+        const int j = start + r;
+        srow[r] = ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD;
+    }
+    __syncthreads();
+    for (int i = tid; i < n * CH; i += DEC_THREADS) {
+        const int r = i / CH, c = i % CH;
+        cp_async16(sk + r * HD + c * 8, kv + srow[r] + c * 8, true);
+    }
+    cp_async_commit();
+    for (int i = tid; i < n * CH; i += DEC_THREADS) {
+        const int r = i / CH, c = i % CH;
+        cp_async16(sv + r * HD + c * 8, kv + srow[r] + vofs + c * 8, true);
+    }
+    cp_async_commit();
+
+    for (int i = tid; i < G * HD; i += DEC_THREADS) {
+        int gh = i / HD, d = i % HD;
+        sq[i] = __bfloat162float(q[(int64_t)S.q_start * q_stride + (kvh * G + gh) * HD + d]) *
+                scale_log2;
+    }
+    cp_async_wait<1>(); /* this thread's K chunks have landed */
+    __syncthreads();
+
+    /* scores: 8 lanes per key; lane sub holds the 16-byte chunks sub, sub + 8, ... of the row
+     * (8 lanes read 128 contiguous bytes: no bank conflicts) */
+    constexpr int NC = CH / 8;
+    const int sub = lane & 7;
+    float qr[G][NC * 8];
+#pragma unroll
+    for (int gh = 0; gh < G; gh++)
+#pragma unroll
+        for (int c = 0; c < NC; c++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) qr[gh][c * 8 + e] = sq[gh * HD + (sub + 8 * c) * 8 + e];
+    /* warp-uniform trip count: the shuffles below need all 32 lanes */
+    for (int r0 = warp * 4; r0 < n; r0 += 16) {
+        const int r = r0 + (lane >> 3);
+        const bool ok = r < n;
+        float dot[G];
+#pragma unroll
+        for (int gh = 0; gh < G; gh++) dot[gh] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            uint4 kx =
+                ok ? *(const uint4 *)(sk + r * HD + (sub + 8 * c) * 8) : make_uint4(0, 0, 0, 0);
+            const bf16 *xb = (const bf16 *)&kx;
+            float kf[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) kf[e] = __bfloat162float(xb[e]);
+#pragma unroll
+            for (int gh = 0; gh < G; gh++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) dot[gh] += qr[gh][c * 8 + e] * kf[e];
+        }
+#pragma unroll
+        for (int gh = 0; gh < G; gh++) {
+            float d = dot[gh];
+            d += __shfl_xor_sync(0xffffffffu, d, 1);
+            d += __shfl_xor_sync(0xffffffffu, d, 2);
+            d += __shfl_xor_sync(0xffffffffu, d, 4);
+            if (ok && sub == 0) ss[r * G + gh] = d;
+        }
+    }
+    __syncthreads();
+
+    /* softmax statistics per head: warp w handles heads w, w+4, ... */
+    __shared__ float sm_m[G], sm_l[G];
+    for (int gh = warp; gh < G; gh += DEC_THREADS / 32) {
+        float mx = -INFINITY;
+        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[j * G + gh]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.0f;
+        for (int j = lane; j < n; j += 32) {
+            float p = exp2f(ss[j * G + gh] - mx);
+            ss[j * G + gh] = p;
+            sum += p;
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) sm_m[gh] = mx, sm_l[gh] = sum;
+    }
+    cp_async_wait<0>(); /* V */
+    __syncthreads();
+
+    /* P V: CH threads cover one V row with 8 dims each; RG rows in parallel */
+    const int c = tid % CH, rg = tid / CH;
+    float acc[G][8];
+#pragma unroll
+    for (int gh = 0; gh < G; gh++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[gh][e] = 0.0f;
+#pragma unroll 4
+    for (int r = rg; r < n; r += RG) {
+        const uint4 vx = *(const uint4 *)(sv + r * HD + c * 8);
+        const bf16 *xb = (const bf16 *)&vx;
+        float vf[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) vf[e] = __bfloat162float(xb[e]);
+        float pr[G];
+        if (G % 4 == 0) {
+#pragma unroll
+            for (int g4 = 0; g4 < G; g4 += 4) *(float4 *)&pr[g4] = *(const float4 *)&ss[r * G + g4];
+        } else {
+#pragma unroll
+            for (int gh = 0; gh < G; gh++) pr[gh] = ss[r * G + gh];
+        }
+#pragma unroll
+        for (int gh = 0; gh < G; gh++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[gh][e] += pr[gh] * vf[e];
+    }
+    __syncthreads(); /* every V read is done before the reduce rows overwrite K/V */
+#pragma unroll
+    for (int gh = 0; gh < G; gh++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) sred[(rg * G + gh) * HD + c * 8 + e] = acc[gh][e];
+    __syncthreads();
+    for (int i = tid; i < G * HD; i += DEC_THREADS) {
+        float t = 0.0f;
+#pragma unroll
+        for (int r = 0; r < RG; r++) t += sred[r * G * HD + i];
+        int gh = i / HD, d = i % HD;
+        int h = kvh * G + gh;
+        int64_t pidx = ((int64_t)si * n_heads + h) * max_splits + sp;
+        part_o[pidx * HD + d] = t;
+        if (d == 0) {
+            part_ml[pidx * 2] = sm_m[gh];
+            part_ml[pidx * 2 + 1] = sm_l[gh];
+        }
+    }
+}
+
 __global__ void attn_decode_combine(const pds_cuda_seq_t *seqs, int n_heads, int hd, int split,
                                     int max_splits, const float *part_o, const float *part_ml,
                                     bf16 *out)
@@ -682,6 +851,32 @@ extern "C" size_t pds_cuda_attn_decode_part_floats(int n_seqs, int n_heads, int 
     return (size_t)n_seqs * n_heads * max_splits * (head_dim + 2);
 }
 
+extern "C" int pds_cuda_attn_decode_max_staged_split(int head_dim)
+{
+    static int v = -1; /* PDS_ENGINE_CUDA_DEC_STAGED=0: always the register-staged kernel */
+    if (v < 0) {
+        const char *e = getenv("PDS_ENGINE_CUDA_DEC_STAGED");
+        v = !(e && strcmp(e, "0") == 0);
+    }
+    return v && head_dim > 0 ? DEC_STAGED_BYTES / (head_dim * 4) : 0;
+}
+
+/* Raises kernel's dynamic shared memory limit to the device's opt-in maximum once (per *raised,
+ * one per kernel instance) when smem needs more than the default 48 KiB. */
+template <typename K> static pds_status_t smem_optin(K kernel, size_t smem, int *raised)
+{
+    if (smem <= 48 * 1024 || *raised) return PDS_OK;
+    int dev = 0, optin = 0;
+    PDS_CUDA_TRY(cudaGetDevice(&dev));
+    PDS_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    struct cudaFuncAttributes fa;
+    PDS_CUDA_TRY(cudaFuncGetAttributes(&fa, kernel));
+    optin -= (int)fa.sharedSizeBytes; /* the opt-in limit counts static shared memory too */
+    PDS_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    *raised = optin;
+    return PDS_OK;
+}
+
 template <int HD, int G>
 static pds_status_t launch_decode(const uint16_t *q, int q_stride, const uint16_t *kv,
                                   const pds_cuda_seq_t *seqs, const int32_t *bts, int n_seqs,
@@ -689,25 +884,33 @@ static pds_status_t launch_decode(const uint16_t *q, int q_stride, const uint16_
                                   float *part_o, float *part_ml, cudaStream_t s)
 {
     const size_t RG = DEC_THREADS / (HD / 8);
+    dim3 grid(max_splits, n_kv_heads, n_seqs);
+    if (split <= pds_cuda_attn_decode_max_staged_split(HD)) {
+        size_t kvb = PDS_MAX((size_t)split * HD * 4, RG * G * HD * 4);
+        size_t sm =
+            kvb + sizeof(float) * ((size_t)G * HD + (size_t)G * split) + 8 * (size_t)split + 8;
+        static int raised_st = 0;
+        PDS_TRY(smem_optin(attn_decode_staged<HD, G>, sm, &raised_st));
+        if (sm > 48 * 1024 && sm > (size_t)raised_st)
+            return PDS_ERR(PDS_ERR_UNSUPPORTED,
+                           "decode attention: split of %d tokens needs %zu bytes of shared memory",
+                           split, sm);
+        pds_launch(attn_decode_staged<HD, G>, grid, DEC_THREADS, sm, s, (const bf16 *)q, q_stride,
+                   (const bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split, max_splits,
+                   (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);
+        LAUNCH_CHECK("attn_decode_staged");
+        return PDS_OK;
+    }
     size_t smem = sizeof(float) * ((size_t)G * HD + (size_t)G * split + RG * G * HD);
     if (smem > 48 * 1024) {
         static int raised = 0; /* per template instance: the opt-in limit, set once */
-        if (!raised) {
-            int dev = 0, optin = 0;
-            PDS_CUDA_TRY(cudaGetDevice(&dev));
-            PDS_CUDA_TRY(
-                cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-            PDS_CUDA_TRY(cudaFuncSetAttribute(attn_decode_split<HD, G>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-            raised = optin;
-        }
+        PDS_TRY(smem_optin(attn_decode_split<HD, G>, smem, &raised));
         if (smem > (size_t)raised)
             return PDS_ERR(PDS_ERR_UNSUPPORTED,
                            "decode attention: split of %d tokens needs %zu "
                            "bytes of shared memory",
                            split, smem);
     }
-    dim3 grid(max_splits, n_kv_heads, n_seqs);
     pds_launch(attn_decode_split<HD, G>, grid, DEC_THREADS, smem, s, (const bf16 *)q, q_stride,
                (const bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split, max_splits,
                (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);

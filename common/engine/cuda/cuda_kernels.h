@@ -104,6 +104,10 @@ int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int head_dim, int3
  * sequence (chunks past a sequence's end exit at once, so one launch shape serves a CUDA graph),
  * then a combine pass. part: pds_cuda_attn_decode_part_floats(...) floats of scratch. */
 size_t pds_cuda_attn_decode_part_floats(int n_seqs, int n_heads, int head_dim, int max_splits);
+/* The longest split_tokens for which pds_cuda_attn_decode stages a chunk's whole K and V in shared
+ * memory (cp.async, all in flight at once); longer splits use the register-staged kernel. 0 when
+ * PDS_ENGINE_CUDA_DEC_STAGED=0. */
+int pds_cuda_attn_decode_max_staged_split(int head_dim);
 pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride, const uint16_t *kv_layer,
                                   const pds_cuda_seq_t *seqs, const int32_t *block_tables,
                                   int n_seqs, int n_heads, int n_kv_heads, int head_dim,

@@ -10,9 +10,11 @@
  * Only the last token of each sequence goes through the final norm, the LM head and the sampler.
  *
  * Trade-offs: weights are fused per layer ([q;k;v] and [gate;up]) so a layer is four GEMMs; each
- * GEMM's algorithm is chosen once per shape by timing up to 32 of cuBLASLt's candidates on the real
- * operands (12-24 for prefill shapes, whose row counts are bucketed to powers of two so that a
- * new prompt length rarely pays for tuning; PDS_ENGINE_CUDA_TUNE=0: heuristic's first choice).
+ * GEMM's algorithm is chosen per shape and row bucket (the decode batch buckets up to 256 rows,
+ * powers of two above) by timing up to 64 of cuBLASLt's candidates on the real operands (24 above
+ * 256 rows), all of them at engine creation (every bucket up to max_batch_tokens, the LM head up
+ * to max_batch_seqs: about 2 s for llama3-8b on an H100), so that no request pays for it
+ * (PDS_ENGINE_CUDA_TUNE=0: heuristic's first choice; _TUNE_ALGOS / _TUNE_BIG: candidate counts).
  * Decode steps of 1-4 sequences skip cuBLAS: matrix-vector kernels (gemv.cu) stream the weights
  * and fuse RoPE + the K/V write, SiLU*mul and the residual add (PDS_ENGINE_CUDA_GEMV=0: off). The
  * kernels of cuda_kernels.h are launched with programmatic dependent launch (launch.cuh). With
@@ -37,12 +39,10 @@
 
 #define LT_WORKSPACE (64u << 20)
 #define GEMM_CACHE   128
-#define TUNE_CACHE   64
+#define TUNE_CACHE   256
 #define TUNE_EXACT_N 256
-#define TUNE_ALGOS                                                                 \
-    32 /* candidates timed for n <= TUNE_EXACT_N; tune_big above (each costs more) \
-        */
-#define MAX_GRAPHS 96
+#define TUNE_ALGOS   64 /* most candidates timed per shape (PDS_ENGINE_CUDA_TUNE_ALGOS) */
+#define MAX_GRAPHS   96
 
 #define LT_TRY(call)                                                                       \
     do {                                                                                   \
@@ -73,9 +73,9 @@ typedef struct {
     cudaGraphExec_t exec;
 } graph_entry_t;
 
-/* The algorithm measured fastest for a GEMM shape, n (rows of activations) bucketed: exact up to
- * TUNE_EXACT_N, else rounded up to a power of two, so that prompts of many lengths cost one
- * tuning per bucket. */
+/* The algorithm measured fastest for a GEMM shape, n (rows of activations) rounded up to a bucket:
+ * the decode batch buckets up to TUNE_EXACT_N (so every decode bucket has its own), powers of two
+ * above. Every bucket up to the engine's limits is tuned at creation (tune_all). */
 typedef struct {
     int m, k, out_f32, acc, nb;
     cublasLtMatmulAlgo_t algo;
@@ -129,8 +129,12 @@ typedef struct {
     int gemm_next;
     tune_entry_t tuned[TUNE_CACHE];
     int tune_next;
-    bool tune;    /* time cuBLASLt's candidates once per shape bucket (PDS_ENGINE_CUDA_TUNE) */
-    int tune_big; /* candidates timed for n > TUNE_EXACT_N (PDS_ENGINE_CUDA_TUNE_BIG) */
+    bool tune;      /* time cuBLASLt's candidates once per shape bucket (PDS_ENGINE_CUDA_TUNE) */
+    int tune_big;   /* candidates timed for n > TUNE_EXACT_N (PDS_ENGINE_CUDA_TUNE_BIG) */
+    int tune_small; /* candidates timed for n <= TUNE_EXACT_N (PDS_ENGINE_CUDA_TUNE_ALGOS) */
+    float tune_warm_ms; /* GPU warm-up before timing a shape's candidates */
+    double tune_ms;     /* host time spent tuning at creation */
+    int tuned_shapes;
     cudaEvent_t tev[2]; /* tuning timers */
     bool gemv;    /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
     prof_t *prof; /* PDS_ENGINE_CUDA_PROFILE=1 */
@@ -219,9 +223,13 @@ static void gemm_entry_free(gemm_entry_t *g)
     memset(g, 0, sizeof *g);
 }
 
+static const int tune_small_buckets[] = {1,  2,  4,   8,   16,  24,  32, 48,
+                                         64, 96, 128, 160, 192, 224, 256};
+
 static int tune_bucket(int n)
 {
-    if (n <= TUNE_EXACT_N) return n;
+    for (size_t i = 0; i < PDS_ARRAY_LEN(tune_small_buckets); i++)
+        if (n <= tune_small_buckets[i]) return tune_small_buckets[i];
     int b = TUNE_EXACT_N;
     while (b < n) b *= 2;
     return b;
@@ -242,7 +250,7 @@ static pds_status_t gemm_tune(cuda_impl_t *g, gemm_entry_t *e,
     cudaEvent_t t0 = g->tev[0], t1 = g->tev[1];
     float warm = 0;
     PDS_CUDA_TRY(cudaEventRecord(t0, g->stream));
-    for (int r = 0; r < 200 && warm < 20.0f; r++) { /* about 20 ms of work, at least 4 products */
+    for (int r = 0; r < 200 && warm < g->tune_warm_ms; r++) { /* at least 4 products */
         LT_TRY(cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c, y, e->c,
                               &res[0].algo, g->lt_ws, LT_WORKSPACE, g->stream));
         if (r % 4 == 3) {
@@ -328,7 +336,7 @@ static pds_status_t gemm_entry_make(cuda_impl_t *g, gemm_entry_t *e, int m, int 
     void *ty = acc ? (void *)g->gu : y;
     bool tune = g->tune && !te && cap == cudaStreamCaptureStatusNone && w && x && ty &&
                 (!acc || (size_t)m * n * (out_f32 ? 4 : 2) <= g->gu_bytes);
-    int want = !tune ? 1 : n <= TUNE_EXACT_N ? TUNE_ALGOS : g->tune_big;
+    int want = !tune ? 1 : n <= TUNE_EXACT_N ? g->tune_small : g->tune_big;
     cublasStatus_t st =
         cublasLtMatmulAlgoGetHeuristic(g->lt, e->op, e->a, e->b, e->c, e->c, pref, want, res, &got);
     cublasLtMatmulPreferenceDestroy(pref);
@@ -696,7 +704,8 @@ static void decode_split(const cuda_impl_t *g, const pds_model_config_t *c, int 
 {
     int want_ctas = g->dec_ctas_per_sm * g->sms;
     int per_seq = PDS_MAX(1, PDS_DIV_UP(want_ctas, batch * c->n_kv_heads));
-    int sp = 512;
+    int sp = 512, staged = pds_cuda_attn_decode_max_staged_split(c->head_dim);
+    while (staged >= 32 && sp > staged) sp /= 2; /* the whole-chunk kernel when it fits */
     while (sp > 32 && PDS_DIV_UP(ctx, sp) < per_seq) sp /= 2;
     while (PDS_DIV_UP(ctx, sp) > g->max_splits_cap) sp *= 2;
     *split = sp;
@@ -1110,6 +1119,46 @@ static pds_status_t cuda_kv_layer_memory(pds_engine_t *e, int layer, void **base
     return PDS_OK;
 }
 
+/* Tunes every GEMM shape a forward can use, once, at engine creation, so that no request pays for
+ * it: the four layer GEMMs for each row bucket up to max_T, the LM head for each up to max_S.
+ * Each bucket is tuned at its own row count (or the limit, when that is smaller). Operands: layer
+ * 0's weights and the workspace. The GPU is warmed up once (the first shape), not per shape. */
+static pds_status_t tune_all(pds_engine_t *e, cuda_impl_t *g)
+{
+    if (!g->tune) return PDS_OK;
+    const pds_model_config_t *c = &e->cfg;
+    int H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, hid = c->hidden;
+    const cuda_layer_t *L = &g->layers[0];
+    double t0 = pds_time_now_ms();
+    int lim = PDS_MAX(g->max_T, g->max_S);
+    for (int b = 1, prev = 0; prev < lim; b = tune_bucket(b + 1)) {
+        for (int w = 0; w < 5; w++) {
+            int n = PDS_MIN(b, w < 4 ? g->max_T : g->max_S);
+            if (n <= prev) continue; /* this limit is already covered by a smaller bucket */
+            gemm_entry_t t;
+            pds_status_t s = PDS_OK;
+            if (w == 0)
+                s = gemm_entry_make(g, &t, (H + 2 * KV) * hd, n, hid, 0, 0, L->wqkv, g->xn, g->qkv);
+            else if (w == 1)
+                s = gemm_entry_make(g, &t, hid, n, H * hd, 1, 1, L->wo, g->att, g->x);
+            else if (w == 2)
+                s = gemm_entry_make(g, &t, 2 * c->ffn, n, hid, 0, 0, L->w_gu, g->xn, g->gu);
+            else if (w == 3)
+                s = gemm_entry_make(g, &t, hid, n, c->ffn, 1, 1, L->w_down, g->act, g->x);
+            else
+                s = gemm_entry_make(g, &t, c->vocab, n, hid, 1, 0, g->lm_head, g->xn, g->logits);
+            gemm_entry_free(&t);
+            PDS_TRY(s);
+            g->tuned_shapes++;
+            g->tune_warm_ms = 1.0f; /* warm from here on */
+        }
+        prev = b;
+    }
+    g->tune_warm_ms = 20.0f;
+    g->tune_ms = pds_time_now_ms() - t0;
+    return PDS_OK;
+}
+
 static const pds_engine_ops_t cuda_ops = {
     .name = "cuda",
     .destroy = cuda_destroy,
@@ -1147,6 +1196,9 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
     g->tune = !(tu && strcmp(tu, "0") == 0);
     const char *tb = getenv("PDS_ENGINE_CUDA_TUNE_BIG");
     g->tune_big = tb && atoi(tb) > 0 ? PDS_MIN(atoi(tb), TUNE_ALGOS) : 24;
+    const char *ta = getenv("PDS_ENGINE_CUDA_TUNE_ALGOS");
+    g->tune_small = ta && atoi(ta) > 0 ? PDS_MIN(atoi(ta), TUNE_ALGOS) : 64;
+    g->tune_warm_ms = 20.0f;
     const char *gv = getenv("PDS_ENGINE_CUDA_GEMV");
     g->gemv = !(gv && strcmp(gv, "0") == 0);
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[0]));
@@ -1192,6 +1244,9 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
     /* zeroed so that attention over a never-written slot can not read NaN bit patterns */
     PDS_CUDA_TRY(cudaMemsetAsync(g->kv, 0, kv_bytes, g->stream));
     PDS_CUDA_TRY(cudaStreamSynchronize(g->stream));
+
+    /* the KV pool is zeroed; tuning writes only the workspace */
+    PDS_TRY(tune_all(e, g));
 
     e->info.kv_dtype = PDS_DTYPE_BF16;
     e->info.weight_bytes = (int64_t)g->wbytes;
@@ -1320,6 +1375,14 @@ done:
     cudaFree(g.lt_ws);
     pds_free(ms);
     return s;
+}
+
+void pds_engine_cuda_tune_stats(pds_engine_t *e, int *shapes, double *ms)
+{
+    *shapes = 0, *ms = 0;
+    if (!e || strcmp(e->ops->name, "cuda") != 0) return;
+    const cuda_impl_t *g = e->impl;
+    *shapes = g->tuned_shapes, *ms = g->tune_ms;
 }
 
 pds_status_t pds_engine_cuda_memory(int device, int64_t *used, int64_t *total)

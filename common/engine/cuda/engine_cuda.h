@@ -26,6 +26,10 @@ pds_status_t pds_engine_cuda_measure_gemm(int device, int m, int n, int k, int i
  * forwards since the last report, divided by their number, and starts a new sum (f NULL: only
  * that). Does nothing for other engines or without the variable. */
 void pds_engine_cuda_profile_report(pds_engine_t *e, const char *label, FILE *f);
+/* GEMM shapes tuned at creation (every row bucket up to max_batch_tokens, the LM head up to
+ * max_batch_seqs; 0 with PDS_ENGINE_CUDA_TUNE=0) and the host time it took, in ms. Zeros for
+ * other engines. */
+void pds_engine_cuda_tune_stats(pds_engine_t *e, int *shapes, double *ms);
 /* Device memory in use (total - free) and total, in bytes. */
 pds_status_t pds_engine_cuda_memory(int device, int64_t *used, int64_t *total);
 
