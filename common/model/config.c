@@ -535,3 +535,28 @@ pds_status_t pds_model_config_save(const pds_model_config_t *c, const char *path
     if (rc != 0) return PDS_ERR(PDS_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
     return PDS_OK;
 }
+
+void pds_model_rope_inv_freq(const pds_model_config_t *cfg, float *inv_freq)
+{
+    int half = cfg->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float expo = (float)(2 * i) / (float)cfg->head_dim;
+        inv_freq[i] = 1.0f / powf(cfg->rope_theta, expo);
+    }
+    if (cfg->rope_scaling != PDS_ROPE_SCALING_LLAMA3) return;
+    /* long wavelengths are slowed by `factor`, short ones kept, the band between interpolated */
+    float factor = cfg->rope_factor, lo = cfg->rope_low_freq_factor;
+    float hi = cfg->rope_high_freq_factor, old = (float)cfg->rope_original_max_pos;
+    float low_wl = old / lo, high_wl = old / hi;
+    for (int i = 0; i < half; i++) {
+        float f = inv_freq[i];
+        float wl = 2.0f * (float)M_PI / f;
+        if (wl < high_wl) continue;
+        if (wl > low_wl) {
+            inv_freq[i] = f / factor;
+        } else {
+            float smooth = (old / wl - lo) / (hi - lo);
+            inv_freq[i] = (1.0f - smooth) * f / factor + smooth * f;
+        }
+    }
+}

@@ -56,6 +56,11 @@ pds_status_t pds_model_config_validate(const pds_model_config_t *cfg);
 /* Parameter count of the model the config describes. */
 int64_t pds_model_config_param_count(const pds_model_config_t *cfg);
 
+/* RoPE inverse frequencies for the head_dim/2 rotary pairs, with Llama-3 frequency scaling when
+ * configured (transformers' _compute_llama3_parameters, in fp32). Every backend uses this one
+ * definition so that CPU and GPU rotate identically. inv_freq: (head_dim / 2) floats. */
+void pds_model_rope_inv_freq(const pds_model_config_t *cfg, float *inv_freq);
+
 /* config.json <-> struct. Parse errors name the file and the key (PDS_ERR_PARSE / _INVALID_ARG;
  * PDS_ERR_UNSUPPORTED for rope scaling other than llama3, activations other than silu, biases, or a
  * torch_dtype other than bfloat16/float16/float32). Hugging Face defaults apply to absent optional

@@ -517,7 +517,7 @@ pds_status_t pds_engine_cpu_init(pds_engine_t *e, const pds_model_t *model, uint
     layout_weights(c, im);
     s = model ? fill_model(c, im, model) : fill_synth(c, im, seed);
     if (s != PDS_OK) goto fail;
-    pds_engine_cpu_rope_freqs(c, im->inv_freq);
+    pds_model_rope_inv_freq(c, im->inv_freq);
 
     snprintf(e->info.device_name, sizeof e->info.device_name, "cpu (%s, %d threads)",
              im->naive ? "naive loops" : "OpenBLAS", im->n_threads);

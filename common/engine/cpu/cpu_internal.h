@@ -60,7 +60,6 @@ void pds_engine_cpu_rope_table(int pos, int head_dim, const float *inv_freq, flo
 /* Rotates one head vector in place, HF Llama "rotate half": element i pairs with i + head_dim/2. */
 void pds_engine_cpu_rope(float *v, int head_dim, const float *cos_t, const float *sin_t);
 /* Fills inv_freq[head_dim/2] from the config (theta, llama3 scaling). */
-void pds_engine_cpu_rope_freqs(const pds_model_config_t *cfg, float *inv_freq);
 /* h[i] = silu(g[i]) * u[i] over m rows: row r holds g at gu + r*ld and u at gu + r*ld + n; h is
  * written over g. */
 void pds_engine_cpu_swiglu(int m, int n, float *gu, int ld);

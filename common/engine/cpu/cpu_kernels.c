@@ -47,32 +47,6 @@ void pds_engine_cpu_rmsnorm(int m, int n, const float *x, const float *w, float 
     }
 }
 
-void pds_engine_cpu_rope_freqs(const pds_model_config_t *cfg, float *inv_freq)
-{
-    int half = cfg->head_dim / 2;
-    for (int i = 0; i < half; i++) {
-        float expo = (float)(2 * i) / (float)cfg->head_dim;
-        inv_freq[i] = 1.0f / powf(cfg->rope_theta, expo);
-    }
-    if (cfg->rope_scaling != PDS_ROPE_SCALING_LLAMA3) return;
-    /* transformers' _compute_llama3_parameters: long wavelengths are slowed by `factor`, short ones
-     * kept, and the band between is interpolated smoothly. */
-    float factor = cfg->rope_factor, lo = cfg->rope_low_freq_factor;
-    float hi = cfg->rope_high_freq_factor, old = (float)cfg->rope_original_max_pos;
-    float low_wl = old / lo, high_wl = old / hi;
-    for (int i = 0; i < half; i++) {
-        float f = inv_freq[i];
-        float wl = 2.0f * (float)M_PI / f;
-        if (wl < high_wl) continue;
-        if (wl > low_wl) {
-            inv_freq[i] = f / factor;
-        } else {
-            float smooth = (old / wl - lo) / (hi - lo);
-            inv_freq[i] = (1.0f - smooth) * f / factor + smooth * f;
-        }
-    }
-}
-
 void pds_engine_cpu_rope_table(int pos, int head_dim, const float *inv_freq, float *cos_out,
                                float *sin_out)
 {

@@ -24,7 +24,8 @@
  * bucket) as a CUDA graph and replayed; padding rows of a bucket write their K/V into one spare
  * block past the pool's end, so they never touch a live sequence. Prefill records one event per
  * layer after its K/V are written (pds_engine_layer_wait syncs on it) and calls on_layer as soon as
- * the layer's work is enqueued, so a KV sender can start on layer l while l+1 computes.
+ * the layer's work is enqueued, so a KV sender can start on layer l while l+1 computes; such a
+ * forward (with on_layer) returns once its work is enqueued, every other one when it is done.
  */
 #include "engine/cuda/engine_cuda.h"
 
@@ -482,31 +483,6 @@ done:
     return s;
 }
 
-static void rope_freqs(const pds_model_config_t *cfg, float *inv_freq)
-{
-    /* the same fp32 arithmetic as the CPU reference (transformers' llama3 rope parameters) */
-    int half = cfg->head_dim / 2;
-    for (int i = 0; i < half; i++) {
-        float expo = (float)(2 * i) / (float)cfg->head_dim;
-        inv_freq[i] = 1.0f / powf(cfg->rope_theta, expo);
-    }
-    if (cfg->rope_scaling != PDS_ROPE_SCALING_LLAMA3) return;
-    float factor = cfg->rope_factor, lo = cfg->rope_low_freq_factor;
-    float hi = cfg->rope_high_freq_factor, old = (float)cfg->rope_original_max_pos;
-    float low_wl = old / lo, high_wl = old / hi;
-    for (int i = 0; i < half; i++) {
-        float f = inv_freq[i];
-        float wl = 2.0f * (float)M_PI / f;
-        if (wl < high_wl) continue;
-        if (wl > low_wl) {
-            inv_freq[i] = f / factor;
-        } else {
-            float smooth = (old / wl - lo) / (hi - lo);
-            inv_freq[i] = (1.0f - smooth) * f / factor + smooth * f;
-        }
-    }
-}
-
 static pds_status_t load_weights(pds_engine_t *e, cuda_impl_t *g, const pds_model_t *model,
                                  uint64_t seed)
 {
@@ -554,7 +530,7 @@ static pds_status_t load_weights(pds_engine_t *e, cuda_impl_t *g, const pds_mode
     }
     float freq[1024];
     if (c->head_dim / 2 > 1024) return PDS_ERR(PDS_ERR_UNSUPPORTED, "head_dim %d", c->head_dim);
-    rope_freqs(c, freq);
+    pds_model_rope_inv_freq(c, freq);
     PDS_CUDA_TRY(cudaMemcpy(g->inv_freq, freq, sizeof(float) * (size_t)(c->head_dim / 2),
                             cudaMemcpyHostToDevice));
 
@@ -1021,7 +997,11 @@ static pds_status_t cuda_forward(pds_engine_t *e, pds_engine_seq_t *seqs, int n_
     }
 
     prof_collect(g);
-    if (!want_logits && !want_sample) return PDS_OK; /* async: layer_wait syncs */
+    if (!want_logits && !want_sample) {
+        if (on_layer) return PDS_OK; /* async: the layer callback's user syncs by layer_wait */
+        PDS_CUDA_TRY(cudaStreamSynchronize(g->stream)); /* done when it returns, like the CPU */
+        return PDS_OK;
+    }
     for (int i = 0; i < n_seqs; i++)
         if (seqs[i].logits)
             PDS_CUDA_TRY(cudaMemcpyAsync(g->h_logit + (size_t)i * c->vocab,
