@@ -57,11 +57,11 @@ typedef struct {
     pds_engine_backend_t backend;
     char device_name[96];
     pds_model_config_t model;
-    pds_kv_layout_t kv;       /* elem_size 4 on CPU (fp32), 2 on CUDA (bf16) */
+    pds_kv_layout_t kv; /* elem_size 4 on CPU (fp32), 2 on CUDA (bf16) */
     pds_dtype_t kv_dtype;
-    int64_t kv_tokens;        /* n_blocks * block_size */
-    int64_t weight_bytes;     /* in the backend's memory */
-    int64_t kv_bytes;         /* whole pool */
+    int64_t kv_tokens;    /* n_blocks * block_size */
+    int64_t weight_bytes; /* in the backend's memory */
+    int64_t kv_bytes;     /* whole pool */
     int64_t workspace_bytes;
     int max_batch_tokens, max_batch_seqs;
 } pds_engine_info_t;
@@ -109,7 +109,8 @@ pds_status_t pds_engine_kv_import(pds_engine_t *e, const pds_kv_seq_t *seq, pds_
 pds_status_t pds_engine_kv_layer_memory(pds_engine_t *e, int layer, void **base, size_t *bytes,
                                         bool *on_device);
 
-/* ---- the single-process reference generator ---------------------------------------------------- */
+/* ---- the single-process reference generator ----------------------------------------------------
+ */
 typedef enum {
     PDS_FINISH_NONE = 0,
     PDS_FINISH_LENGTH, /* max_new_tokens reached */
@@ -125,7 +126,7 @@ typedef struct {
     pds_sample_params_t sample;
     const int32_t *stop; /* extra stop ids */
     int n_stop;
-    bool ignore_eos;     /* keep going past EOS (load replay forces output lengths) */
+    bool ignore_eos; /* keep going past EOS (load replay forces output lengths) */
 } pds_gen_request_t;
 
 /* Prefills the prompt, then decodes one token per step, sampling the token at absolute position

@@ -28,7 +28,7 @@ typedef struct {
     int block_size; /* tokens per block */
     int n_kv_heads;
     int head_dim;
-    int elem_size;  /* bytes per element: 4 (fp32) or 2 (bf16) */
+    int elem_size; /* bytes per element: 4 (fp32) or 2 (bf16) */
 } pds_kv_layout_t;
 
 /* Elements in one (layer, block): 2 * block_size * n_kv_heads * head_dim. */
@@ -48,11 +48,13 @@ static inline int64_t pds_kv_layer_bytes(const pds_kv_layout_t *l)
 static inline int64_t pds_kv_layout_offset(const pds_kv_layout_t *l, int block, int kv, int slot,
                                            int head, int d)
 {
-    return (((int64_t)block * 2 + kv) * l->block_size + slot) * ((int64_t)l->n_kv_heads * l->head_dim) +
+    return (((int64_t)block * 2 + kv) * l->block_size + slot) *
+               ((int64_t)l->n_kv_heads * l->head_dim) +
            (int64_t)head * l->head_dim + d;
 }
 
-/* ---- block manager ---------------------------------------------------------------------------- */
+/* ---- block manager ----------------------------------------------------------------------------
+ */
 typedef struct pds_kv_pool pds_kv_pool_t;
 
 pds_status_t pds_kv_pool_create(int n_blocks, pds_kv_pool_t **out);
@@ -66,7 +68,8 @@ int pds_kv_pool_reserved_count(const pds_kv_pool_t *p);
 
 /* Allocates n blocks (refcount 1) into ids[0..n), consecutive where possible. On failure nothing
  * is allocated and PDS_ERR_EXHAUSTED is returned. If `resv` is non-NULL the blocks come out of that
- * reservation first (it must hold at least n), so a reservation made at admission always succeeds. */
+ * reservation first (it must hold at least n), so a reservation made at admission always succeeds.
+ */
 typedef struct pds_kv_resv pds_kv_resv_t;
 pds_status_t pds_kv_pool_alloc(pds_kv_pool_t *p, int n, pds_kv_resv_t *resv, int32_t *ids);
 /* Adds a reference to each block (prefix sharing). */
@@ -82,9 +85,10 @@ pds_status_t pds_kv_pool_reserve(pds_kv_pool_t *p, int n, pds_kv_resv_t **out);
 int pds_kv_resv_remaining(const pds_kv_resv_t *r);
 void pds_kv_pool_release(pds_kv_pool_t *p, pds_kv_resv_t *r); /* accepts NULL */
 
-/* ---- per-sequence block table ------------------------------------------------------------------ */
+/* ---- per-sequence block table ------------------------------------------------------------------
+ */
 typedef struct {
-    int n_tokens;   /* tokens whose K/V are (or are about to be) in the blocks */
+    int n_tokens; /* tokens whose K/V are (or are about to be) in the blocks */
     int n_blocks;
     int cap;
     int32_t *blocks; /* block ids in token order; token t lives in blocks[t / block_size] */

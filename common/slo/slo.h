@@ -331,9 +331,9 @@ pds_status_t pds_slo_sim_run(const pds_slo_sim_config_t *c, const pds_slo_req_t 
 
 /* The highest rate (req/s, within rel_tol) whose attainment is >= target, by doubling then
  * bisection, simulating n requests of w at each probe with the same seed — or more: each probe
- * covers at least 120 s of arrivals (at most 1M requests) so that it reaches steady state. *rate_out = 0 when even
- * lo_rate fails; at_rate (optional) gets the result at *rate_out. progress (optional) is called
- * after each probe. */
+ * covers at least 120 s of arrivals (at most 1M requests) so that it reaches steady state.
+ * *rate_out = 0 when even lo_rate fails; at_rate (optional) gets the result at *rate_out. progress
+ * (optional) is called after each probe. */
 typedef void (*pds_slo_progress_fn)(void *ctx, double rate, const pds_slo_sim_result_t *r);
 pds_status_t pds_slo_goodput(const pds_slo_sim_config_t *c, const pds_slo_workload_t *w, int n,
                              uint64_t seed, double target, double lo_rate, double rel_tol,

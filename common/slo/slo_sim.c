@@ -672,7 +672,7 @@ out:
  * planner once reported 2,671 req/s for llama3-8b chatbot on 8 H100s). Each probe therefore covers
  * at least PROBE_MIN_SPAN_S seconds of arrivals (more requests at high rates), up to PROBE_MAX. */
 #define PROBE_MIN_SPAN_S 120.0
-#define PROBE_MAX 1000000
+#define PROBE_MAX        1000000
 
 static int probe_count(int n, double rate)
 {

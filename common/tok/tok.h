@@ -13,8 +13,8 @@
 
 #include "base/base.h"
 
-#define PDS_TOK_BOS 256
-#define PDS_TOK_EOS 257
+#define PDS_TOK_BOS       256
+#define PDS_TOK_EOS       257
 #define PDS_TOK_MIN_VOCAB 258
 
 /* Writes optional bos (when bos >= 0) then one id per byte into out; PDS_ERR_OUT_OF_RANGE if more
