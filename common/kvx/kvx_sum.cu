@@ -75,7 +75,6 @@ extern "C" int kvx_sum_launch(const void *base, int64_t block_bytes, int n, cons
                               uint64_t *out, void *stream)
 {
     if (n <= 0) return 0;
-    kvx_sum_kernel<<<n, 4, 0, (cudaStream_t)stream>>>((const uint8_t *)base, block_bytes, ids,
-                                                      out);
+    kvx_sum_kernel<<<n, 4, 0, (cudaStream_t)stream>>>((const uint8_t *)base, block_bytes, ids, out);
     return (int)cudaGetLastError();
 }
