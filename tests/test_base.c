@@ -134,3 +134,28 @@ Test(base, queue_hands_items_across_threads_in_order)
     cr_expect_eq(pds_queue_pop(q, -1, &item), PDS_ERR_CANCELLED);
     pds_queue_destroy(q);
 }
+
+Test(base, queue_create_fails_cleanly_under_injection)
+{
+    pds_alloc_stats_t before, after;
+    pds_alloc_stats(&before);
+    int failures = 0;
+    for (int n = 1;; n++) {
+        pds_queue_t *q = NULL;
+        pds_alloc_fail_nth(n);
+        pds_status_t s = pds_queue_create(&q);
+        bool hit = pds_alloc_fail_triggered();
+        pds_alloc_fail_nth(0);
+        if (!hit) {
+            cr_assert_eq(s, PDS_OK);
+            pds_queue_destroy(q);
+            break;
+        }
+        cr_expect_eq(s, PDS_ERR_NO_MEMORY);
+        failures++;
+    }
+    cr_expect_eq(failures, 2, "queue create makes two allocations, each must fail cleanly");
+    pds_alloc_stats(&after);
+    cr_expect_eq(after.live_bytes, before.live_bytes);
+    cr_expect_eq(after.live_blocks, before.live_blocks);
+}
