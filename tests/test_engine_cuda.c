@@ -506,13 +506,14 @@ Test(engine_cuda, prefill_attention_matches_cpu)
 {
     need_gpu();
     rng_seed(3);
-    /* fresh prompts, a chunked prefill (past > 0), a single-token row, lengths off the tile grid */
-    int n_new[4] = {130, 64, 1, 77}, n_ctx[4] = {130, 64 + 200, 33, 77 + 5};
-    attention_case(8, 2, 128, 4, n_new, n_ctx, 0, 0);
-    attention_case(8, 8, 128, 4, n_new, n_ctx, 0, 0);
-    attention_case(4, 2, 64, 4, n_new, n_ctx, 0, 0);
-    attention_case(4, 2, 16, 4, n_new, n_ctx, 1, 0);
-    attention_case(8, 2, 128, 4, n_new, n_ctx, 1, 0);
+    /* fresh prompts, a chunked prefill (past > 0), a single-token row, lengths off the tile grid,
+     * a prompt within one K/V tile (the pipeline's prologue and end with nothing in between) */
+    int n_new[5] = {130, 64, 1, 77, 13}, n_ctx[5] = {130, 64 + 200, 33, 77 + 5, 16};
+    attention_case(8, 2, 128, 5, n_new, n_ctx, 0, 0);
+    attention_case(8, 8, 128, 5, n_new, n_ctx, 0, 0);
+    attention_case(4, 2, 64, 5, n_new, n_ctx, 0, 0);
+    attention_case(4, 2, 16, 5, n_new, n_ctx, 1, 0);
+    attention_case(8, 2, 128, 5, n_new, n_ctx, 1, 0);
 }
 
 Test(engine_cuda, decode_attention_matches_cpu)

@@ -21,10 +21,12 @@ T_TESTS=${T_TESTS:-170} T_BENCH=${T_BENCH:-200} T_PEER=${T_PEER:-200}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "$T_TESTS" test_engine_cuda --jobs 1 --verbose >> "$OUT/tests.log" 2>&1
   echo "tests rc=$?"; grep -E "FAIL|Synthesis|PASS|CRASH|info" "$OUT/tests.log" | tail -40
-  # the other prefill attention shapes, through the same kernel test
-  for v in "KEYS=64 MT=2" "KEYS=32 MT=1" "KEYS=64 MT=1"; do
-    set -- $v
-    env PDS_ENGINE_CUDA_ATTN_$1 PDS_ENGINE_CUDA_ATTN_$2 timeout 60 test_engine_cuda --jobs 1 \
+  # the other prefill attention pipelines and shapes, through the same kernel test
+  for v in "PIPE=4" "PIPE=64" "PIPE=0 KEYS=32 MT=2" "PIPE=0 KEYS=64 MT=2" "PIPE=0 KEYS=32 MT=1" \
+    "PIPE=0 KEYS=64 MT=1"; do
+    envs=()
+    for w in $v; do envs+=("PDS_ENGINE_CUDA_ATTN_$w"); done
+    env "${envs[@]}" timeout 60 test_engine_cuda --jobs 1 \
       --filter 'engine_cuda/prefill_attention*' >> "$OUT/tests.log" 2>&1
     echo "prefill attention test, $v: rc=$?"
   done
@@ -61,11 +63,12 @@ if [ "${EXPLORE:-0}" = 1 ]; then
   }
   short profile PDS_ENGINE_CUDA_PROFILE=1 -- --prompt-lens 2048,4096 --decode-batches 1,32 \
     --decode-steps 4 --repeat 1
-  # EXPLORE_RUNS: "label VAR=value" entries separated by ';'
+  # EXPLORE_RUNS: "label VAR=value [VAR=value...]" entries separated by ';', each run with
+  # EXPLORE_ARGS (bench arguments)
   IFS=';' read -ra runs <<< "${EXPLORE_RUNS:-no_staged PDS_ENGINE_CUDA_DEC_STAGED=0;algos32 PDS_ENGINE_CUDA_TUNE_ALGOS=32}"
   for v in "${runs[@]}"; do
     set -- $v
-    short "$1" "$2" -- --prompt-lens 2048 --decode-batches 1,8,32,128
+    short "$@" -- ${EXPLORE_ARGS:---prompt-lens 2048 --decode-batches 1,8,32,128}
   done
   if [ "${NCU:-0}" = 1 ] && command -v ncu > /dev/null; then # where the time goes, per kernel
     sec="--section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"

@@ -4,8 +4,8 @@
  * cover.
  *
  * Prefill: one CTA = 128 query rows of one head; Q is staged in shared memory, K/V tiles are
- * gathered from the pool through the block table by cp.async into two padded shared-memory stages
- * (the next tile loads while this one is computed on); S = Q K^T and O += P V run on mma.sync
+ * gathered from the pool through the block table by cp.async into three padded shared-memory
+ * stages (two tiles ahead, one barrier per tile); S = Q K^T and O += P V run on mma.sync
  * m16n8k16 (bf16 in, fp32 accumulate) with an online softmax in registers (exp2, log2e and the
  * scale folded into one FFMA; the output rescale skipped when no row maximum moved). Tiles past
  * the causal diagonal are never loaded, and the longest (last) tiles are scheduled first.
@@ -21,10 +21,11 @@
  * CUDA graph bucket allows; chunks past a sequence's end exit.
  *
  * Measured on an H100 (llama3-8b shapes, bench/results/cuda-llama3-8b.md): the prefill kernel runs
- * causal attention at 205-215 TFLOP/s (the first version's ~110, inferred from TTFT); ncu on one
- * launch shows issue slots 42% and the tensor pipe ~40% busy, mostly fixed-latency dependency
- * stalls. 8 warps of 16 rows (MT = 1) or 64-key tiles were no faster. A wgmma (sm_90a) kernel is
- * the next step.
+ * causal attention at ~225 TFLOP/s at 4k tokens (19.5 ms per 4k forward; the two-stage,
+ * two-barrier kernel, PDS_ENGINE_CUDA_ATTN_PIPE=0, 20.7-21.1 ms; the first version's ~110 TFLOP/s).
+ * ncu on the two-stage kernel showed issue slots 42% and the tensor pipe ~40% busy, mostly
+ * fixed-latency dependency stalls; 8 warps of 16 rows (MT = 1), 64-key tiles, 4 stages were no
+ * faster. A wgmma (sm_90a) kernel is the next step.
  */
 #include <cuda_bf16.h>
 #include <math.h>
@@ -104,23 +105,38 @@ __device__ __forceinline__ const bf16 *kv_row(const bf16 *kv, const int32_t *bt,
            (int64_t)head * head_dim;
 }
 
-/* ---- prefill: tensor-core flash attention, K/V double-buffered with cp.async -------------------
+/* ---- prefill: tensor-core flash attention, K/V multi-buffered with cp.async --------------------
  * One CTA = FA_ROWS query rows of one head: 4 warps x 32 rows (MT = 2 m16 tiles per warp, so every
  * K and V fragment read from shared memory feeds two MMAs) or 8 warps x 16 rows (MT = 1: half the
  * registers per thread, twice the warps to hide latency, twice the fragment reads). Q is staged in
  * shared memory once; K/V tiles of FA_KEYS tokens are gathered through the block table by cp.async
- * into one of two stages while the other is computed on. The grid is (head, tile) with tiles taken
- * in reverse order, so the longest (last, causal) tiles start first and the heads of one GQA group
- * run side by side on the same K/V (L2 reuse). FA_KEYS (keys per tile) is 32 or 64: 64 halves the
- * barriers and the Q fragment reloads per key, 32 keeps head_dim 128 within the register file. */
+ * into one of ST stages while another is computed on (PIPE below). The grid is (head, tile) with
+ * tiles taken in reverse order, so the longest (last, causal) tiles start first and the heads of
+ * one GQA group run side by side on the same K/V (L2 reuse). FA_KEYS (keys per tile) is 32 or 64:
+ * 64 halves the barriers and the Q fragment reloads per key, 32 keeps head_dim 128 within the
+ * register file. */
 #define FA_ROWS 128
 
-template <int HD, int FA_KEYS> constexpr size_t fa_smem_bytes()
+template <int HD, int FA_KEYS, int ST> constexpr size_t fa_smem_bytes()
 {
-    return sizeof(bf16) * (size_t)(FA_ROWS + 4 * FA_KEYS) * (HD + 8);
+    return sizeof(bf16) * (size_t)(FA_ROWS + 2 * ST * FA_KEYS) * (HD + 8);
 }
 
-template <int HD, int FA_KEYS, int MT>
+/* 2^x with denormal results flushed to zero (one MUFU.EX2, no denormal fix-up around it) */
+__device__ __forceinline__ float ex2_ftz(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* PIPE = 0: two stages; the next tile loads while this one is computed on, two barriers per tile.
+ * PIPE = 1: ST stages, ST - 1 tiles ahead, one barrier per tile (the stage refilled at tile t was
+ * last read at t - 1, which every warp has finished once it passes tile t's barrier); a tile is
+ * computed in steps of 32 keys (so 64-key tiles keep the registers of 32), the K fragments of a
+ * 32-wide slice of head_dim are loaded before its MMAs, which are issued so that no MMA waits on
+ * the one just before it (same accumulator), and exp2 flushes denormals (one MUFU op). */
+template <int HD, int FA_KEYS, int MT, int ST, int PIPE>
 __global__ void __launch_bounds__(FA_ROWS / MT * 2, 2)
     attn_prefill_fa(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
                     const int32_t *bts, const int32_t *tiles, int n_heads, int n_kv_heads, int bs,
@@ -129,9 +145,9 @@ __global__ void __launch_bounds__(FA_ROWS / MT * 2, 2)
 {
     constexpr int LD = HD + 8, CH = HD / 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    bf16 *sq = (bf16 *)fa_smem;       /* [FA_ROWS][LD] */
-    bf16 *sk = sq + FA_ROWS * LD;     /* [2][FA_KEYS][LD] */
-    bf16 *sv = sk + 2 * FA_KEYS * LD; /* [2][FA_KEYS][LD] */
+    bf16 *sq = (bf16 *)fa_smem;        /* [FA_ROWS][LD] */
+    bf16 *sk = sq + FA_ROWS * LD;      /* [ST][FA_KEYS][LD] */
+    bf16 *sv = sk + ST * FA_KEYS * LD; /* [ST][FA_KEYS][LD] */
     pdl_wait();
     pdl_trigger();
     const int h = blockIdx.x, tile = gridDim.y - 1 - blockIdx.y;
@@ -178,6 +194,12 @@ __global__ void __launch_bounds__(FA_ROWS / MT * 2, 2)
     };
     load_kv(0, 0);
     cp_async_commit();
+    if (PIPE) /* always a group, empty past the end, so that wait<ST - 2> counts right */
+#pragma unroll
+        for (int i = 1; i < ST - 1; i++) {
+            if (i < n_kt) load_kv(i, i);
+            cp_async_commit();
+        }
 
     const int wrow = row0 + warp * 16 * MT; /* first row (within the new tokens) of this warp */
     const bool live = wrow < S.n_new;
@@ -193,123 +215,157 @@ __global__ void __launch_bounds__(FA_ROWS / MT * 2, 2)
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.0f;
 
+    constexpr int CK = PIPE ? 32 : FA_KEYS; /* keys per compute step */
+    int cur = 0;                            /* stage of tile t */
     for (int t = 0; t < n_kt; t++) {
-        if (t + 1 < n_kt) {
-            load_kv(t + 1, (t + 1) & 1);
-            cp_async_commit();
-            cp_async_wait<1>();
+        if (!PIPE) {
+            if (t + 1 < n_kt) {
+                load_kv(t + 1, (t + 1) & 1);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            __syncthreads();
         } else {
-            cp_async_wait<0>();
+            cp_async_wait<ST - 2>(); /* tile t (and Q) landed; later ones may be in flight */
+            __syncthreads();
+            const int nxt = cur == 0 ? ST - 1 : cur - 1; /* (t + ST - 1) % ST */
+            if (t + ST - 1 < n_kt) load_kv(t + ST - 1, nxt);
+            cp_async_commit();
         }
-        __syncthreads();
-        const int kb = t * FA_KEYS;
-        if (live && kb <= wpos_last) { /* warp-uniform: mma.sync needs all lanes */
-            const bf16 *ck = sk + (t & 1) * FA_KEYS * LD, *cv = sv + (t & 1) * FA_KEYS * LD;
-            float s[MT][FA_KEYS / 8][4];
+#pragma unroll 1
+        for (int sub = 0; sub < FA_KEYS / CK; sub++) {
+            const int kb = t * FA_KEYS + sub * CK;
+            if (live && kb <= wpos_last) { /* warp-uniform: mma.sync needs all lanes */
+                const bf16 *ck = sk + (cur * FA_KEYS + sub * CK) * LD,
+                           *cv = sv + (cur * FA_KEYS + sub * CK) * LD;
+                float s[MT][CK / 8][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++)
+                for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (int nt = 0; nt < FA_KEYS / 8; nt++)
-                    s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+                    for (int nt = 0; nt < CK / 8; nt++)
+                        s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk += 2) {
-                uint32_t qa[MT][2][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    const bf16 *qr =
-                        &sq[(warp * 16 * MT + mt * 16 + (lane & 15)) * LD + (lane >> 4) * 8];
-                    ldsm_x4(qa[mt][0], qr + kk * 16);
-                    ldsm_x4(qa[mt][1], qr + (kk + 1) * 16);
-                }
-#pragma unroll
-                for (int nt = 0; nt < FA_KEYS / 8; nt++) {
-                    uint32_t b[4];
-                    ldsm_x4(b, &ck[(nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8]);
+                for (int kk = 0; kk < HD / 16; kk += 2) {
+                    uint32_t qa[MT][2][4];
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
-                        mma_bf16(s[mt][nt], qa[mt][0], b[0], b[1]);
-                        mma_bf16(s[mt][nt], qa[mt][1], b[2], b[3]);
+                        const bf16 *qr =
+                            &sq[(warp * 16 * MT + mt * 16 + (lane & 15)) * LD + (lane >> 4) * 8];
+                        ldsm_x4(qa[mt][0], qr + kk * 16);
+                        ldsm_x4(qa[mt][1], qr + (kk + 1) * 16);
+                    }
+                    if (!PIPE) {
+#pragma unroll
+                        for (int nt = 0; nt < CK / 8; nt++) {
+                            uint32_t b[4];
+                            ldsm_x4(b, &ck[(nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8]);
+#pragma unroll
+                            for (int mt = 0; mt < MT; mt++) {
+                                mma_bf16(s[mt][nt], qa[mt][0], b[0], b[1]);
+                                mma_bf16(s[mt][nt], qa[mt][1], b[2], b[3]);
+                            }
+                        }
+                    } else {
+                        uint32_t b[CK / 8][4];
+#pragma unroll
+                        for (int nt = 0; nt < CK / 8; nt++)
+                            ldsm_x4(b[nt],
+                                    &ck[(nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8]);
+#pragma unroll
+                        for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+                            for (int nt = 0; nt < CK / 8; nt++)
+#pragma unroll
+                                for (int mt = 0; mt < MT; mt++)
+                                    mma_bf16(s[mt][nt], qa[mt][hf], b[nt][2 * hf],
+                                             b[nt][2 * hf + 1]);
                     }
                 }
-            }
-            /* causal mask (only on tiles that reach past the warp's first row), online softmax
-             * over the thread's four rows (mt, g) and (mt, g + 8); maxima are kept unscaled and
-             * the scale is folded into exp2's argument (one FFMA) */
-            const bool need_mask = kb + FA_KEYS - 1 > wpos0;
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                const int qp0 = wpos0 + mt * 16 + g, qp1 = qp0 + 8;
-                float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-                for (int nt = 0; nt < FA_KEYS / 8; nt++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int key = kb + nt * 8 + t4 * 2 + (e & 1);
-                        if (need_mask && key > ((e < 2) ? qp0 : qp1)) s[mt][nt][e] = -INFINITY;
-                        if (e < 2)
-                            mx0 = fmaxf(mx0, s[mt][nt][e]);
-                        else
-                            mx1 = fmaxf(mx1, s[mt][nt][e]);
-                    }
-                }
-                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-                float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
-                float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-                float al0 = exp2f((m[mt][0] - mu0) * scale_log2);
-                float al1 = exp2f((m[mt][1] - mu1) * scale_log2);
-                m[mt][0] = mn0;
-                m[mt][1] = mn1;
-                const float b0 = -mu0 * scale_log2, b1 = -mu1 * scale_log2;
-                float rs0 = 0.0f, rs1 = 0.0f;
-#pragma unroll
-                for (int nt = 0; nt < FA_KEYS / 8; nt++) {
-                    s[mt][nt][0] = exp2f(fmaf(s[mt][nt][0], scale_log2, b0));
-                    s[mt][nt][1] = exp2f(fmaf(s[mt][nt][1], scale_log2, b0));
-                    s[mt][nt][2] = exp2f(fmaf(s[mt][nt][2], scale_log2, b1));
-                    s[mt][nt][3] = exp2f(fmaf(s[mt][nt][3], scale_log2, b1));
-                    rs0 += s[mt][nt][0] + s[mt][nt][1];
-                    rs1 += s[mt][nt][2] + s[mt][nt][3];
-                }
-                l[mt][0] = l[mt][0] * al0 + rs0;
-                l[mt][1] = l[mt][1] * al1 + rs1;
-                if (__any_sync(0xffffffffu, al0 != 1.0f || al1 != 1.0f)) {
-#pragma unroll
-                    for (int i = 0; i < HD / 8; i++) {
-                        o[mt][i][0] *= al0;
-                        o[mt][i][1] *= al0;
-                        o[mt][i][2] *= al1;
-                        o[mt][i][3] *= al1;
-                    }
-                }
-            }
-            /* O += P V */
-#pragma unroll
-            for (int k2 = 0; k2 < FA_KEYS / 16; k2++) {
-                uint32_t a[MT][4];
+                /* causal mask (only on tiles that reach past the warp's first row), online softmax
+                 * over the thread's four rows (mt, g) and (mt, g + 8); maxima are kept unscaled and
+                 * the scale is folded into exp2's argument (one FFMA) */
+                const bool need_mask = kb + CK - 1 > wpos0;
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
-                    a[mt][0] = pack_bf16(s[mt][2 * k2][0], s[mt][2 * k2][1]);
-                    a[mt][1] = pack_bf16(s[mt][2 * k2][2], s[mt][2 * k2][3]);
-                    a[mt][2] = pack_bf16(s[mt][2 * k2 + 1][0], s[mt][2 * k2 + 1][1]);
-                    a[mt][3] = pack_bf16(s[mt][2 * k2 + 1][2], s[mt][2 * k2 + 1][3]);
-                }
+                    const int qp0 = wpos0 + mt * 16 + g, qp1 = qp0 + 8;
+                    float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-                for (int nd = 0; nd < HD / 8; nd += 2) {
-                    uint32_t b[4];
-                    ldsm_x4_t(b, &cv[(k2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nd * 8 +
-                                     (lane >> 4) * 8]);
+                    for (int nt = 0; nt < CK / 8; nt++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int key = kb + nt * 8 + t4 * 2 + (e & 1);
+                            if (need_mask && key > ((e < 2) ? qp0 : qp1)) s[mt][nt][e] = -INFINITY;
+                            if (e < 2)
+                                mx0 = fmaxf(mx0, s[mt][nt][e]);
+                            else
+                                mx1 = fmaxf(mx1, s[mt][nt][e]);
+                        }
+                    }
+                    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+                    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+                    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+                    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+                    float mn0 = fmaxf(m[mt][0], mx0), mn1 = fmaxf(m[mt][1], mx1);
+                    float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+                    float al0 = !PIPE ? exp2f((m[mt][0] - mu0) * scale_log2)
+                                      : ex2_ftz((m[mt][0] - mu0) * scale_log2);
+                    float al1 = !PIPE ? exp2f((m[mt][1] - mu1) * scale_log2)
+                                      : ex2_ftz((m[mt][1] - mu1) * scale_log2);
+                    m[mt][0] = mn0;
+                    m[mt][1] = mn1;
+                    const float b0 = -mu0 * scale_log2, b1 = -mu1 * scale_log2;
+                    float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+                    for (int nt = 0; nt < CK / 8; nt++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const float x = fmaf(s[mt][nt][e], scale_log2, e < 2 ? b0 : b1);
+                            s[mt][nt][e] = !PIPE ? exp2f(x) : ex2_ftz(x);
+                        }
+                        rs0 += s[mt][nt][0] + s[mt][nt][1];
+                        rs1 += s[mt][nt][2] + s[mt][nt][3];
+                    }
+                    l[mt][0] = l[mt][0] * al0 + rs0;
+                    l[mt][1] = l[mt][1] * al1 + rs1;
+                    if (__any_sync(0xffffffffu, al0 != 1.0f || al1 != 1.0f)) {
+#pragma unroll
+                        for (int i = 0; i < HD / 8; i++) {
+                            o[mt][i][0] *= al0;
+                            o[mt][i][1] *= al0;
+                            o[mt][i][2] *= al1;
+                            o[mt][i][3] *= al1;
+                        }
+                    }
+                }
+                /* O += P V */
+#pragma unroll
+                for (int k2 = 0; k2 < CK / 16; k2++) {
+                    uint32_t a[MT][4];
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
-                        mma_bf16(o[mt][nd], a[mt], b[0], b[1]);
-                        mma_bf16(o[mt][nd + 1], a[mt], b[2], b[3]);
+                        a[mt][0] = pack_bf16(s[mt][2 * k2][0], s[mt][2 * k2][1]);
+                        a[mt][1] = pack_bf16(s[mt][2 * k2][2], s[mt][2 * k2][3]);
+                        a[mt][2] = pack_bf16(s[mt][2 * k2 + 1][0], s[mt][2 * k2 + 1][1]);
+                        a[mt][3] = pack_bf16(s[mt][2 * k2 + 1][2], s[mt][2 * k2 + 1][3]);
+                    }
+#pragma unroll
+                    for (int nd = 0; nd < HD / 8; nd += 2) {
+                        uint32_t b[4];
+                        ldsm_x4_t(b, &cv[(k2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD +
+                                         nd * 8 + (lane >> 4) * 8]);
+#pragma unroll
+                        for (int mt = 0; mt < MT; mt++) {
+                            mma_bf16(o[mt][nd], a[mt], b[0], b[1]);
+                            mma_bf16(o[mt][nd + 1], a[mt], b[2], b[3]);
+                        }
                     }
                 }
             }
         }
-        __syncthreads(); /* the stage just read is refilled next iteration */
+        if (!PIPE) __syncthreads(); /* the stage just read is refilled next iteration */
+        cur = cur == ST - 1 ? 0 : cur + 1;
     }
     if (!live) return;
     const int ostride = n_heads * HD;
@@ -403,16 +459,16 @@ extern "C" int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int hea
     return n;
 }
 
-template <int HD, int BN, int MT>
+template <int HD, int BN, int MT, int ST, int PIPE>
 static pds_status_t launch_fa(const uint16_t *q, int q_stride, const uint16_t *kv,
                               const pds_cuda_seq_t *seqs, const int32_t *bts, const int32_t *tiles,
                               int n_tiles, int n_heads, int n_kv_heads, int bs, float scale_log2,
                               uint16_t *out, cudaStream_t s)
 {
-    constexpr size_t smem = fa_smem_bytes<HD, BN>();
+    constexpr size_t smem = fa_smem_bytes<HD, BN, ST>();
     static bool raised = false; /* per instance: the dynamic shared-memory limit, set once */
     if (!raised) {
-        PDS_CUDA_TRY(cudaFuncSetAttribute(attn_prefill_fa<HD, BN, MT>,
+        PDS_CUDA_TRY(cudaFuncSetAttribute(attn_prefill_fa<HD, BN, MT, ST, PIPE>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         raised = true;
     }
@@ -421,9 +477,9 @@ static pds_status_t launch_fa(const uint16_t *q, int q_stride, const uint16_t *k
     int shift = -1;
     for (int b = 0; b < 30; b++)
         if (bs == (1 << b)) shift = b;
-    pds_launch(attn_prefill_fa<HD, BN, MT>, dim3(n_heads, n_tiles), FA_ROWS / MT * 2, smem, s,
-               (const bf16 *)q, q_stride, (const bf16 *)kv, seqs, bts, tiles, n_heads, n_kv_heads,
-               bs, shift, scale_log2, (bf16 *)out);
+    pds_launch(attn_prefill_fa<HD, BN, MT, ST, PIPE>, dim3(n_heads, n_tiles), FA_ROWS / MT * 2,
+               smem, s, (const bf16 *)q, q_stride, (const bf16 *)kv, seqs, bts, tiles, n_heads,
+               n_kv_heads, bs, shift, scale_log2, (bf16 *)out);
     LAUNCH_CHECK("attn_prefill_fa");
     return PDS_OK;
 }
@@ -440,12 +496,20 @@ extern "C" pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride,
     if (head_dim != 128 && head_dim != 64)
         return PDS_ERR(PDS_ERR_UNSUPPORTED,
                        "prefill attention: head_dim %d needs pds_cuda_attn_plain", head_dim);
-    /* PDS_ENGINE_CUDA_ATTN_KEYS=32|64 (keys per tile), PDS_ENGINE_CUDA_ATTN_MT=1|2 (m16 tiles per
-     * warp): shapes measured side by side on the H100 (bench/results/cuda-llama3-8b.md); the
-     * defaults, 32 keys and 2 tiles, were as fast as any and spill nothing */
-    static int keys = 0, mt = 0;
-    if (!keys) {
-        const char *e = getenv("PDS_ENGINE_CUDA_ATTN_KEYS");
+    /* PDS_ENGINE_CUDA_ATTN_PIPE: 1 (default) 32-key tiles in 3 stages, one barrier per tile;
+     * 4: 32-key tiles in 4 stages; 64: 64-key tiles in 2 stages, one barrier per tile; 0: the
+     * two-barrier kernel, whose shape PDS_ENGINE_CUDA_ATTN_KEYS=32|64 (keys per tile) and
+     * PDS_ENGINE_CUDA_ATTN_MT=1|2 (m16 tiles per warp) choose. Measured side by side on the H100
+     * (bench/results/cuda-llama3-8b.md). */
+    static int pipe = -1, keys = 0, mt = 0;
+    if (pipe < 0) {
+        const char *e = getenv("PDS_ENGINE_CUDA_ATTN_PIPE");
+        pipe = !e                     ? 1
+               : strcmp(e, "0") == 0  ? 0
+               : strcmp(e, "64") == 0 ? 64
+               : strcmp(e, "4") == 0  ? 4
+                                      : 1;
+        e = getenv("PDS_ENGINE_CUDA_ATTN_KEYS");
         keys = e && atoi(e) == 64 ? 64 : 32;
         e = getenv("PDS_ENGINE_CUDA_ATTN_MT");
         mt = e && atoi(e) == 1 ? 1 : 2;
@@ -454,13 +518,26 @@ extern "C" pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride,
 #define FA_ARGS                                                                                 \
     q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles, n_heads, n_kv_heads, block_size, \
         sl, out, s
+    if (pipe == 1)
+        return head_dim == 128 ? launch_fa<128, 32, 2, 3, 1>(FA_ARGS)
+                               : launch_fa<64, 32, 2, 3, 1>(FA_ARGS);
+    if (pipe == 4)
+        return head_dim == 128 ? launch_fa<128, 32, 2, 4, 1>(FA_ARGS)
+                               : launch_fa<64, 32, 2, 4, 1>(FA_ARGS);
+    if (pipe == 64)
+        return head_dim == 128 ? launch_fa<128, 64, 2, 2, 1>(FA_ARGS)
+                               : launch_fa<64, 64, 2, 2, 1>(FA_ARGS);
     if (head_dim == 128) {
         if (mt == 1)
-            return keys == 32 ? launch_fa<128, 32, 1>(FA_ARGS) : launch_fa<128, 64, 1>(FA_ARGS);
-        return keys == 32 ? launch_fa<128, 32, 2>(FA_ARGS) : launch_fa<128, 64, 2>(FA_ARGS);
+            return keys == 32 ? launch_fa<128, 32, 1, 2, 0>(FA_ARGS)
+                              : launch_fa<128, 64, 1, 2, 0>(FA_ARGS);
+        return keys == 32 ? launch_fa<128, 32, 2, 2, 0>(FA_ARGS)
+                          : launch_fa<128, 64, 2, 2, 0>(FA_ARGS);
     }
-    if (mt == 1) return keys == 32 ? launch_fa<64, 32, 1>(FA_ARGS) : launch_fa<64, 64, 1>(FA_ARGS);
-    return keys == 32 ? launch_fa<64, 32, 2>(FA_ARGS) : launch_fa<64, 64, 2>(FA_ARGS);
+    if (mt == 1)
+        return keys == 32 ? launch_fa<64, 32, 1, 2, 0>(FA_ARGS)
+                          : launch_fa<64, 64, 1, 2, 0>(FA_ARGS);
+    return keys == 32 ? launch_fa<64, 32, 2, 2, 0>(FA_ARGS) : launch_fa<64, 64, 2, 2, 0>(FA_ARGS);
 #undef FA_ARGS
 }
 
