@@ -216,12 +216,6 @@ pds_status_t router_place(router_t *r, int64_t n_tokens, const char *avoid_p, co
     return PDS_OK;
 }
 
-void router_node_release(router_t *r, node_t *p, node_t *d, int64_t n_tokens)
-{
-    /* Placement estimates are cleared by the next report; nothing to undo eagerly. */
-    (void)r, (void)p, (void)d, (void)n_tokens;
-}
-
 /* Router mu held. */
 void router_node_mark_down(router_t *r, node_t *n, const char *why)
 {

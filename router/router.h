@@ -177,7 +177,6 @@ pds_status_t router_node_report(router_t *r, const Pdserve__V1__LoadReport *rep,
  * nodes stay valid for the router's life (nodes are never freed before shutdown). */
 pds_status_t router_place(router_t *r, int64_t n_tokens, const char *avoid_p, const char *avoid_d,
                           node_t **p, node_t **d, bool *local);
-void router_node_release(router_t *r, node_t *p, node_t *d, int64_t n_tokens);
 node_t *router_node_find(router_t *r, const char *id); /* router mu held */
 void router_node_mark_down(router_t *r, node_t *n, const char *why);
 void router_nodes_fill_status(router_t *r, Pdserve__V1__ClusterStatusReply *reply,
