@@ -6,7 +6,19 @@
 #   bash bench/run_slo_cpu.sh predict   [--build DIR] [--out DIR]
 #       planner vs measured: 1 prefill + 1 decode, two workloads (code, Azure conv trace with
 #       lengths x 1/8) at three rates each; `pdserve-plan simulate` predicts the same requests
-#       from bench/profiles/cpu-small-1t.json. Writes OUT/slo-predict.json.
+#       from bench/profiles/cpu-small-1t-cluster.json (engine profile + the in-cluster terms of
+#       `calibrate`; $CLUSTER_PROFILE overrides) and, for comparison, from the isolated
+#       cpu-small-1t.json. Writes OUT/cpu-small-slo-predict.json. PREDICT_REQUESTS=N: requests
+#       per rate (default 40).
+#   bash bench/run_slo_cpu.sh calibrate [--build DIR] [--out DIR]
+#       measures the in-cluster terms of the latency model on 1 prefill + 1 decode with requests
+#       the evaluation (predict) never sends: (A) isolated requests (fixed lengths, 0.5 req/s) ->
+#       TTFT minus the profile's prefill compute = per-request control overhead, TPOT minus the
+#       profile's batch-1 step = per-step overhead; (B) one long decode (32 + 400 tokens) alone,
+#       then again while 512-token prompts keep the prefill node busy -> decode contention;
+#       (C) 384-token prompts while the decode node runs two long sequences -> prefill contention;
+#       (D) 1, 4, 8 long decodes at once -> the in-cluster token gap vs batch (per-sequence cost).
+#       Writes OUT/cpu-small-cluster-calibration.json; prints the "cluster" profile section.
 #   bash bench/run_slo_cpu.sh placement [--build DIR] [--out DIR]
 #       least-loaded vs SLO placement (best-effort, reject) on 2 prefill + 1 decode with a tight
 #       TTFT target and a mixed workload (Azure code trace, lengths x 1/4). OUT/slo-placement.json
@@ -27,6 +39,8 @@ while [ $# -gt 0 ]; do
 done
 bin=$build/bin
 profile=bench/profiles/cpu-small-1t.json
+# the same engine coefficients plus the in-cluster terms measured by `calibrate`
+cluster_profile=${CLUSTER_PROFILE:-bench/profiles/cpu-small-1t-cluster.json}
 traces=/work/shared/workloads
 export UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
 dir=$(mktemp -d /tmp/pds-slo.XXXXXX)
@@ -84,53 +98,122 @@ case $what in
     # lengths: code as built in; the Azure conversation trace scaled by 1/8 (its prompts have a
     # median of 1020 tokens: 0.6 s of prefill each on one CPU thread)
     results=()
+    load_before=$(cat /proc/loadavg)
+    # the 1-minute load average every 5 s while it runs (other people's builds show up here)
+    (while :; do echo "$(date +%s) $(cut -d' ' -f1 /proc/loadavg)"; sleep 5; done) >"$dir/loadavg.log" &
+    sampler=$!
     for wl in "code::1:2,4,6" "trace:$traces/azure-llm-2023-conv.csv:0.125:1,2,3"; do
       workload=${wl%%:*}; rest=${wl#*:}
       if [ "$workload" = trace ]; then workload="trace:${rest%%:*}"; fi
       rest=${rest#*:}; scale=${rest%%:*}; rates=${rest#*:}
       tag=$(echo "$workload" | sed 's|.*/||; s|\.csv||; s|[^a-z0-9-]|-|g')
-      common=(--workload "$workload" --length-scale "$scale" --max-context 8192 --requests 40
+      common=(--workload "$workload" --length-scale "$scale" --max-context 8192
+              --requests "${PREDICT_REQUESTS:-40}"
               --seed 7 --ttft-ms 250 --tpot-ms 25)
       start_cluster "$tag" "--slo.placement=least-loaded" prefill:p0 decode:d0
       "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$rates" \
         --label "$tag" --json "$dir/$tag-measured.json" --csv "$dir/$tag-measured.csv" \
+        --requests-csv "$dir/$tag-measured-req.csv" \
         --no-progress | tee "$dir/$tag-measured.txt"
       stop_cluster
-      "$bin/pdserve-plan" simulate --profile "$profile" "${common[@]}" --rates "$rates" \
+      # after: the profile with the calibrated in-cluster terms; before: the isolated engine's
+      "$bin/pdserve-plan" simulate --profile "$cluster_profile" "${common[@]}" --rates "$rates" \
         --policy best-effort --link-gbps 20 --json "$dir/$tag-sim.json" | tee "$dir/$tag-sim.txt"
-      results+=("$tag" "$dir/$tag-measured.json" "$dir/$tag-sim.json")
+      "$bin/pdserve-plan" simulate --profile "$profile" "${common[@]}" --rates "$rates" \
+        --policy best-effort --link-gbps 20 --json "$dir/$tag-sim0.json" >"$dir/$tag-sim0.txt"
+      results+=("$tag" "$dir/$tag-measured.json" "$dir/$tag-sim.json" "$dir/$tag-sim0.json")
     done
+    kill "$sampler"
     mkdir -p "$out"
-    /usr/bin/python3 - "$out/cpu-small-slo-predict.json" "$(cat /proc/loadavg)" "${results[@]}" <<'EOF'
+    load_max=$(sort -k2 -n -r "$dir/loadavg.log" | head -1 | cut -d' ' -f2)
+    /usr/bin/python3 - "$out/cpu-small-slo-predict.json" "$load_before" \
+      "$(cat /proc/loadavg) (max 1-min load while running: $load_max)" \
+      "${results[@]}" <<'EOF'
 import json, sys
-out, load, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+out, load0, load1, rest = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 rows = []
-for i in range(0, len(rest), 3):
-    tag, m, s = rest[i], json.load(open(rest[i + 1])), json.load(open(rest[i + 2]))
-    for rm, rs in zip(m["runs"], s["runs"]):
-        def err(p, q): return 100.0 * (p - q) / q if q else None
-        rows.append({"workload": tag, "rate": rm["rate"], "n": rm["sent"],
-                     "measured": {"attainment": rm["attainment"], "ttft_p90_ms": rm["ttft_ms"]["p90"],
-                                  "tpot_p90_ms": rm["tpot_ms"]["p90"], "ttft_p50_ms": rm["ttft_ms"]["p50"],
-                                  "tpot_p50_ms": rm["tpot_ms"]["p50"]},
-                     "predicted": {"attainment": rs["attainment"], "ttft_p90_ms": rs["ttft_ms"]["p90"],
-                                   "tpot_p90_ms": rs["tpot_ms"]["p90"], "ttft_p50_ms": rs["ttft_ms"]["p50"],
-                                   "tpot_p50_ms": rs["tpot_ms"]["p50"]},
-                     "error_pct": {"ttft_p90": err(rs["ttft_ms"]["p90"], rm["ttft_ms"]["p90"]),
-                                   "tpot_p90": err(rs["tpot_ms"]["p90"], rm["tpot_ms"]["p90"]),
-                                   "attainment_points": 100 * (rs["attainment"] - rm["attainment"])}})
-json.dump({"bench": "slo-predict", "loadavg_after": load, "rows": rows,
-           "measured": [json.load(open(rest[i + 1])) for i in range(0, len(rest), 3)],
-           "simulated": [json.load(open(rest[i + 2])) for i in range(0, len(rest), 3)]},
+def err(p, q): return 100.0 * (p - q) / q if q else None
+def pick(r):
+    return {"attainment": r["attainment"], "ttft_p90_ms": r["ttft_ms"]["p90"],
+            "tpot_p90_ms": r["tpot_ms"]["p90"], "ttft_p50_ms": r["ttft_ms"]["p50"],
+            "tpot_p50_ms": r["tpot_ms"]["p50"]}
+def errs(rs, rm):
+    e = {"ttft_p90": err(rs["ttft_ms"]["p90"], rm["ttft_ms"]["p90"]),
+         "tpot_p90": err(rs["tpot_ms"]["p90"], rm["tpot_ms"]["p90"]),
+         "attainment_rel": err(rs["attainment"], rm["attainment"]),
+         "attainment_points": 100 * (rs["attainment"] - rm["attainment"])}
+    e["within_10pct"] = all(abs(e[k]) <= 10 for k in ("ttft_p90", "tpot_p90", "attainment_rel"))
+    return e
+M, S, S0 = [], [], []
+for i in range(0, len(rest), 4):
+    tag = rest[i]
+    m, s, s0 = (json.load(open(rest[i + k])) for k in (1, 2, 3))
+    M.append(m), S.append(s), S0.append(s0)
+    for rm, rs, r0 in zip(m["runs"], s["runs"], s0["runs"]):
+        rows.append({"workload": tag, "rate": rm["rate"], "n": rm["sent"], "measured": pick(rm),
+                     "predicted": pick(rs), "error_pct": errs(rs, rm),
+                     "predicted_isolated_profile": pick(r0), "error_pct_isolated_profile": errs(r0, rm)})
+json.dump({"bench": "slo-predict", "loadavg_before": load0, "loadavg_after": load1, "rows": rows,
+           "measured": M, "simulated": S, "simulated_isolated_profile": S0},
           open(out, "w"), indent=2)
-print("| workload | rate | attainment meas / pred | TTFT p90 meas / pred (err) | TPOT p90 meas / pred (err) |")
-print("|---|---|---|---|---|")
+print(f"loadavg before {load0} / after {load1}")
+print("| workload | rate | attainment meas / pred (err) | TTFT p90 meas / pred (err) | TPOT p90 meas / pred (err) | within 10% | before: TTFT / TPOT p90 err |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
-    m, p, e = r["measured"], r["predicted"], r["error_pct"]
-    print(f"| {r['workload']} | {r['rate']:g} | {100*m['attainment']:.0f}% / {100*p['attainment']:.0f}% | "
+    m, p, e, e0 = r["measured"], r["predicted"], r["error_pct"], r["error_pct_isolated_profile"]
+    print(f"| {r['workload']} | {r['rate']:g} | {100*m['attainment']:.0f}% / {100*p['attainment']:.0f}% ({e['attainment_rel']:+.0f}%) | "
           f"{m['ttft_p90_ms']:.0f} / {p['ttft_p90_ms']:.0f} ms ({e['ttft_p90']:+.0f}%) | "
-          f"{m['tpot_p90_ms']:.1f} / {p['tpot_p90_ms']:.1f} ms ({e['tpot_p90']:+.0f}%) |")
+          f"{m['tpot_p90_ms']:.1f} / {p['tpot_p90_ms']:.1f} ms ({e['tpot_p90']:+.0f}%) | "
+          f"{'yes' if e['within_10pct'] else 'no'} | {e0['ttft_p90']:+.0f}% / {e0['tpot_p90']:+.0f}% |")
 EOF
+    ;;
+  calibrate)
+    bgpids=()
+    start_cluster calib "--slo.placement=least-loaded" prefill:p0 decode:d0
+    cal=(--ttft-ms 250 --tpot-ms 25 --no-progress --max-context 8192)
+    # (A) isolated requests, three prompt lengths (2 s apart: each is done before the next)
+    for len in 64 192 384; do
+      "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len "$len" --output-len 48 \
+        --rate 0.5 --requests 6 --seed 11 --arrival gamma:0.01 --label "iso-$len" \
+        --requests-csv "$dir/iso-$len.csv" >"$dir/iso-$len.txt"
+    done
+    # (B) a long decode alone, then beside a saturated prefill node (512-token prompts, 1 output
+    # token: they never reach the decode batch; 30 at 6/s is ~7 s of prefill work)
+    "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 32 --output-len 400 \
+      --rate 1 --requests 1 --seed 12 --label long-alone --requests-csv "$dir/long-alone.csv" \
+      >"$dir/long-alone.txt"
+    "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 512 --output-len 1 \
+      --rate 6 --requests 30 --seed 13 --arrival gamma:0.01 --label bg \
+      --requests-csv "$dir/bg.csv" >"$dir/bg.txt" &
+    bgpid=$!
+    sleep 1.5
+    "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 32 --output-len 400 \
+      --rate 1 --requests 1 --seed 12 --label long-busy --requests-csv "$dir/long-busy.csv" \
+      >"$dir/long-busy.txt"
+    wait "$bgpid"
+    # (C) 384-token prompts (1 output token) while the decode node runs two long sequences
+    # (pdserve-cli, own request ids), to compare with the isolated 384-token TTFTs of (A) ->
+    # prefill contention
+    for k in 1 2; do
+      "$bin/pdserve-cli" generate --router "$router" --tokens 5,6,7,8,9,10,11,$k --max-tokens 1000 \
+        --ignore-eos --quiet --json --request-id "calib-decode-$k" >"$dir/dec-bg-$k.json" &
+      bgpids+=($!)
+    done
+    sleep 1
+    "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 384 --output-len 1 \
+      --rate 0.5 --requests 4 --seed 15 --arrival gamma:0.01 --label pre-busy \
+      --requests-csv "$dir/pre-busy.csv" >"$dir/pre-busy.txt"
+    wait "${bgpids[@]}"
+    # (D) B long decodes at once (B = 1, 4, 8; 32 + 300 tokens): the in-cluster token gap vs batch
+    for b in 1 4 8; do
+      "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 32 --output-len 300 \
+        --rate 1000 --requests "$b" --seed 16 --arrival gamma:0.01 --label "batch-$b" \
+        --requests-csv "$dir/batch-$b.csv" >"$dir/batch-$b.txt"
+    done
+    stop_cluster
+    mkdir -p "$out"
+    /usr/bin/python3 bench/slo_calibrate.py --profile "$profile" --dir "$dir" \
+      --loadavg "$(cat /proc/loadavg)" --out "$out/cpu-small-cluster-calibration.json"
     ;;
   placement)
     # a mixed workload: the Azure code trace (prompts p50 1469 / p90 5186 tokens) x 1/4, in its
@@ -187,7 +270,7 @@ EOF
     done
     bash bench/plot_load.sh --out "$out/cpu-small-coloc" "${csvs[@]}"
     ;;
-  *) echo "usage: bench/run_slo_cpu.sh predict|placement|coloc [--build DIR] [--out DIR]" >&2
+  *) echo "usage: bench/run_slo_cpu.sh calibrate|predict|placement|coloc [--build DIR] [--out DIR]" >&2
      exit 2 ;;
 esac
 echo "logs in $dir"

@@ -1,8 +1,9 @@
 /* Tests of common/slo: the fitter against known coefficients (exact and with 2% noise), the
- * predictions against hand-computed values, placement choices and every policy's status, the
- * simulator against M/D/1 queueing theory and hand-traced small runs, goodput bisection, profile
- * files (round trip and malformed input), the trace CSV reader and the workload generator, and the
- * online refit. Scratch files live in $PDS_TEST_TMP (or /tmp). */
+ * predictions against hand-computed values (with and without the in-cluster terms), placement
+ * choices and every policy's status, the simulator against M/D/1 queueing theory and hand-traced
+ * small runs, goodput bisection, profile files (round trip and malformed input), the trace CSV
+ * reader and the workload generator, and the online refit. Scratch files live in $PDS_TEST_TMP (or
+ * /tmp). */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -206,6 +207,25 @@ Test(slo, ttft_prediction_packs_the_queue_into_budget_sized_batches)
     pds_slo_decode_load_t d = {.model = &m, .batch = 3, .context_tokens = 1000};
     /* batch 4, context 1000 + 200 + 100/2 = 1250: 5 + 4 + 12.5 */
     cr_expect_float_eq(pds_slo_predict_tpot(&d, 200, 100), 21.5, 1e-9);
+}
+
+Test(slo, cluster_terms_add_their_measured_costs_to_predictions)
+{
+    pds_slo_model_t m = pm;
+    m.ttft_overhead_ms = 4, m.decode_step_overhead_ms = 0.5, m.decode_contention = 0.25;
+    pds_slo_prefill_load_t p = {
+        .model = &m, .queued_tokens = 2500, .busy_ms = 7, .max_batch_tokens = 1000};
+    /* as without the terms (7 + 2 * 110 + 60 + 70 + 6 exposed) + the 4 ms control path */
+    cr_expect_float_eq(pds_slo_predict_ttft(&p, 600), 7 + 2 * 110 + 60 + 70 + 6.0 + 4, 1e-9);
+    /* step at batch 1, context 101: 5 + 1 + 1.01 = 7.01; + 0.5 idle, x 1.25 then + 0.5 busy */
+    cr_expect_float_eq(pds_slo_decode_gap_ms(&m, 1, 101, false), 7.51, 1e-9);
+    cr_expect_float_eq(pds_slo_decode_gap_ms(&m, 1, 101, true), 7.01 * 1.25 + 0.5, 1e-9);
+    cr_expect_eq(pds_slo_decode_gap_ms(&m, 0, 101, true), 0);
+    /* TPOT: batch 4, context 1250 -> 21.5 + 0.5 (the router's prediction: no contention) */
+    pds_slo_decode_load_t d = {.model = &m, .batch = 3, .context_tokens = 1000};
+    cr_expect_float_eq(pds_slo_predict_tpot(&d, 200, 100), 22.0, 1e-9);
+    /* all zero: exactly the isolated engine's step */
+    cr_expect_float_eq(pds_slo_decode_gap_ms(&pm, 1, 101, true), 7.01, 1e-12);
 }
 
 /* ---- placement --------------------------------------------------------------------------------
@@ -455,6 +475,50 @@ Test(slo, simulator_traces_one_request_through_prefill_transfer_and_decode)
     cr_expect_float_eq(res.makespan_ms, 21 + 7.01 + 7.02 + 7.03 + 7.04, 1e-9);
 }
 
+Test(slo, simulator_adds_control_overhead_and_step_overhead_to_one_request)
+{
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.prefill_model = c.decode_model = pm;
+    c.prefill_model.ttft_overhead_ms = 4;
+    c.decode_model.decode_step_overhead_ms = 0.5;
+    pds_slo_req_t r = {.arrival_ms = 3, .prompt_tokens = 100, .output_tokens = 5};
+    pds_slo_sim_result_t res;
+    double ttft, tpot;
+    cr_assert_eq(pds_slo_sim_run(&c, &r, 1, &res, &ttft, &tpot), PDS_OK);
+    /* prefill 20 + exposed 1 + control 4 */
+    cr_expect_float_eq(ttft, 25.0, 1e-9);
+    /* 4 steps at context 101..104, each 0.5 ms slower */
+    cr_expect_float_eq(tpot, (7.51 + 7.52 + 7.53 + 7.54) / 4, 1e-9);
+    cr_expect_float_eq(res.makespan_ms, 25 + 7.51 + 7.52 + 7.53 + 7.54, 1e-9);
+    /* colocated: the control path delays the first token only (prefill-first: prompt 20 ms) */
+    c.mode = PDS_SLO_SIM_COLOC_PREFILL_FIRST;
+    cr_assert_eq(pds_slo_sim_run(&c, &r, 1, &res, &ttft, &tpot), PDS_OK);
+    cr_expect_float_eq(ttft, 20.0 + 4, 1e-9);
+    cr_expect_float_eq(tpot, (7.51 + 7.52 + 7.53 + 7.54) / 4, 1e-9);
+}
+
+Test(slo, simulator_slows_steps_that_overlap_the_other_phase_by_its_contention)
+{
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.prefill_model = c.decode_model = pm;
+    c.prefill_model.prefill_contention = 0.5;
+    c.decode_model.decode_contention = 0.5;
+    pds_slo_req_t r[2] = {{.arrival_ms = 0, .prompt_tokens = 100, .output_tokens = 5},
+                          {.arrival_ms = 22, .prompt_tokens = 100, .output_tokens = 5}};
+    pds_slo_sim_result_t res;
+    double ttft[2], tpot[2];
+    cr_assert_eq(pds_slo_sim_run(&c, r, 2, &res, ttft, tpot), PDS_OK);
+    /* A: prefill 0..20 (decode idle), first token 21; its steps at context 101..104 start at
+     * 21 (prefill idle: 7.01), then 28.01, 38.54, 49.085 while B's prefill runs (x 1.5) */
+    double a_end = 21 + 7.01 + 1.5 * (7.02 + 7.03 + 7.04);
+    cr_expect_float_eq(ttft[0], 21.0, 1e-9);
+    cr_expect_float_eq(tpot[0], (a_end - 21) / 4, 1e-9);
+    /* B: prefill 22..52 (20 ms x 1.5: A is decoding), exposed transfer 1 ms (3 ms/layer compute
+     * hides all but the last layer), joins when A's last step ends; prefill idle again */
+    cr_expect_float_eq(ttft[1], 52 + 1 - 22.0, 1e-9);
+    cr_expect_float_eq(tpot[1], (a_end + 7.01 + 7.02 + 7.03 + 7.04 - 53) / 4, 1e-9);
+}
+
 Test(slo, simulator_holds_requests_until_kv_room_frees)
 {
     pds_slo_sim_config_t c = pds_slo_sim_default_config();
@@ -617,6 +681,9 @@ Test(slo, profile_round_trips_through_a_file)
     a.m.decode_split = 24, a.m.decode_d2 = 1.0 / 3, a.m.decode_e2 = 0.7, a.m.decode_f2 = 1e-5;
     a.m.link_gbytes_per_s = 12.5, a.m.link_msg_ms = 0.02, a.m.kv_bytes_per_token = 131072;
     a.m.n_layers = 32;
+    a.m.ttft_overhead_ms = 7.87, a.m.decode_step_overhead_ms = 0.255;
+    a.m.decode_contention = 0.181, a.m.prefill_contention = 0.173;
+    snprintf(a.calibration, sizeof a.calibration, "run_slo_cpu.sh calibrate");
     a.prefill_fit = (pds_slo_fit_t){30, 0.0123456789, 0.999};
     a.decode_fit = (pds_slo_fit_t){96, 0.031, 0.98};
     a.kv_blocks = 123456, a.block_size = 16, a.max_batch_tokens = 4096, a.max_batch_seqs = 128;
@@ -626,6 +693,7 @@ Test(slo, profile_round_trips_through_a_file)
     cr_expect_str_eq(b.model_name, "small");
     cr_expect_str_eq(b.device, "NVIDIA H100 80GB HBM3");
     cr_expect_str_eq(b.backend, "cuda");
+    cr_expect_str_eq(b.calibration, "run_slo_cpu.sh calibrate");
     cr_expect_eq(b.tp, 2);
     cr_expect_eq(memcmp(&a.m, &b.m, sizeof a.m), 0, "model coefficients differ");
     cr_expect_eq(b.prefill_fit.n, 30);
@@ -653,6 +721,21 @@ Test(slo, malformed_profiles_are_rejected_with_a_clear_message)
     cr_expect_eq(parse(GOOD_HEAD GOOD_PRE GOOD_DEC "}", &p), PDS_OK, "%s", pds_err_detail());
     cr_expect_eq(p.tp, 1);
     cr_expect_eq(p.max_batch_tokens, 8192);
+    cr_expect_eq(p.m.ttft_overhead_ms, 0); /* no cluster section: an isolated engine */
+    cr_expect_eq(p.m.decode_contention, 0);
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE GOOD_DEC ", \"cluster\": {\"ttft_overhead_ms\": 8, "
+                                                   "\"decode_contention\": 0.2}}",
+                       &p),
+                 PDS_OK, "%s", pds_err_detail());
+    cr_expect_eq(p.m.ttft_overhead_ms, 8);
+    cr_expect_eq(p.m.decode_contention, 0.2);
+    cr_expect_eq(p.m.decode_step_overhead_ms, 0);
+    cr_expect_eq(
+        parse(GOOD_HEAD GOOD_PRE GOOD_DEC ", \"cluster\": {\"prefill_contention\": -1}}", &p),
+        PDS_ERR_INVALID_ARG);
+    cr_expect(strstr(pds_err_detail(), "cluster overheads and contention must be >= 0") != NULL,
+              "%s", pds_err_detail());
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE GOOD_DEC ", \"cluster\": 3}", &p), PDS_ERR_PARSE);
 
     cr_expect_eq(parse("{\"magic\": ", &p), PDS_ERR_PARSE);
     cr_expect(strstr(pds_err_detail(), "t.json:1:") != NULL, "%s", pds_err_detail());

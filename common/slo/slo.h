@@ -39,11 +39,31 @@ typedef struct {
     double link_msg_ms;       /* per-message cost of that link */
     int64_t kv_bytes_per_token; /* K+V of one token over all layers */
     int n_layers;               /* transfer goes one message per layer */
+    /* In-cluster terms (profile section "cluster"; 0 = an isolated engine), measured on a running
+     * cluster by `bench/run_slo_cpu.sh calibrate`, not fitted to the runs they predict:
+     *   ttft_overhead_ms         control path per request outside compute and transfer (router
+     *                            hop, Prefill / OpenTransfer / CommitTransfer RPCs, kvx commit,
+     *                            the first token's way back): added to every TTFT;
+     *   decode_step_overhead_ms  per decode step outside the engine's forward (token streaming
+     *                            through the router, the decode loop): added to every token gap;
+     *   decode_contention        a decode step started while a prefill batch runs on a node that
+     *                            shares the host's cores takes (1 + this) x its time (simulator;
+     *                            the router's per-request prediction has no view of it);
+     *   prefill_contention       likewise, a prefill batch started while a decode node is
+     *                            running a batch on the same host. */
+    double ttft_overhead_ms;
+    double decode_step_overhead_ms;
+    double decode_contention;
+    double prefill_contention;
 } pds_slo_model_t;
 
 /* Each prediction is clamped at 0 (a fit may have a slightly negative intercept). */
 double pds_slo_prefill_ms(const pds_slo_model_t *m, double tokens);
 double pds_slo_decode_step_ms(const pds_slo_model_t *m, double batch, double context);
+/* The gap between two tokens of a sequence in the cluster: the engine step at (batch, context),
+ * x (1 + decode_contention) when prefill_busy, + decode_step_overhead_ms; 0 for batch <= 0. */
+double pds_slo_decode_gap_ms(const pds_slo_model_t *m, double batch, double context,
+                             bool prefill_busy);
 /* Whole transfer of `tokens` tokens' KV: n_layers messages (1 if n_layers is 0). */
 double pds_slo_transfer_ms(const pds_slo_model_t *m, double tokens);
 /* The part of a layer-by-layer transfer not hidden behind a prefill of compute_ms: with per-layer
@@ -110,7 +130,10 @@ pds_status_t pds_slo_refit_update(pds_slo_refit_t *r, pds_slo_model_t *m, pds_sl
  * "rms_rel_err", "r2", "samples"}, "decode": {"d_ms", "e_ms_per_seq", "f_ms_per_context_token",
  * "split_batch", "d2_ms", "e2_ms_per_seq", "f2_ms_per_context_token", "rms_rel_err", "r2",
  * "samples"}, "transfer": {"gbytes_per_s", "msg_ms"}, "kv": {"bytes_per_token", "n_layers",
- * "block_size", "blocks"}, "limits": {"max_batch_tokens", "max_batch_seqs"}, "created": "..."}. */
+ * "block_size", "blocks"}, "limits": {"max_batch_tokens", "max_batch_seqs"}, "created": "...",
+ * optional "cluster": {"ttft_overhead_ms", "decode_step_overhead_ms", "decode_contention",
+ * "prefill_contention", "calibration"}} (in-cluster terms, all >= 0; absent = 0; "calibration" says
+ * how they were measured and is kept in pds_slo_profile_t.calibration). */
 #define PDS_SLO_PROFILE_MAGIC   "pdserve-profile"
 #define PDS_SLO_PROFILE_VERSION 1
 
@@ -125,7 +148,8 @@ typedef struct {
     int64_t kv_blocks;    /* KV capacity of one node (instance) */
     int max_batch_tokens; /* prefill token budget */
     int max_batch_seqs;
-    char created[32]; /* ISO time, informational */
+    char created[32];      /* ISO time, informational */
+    char calibration[256]; /* "cluster" section's note: how its terms were measured ("" = none) */
 } pds_slo_profile_t;
 
 /* Defaults for fields a profile may omit (tp = pp = 1, block 16, budgets 8192/256). */
@@ -166,10 +190,11 @@ typedef struct {
 
 /* TTFT on a prefill node: busy + the FCFS batches of the queue ahead (in max_batch_tokens chunks)
  * + its own batch (sharing the last one when it fits) + the exposed transfer over the prefill
- * model's link. */
+ * model's link + its ttft_overhead_ms. */
 double pds_slo_predict_ttft(const pds_slo_prefill_load_t *p, int64_t prompt_tokens);
-/* TPOT on a decode node with the request added: one step at batch + 1 and context + prompt +
- * output / 2 (its mean context while it generates). */
+/* TPOT on a decode node with the request added: one token gap (pds_slo_decode_gap_ms, no
+ * contention) at batch + 1 and context + prompt + output / 2 (its mean context while it
+ * generates). */
 double pds_slo_predict_tpot(const pds_slo_decode_load_t *d, int64_t prompt_tokens,
                             int64_t output_tokens);
 
@@ -291,7 +316,8 @@ pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_
  * prefill batch before the next decode step (vLLM); chunked fills each step's token budget with
  * the running decodes plus prompt chunks (Sarathi-Serve), a chunk of t tokens after p done costing
  * b*t + c*((p+t)^2 - p^2) on top of the decode step, so whole prompts cost what prefill does.
- * Deterministic for its inputs. */
+ * The models' in-cluster terms apply as pds_slo_model_t describes (contention only between the
+ * prefill and decode nodes of a disaggregated cluster). Deterministic for its inputs. */
 typedef enum {
     PDS_SLO_SIM_DISAGG = 0,
     PDS_SLO_SIM_COLOC_PREFILL_FIRST,

@@ -38,6 +38,15 @@ double pds_slo_decode_step_ms(const pds_slo_model_t *m, double batch, double con
     return t > 0 ? t : 0;
 }
 
+double pds_slo_decode_gap_ms(const pds_slo_model_t *m, double batch, double context,
+                             bool prefill_busy)
+{
+    if (batch <= 0) return 0;
+    double t = pds_slo_decode_step_ms(m, batch, context);
+    if (prefill_busy && m->decode_contention > 0) t *= 1 + m->decode_contention;
+    return t + (m->decode_step_overhead_ms > 0 ? m->decode_step_overhead_ms : 0);
+}
+
 double pds_slo_transfer_ms(const pds_slo_model_t *m, double tokens)
 {
     if (m->link_gbytes_per_s <= 0 || tokens <= 0) return 0;
@@ -440,14 +449,15 @@ double pds_slo_predict_ttft(const pds_slo_prefill_load_t *p, int64_t prompt_toke
     } else {
         own = pds_slo_prefill_ms(m, q + n);
     }
-    return t + own + pds_slo_transfer_exposed_ms(m, n, own);
+    double over = m->ttft_overhead_ms > 0 ? m->ttft_overhead_ms : 0;
+    return t + own + pds_slo_transfer_exposed_ms(m, n, own) + over;
 }
 
 double pds_slo_predict_tpot(const pds_slo_decode_load_t *d, int64_t prompt_tokens,
                             int64_t output_tokens)
 {
     double ctx = d->context_tokens + (double)prompt_tokens + (double)output_tokens / 2;
-    return pds_slo_decode_step_ms(d->model, d->batch + 1, ctx);
+    return pds_slo_decode_gap_ms(d->model, d->batch + 1, ctx, false);
 }
 
 /* ---- placement ----------------------------------------------------------------------------------

@@ -160,6 +160,19 @@ static pds_status_t profile_from_json(json_t *root, const char *name, pds_slo_pr
     p.m.kv_bytes_per_token = bpt, p.m.n_layers = (int)layers;
     p.block_size = (int)bs, p.kv_blocks = blocks;
 
+    json_t *cl = get_section(name, root, "cluster", false, &s);
+    if (s != PDS_OK) return s;
+    PDS_TRY(get_num(name, cl, "cluster", "ttft_overhead_ms", false, &p.m.ttft_overhead_ms));
+    PDS_TRY(get_num(name, cl, "cluster", "decode_step_overhead_ms", false,
+                    &p.m.decode_step_overhead_ms));
+    PDS_TRY(get_num(name, cl, "cluster", "decode_contention", false, &p.m.decode_contention));
+    PDS_TRY(get_num(name, cl, "cluster", "prefill_contention", false, &p.m.prefill_contention));
+    if (cl) PDS_TRY(get_str(name, cl, "calibration", false, p.calibration, sizeof p.calibration));
+    if (p.m.ttft_overhead_ms < 0 || p.m.decode_step_overhead_ms < 0 || p.m.decode_contention < 0 ||
+        p.m.prefill_contention < 0)
+        return PDS_ERR(PDS_ERR_INVALID_ARG,
+                       "profile %s: cluster overheads and contention must be >= 0", name);
+
     json_t *lim = get_section(name, root, "limits", false, &s);
     if (s != PDS_OK) return s;
     int64_t mbt = p.max_batch_tokens, mbs = p.max_batch_seqs;
@@ -247,6 +260,18 @@ pds_status_t pds_slo_profile_save(const pds_slo_profile_t *p, const char *path)
     json_object_set_new(root, "transfer", tr);
     json_object_set_new(root, "kv", kv);
     json_object_set_new(root, "limits", lim);
+    if (m->ttft_overhead_ms != 0 || m->decode_step_overhead_ms != 0 || m->decode_contention != 0 ||
+        m->prefill_contention != 0 || p->calibration[0]) {
+        json_t *cl = json_pack("{s:f, s:f, s:f, s:f, s:s}", "ttft_overhead_ms", m->ttft_overhead_ms,
+                               "decode_step_overhead_ms", m->decode_step_overhead_ms,
+                               "decode_contention", m->decode_contention, "prefill_contention",
+                               m->prefill_contention, "calibration", p->calibration);
+        if (!cl) {
+            s = PDS_ERR(PDS_ERR_INVALID_ARG, "profile %s: cannot encode the cluster section", path);
+            goto out;
+        }
+        json_object_set_new(root, "cluster", cl);
+    }
     if (json_dump_file(root, path,
                        JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17)) != 0)
         s = PDS_ERR(PDS_ERR_IO, "profile %s: cannot write", path);

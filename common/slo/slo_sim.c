@@ -8,7 +8,10 @@
  * trade-offs are the ones a planner can afford: KV for prompt + output is reserved at placement
  * (no preemption, no swap), links never contend, and a batch of prompts costs a + b*T + c*T^2 of
  * its total T. Requests the router holds back (QUEUE) are retried on every event that frees
- * capacity, looking at most RETRY_SCAN of them per event.
+ * capacity, looking at most RETRY_SCAN of them per event. The model's in-cluster terms enter here:
+ * the control overhead delays each first token (and, disaggregated, the decode join), every token
+ * gap carries the step overhead, and a step of one phase started while the other phase computes
+ * (any prefill node busy / any decode node with a batch) is stretched by that phase's contention.
  */
 #include <math.h>
 #include <stdio.h>
@@ -336,6 +339,11 @@ static pds_status_t prefill_start(sim_t *s, int p)
     }
     pn->queued_tokens -= tokens;
     pn->batch_ms = pds_slo_prefill_ms(&s->c->prefill_model, tokens);
+    /* decode nodes running a batch share the host's cores (prefill_contention) */
+    bool decode_busy = false;
+    for (int d = 0; d < s->nD && !decode_busy; d++) decode_busy = s->D[d].n_run > 0;
+    if (decode_busy && s->c->prefill_model.prefill_contention > 0)
+        pn->batch_ms *= 1 + s->c->prefill_model.prefill_contention;
     pn->busy = true;
     pn->busy_until = s->now + pn->batch_ms;
     return ev_push(s, pn->busy_until, EV_PREFILL_DONE, p);
@@ -346,9 +354,12 @@ static pds_status_t prefill_done(sim_t *s, int p)
     pnode_t *pn = &s->P[p];
     pn->busy = false;
     for (int i = fifo_pop(s, &pn->batch); i >= 0; i = fifo_pop(s, &pn->batch)) {
-        double exposed =
-            pds_slo_transfer_exposed_ms(&s->c->prefill_model, s->r[i].prompt, pn->batch_ms);
-        PDS_TRY(first_token(s, i, s->now + exposed, false));
+        const pds_slo_model_t *m = &s->c->prefill_model;
+        double exposed = pds_slo_transfer_exposed_ms(m, s->r[i].prompt, pn->batch_ms);
+        /* the control path (commit, CommitTransfer, the token's way back) delays both the first
+         * token and the request's join to its decode batch */
+        double over = m->ttft_overhead_ms > 0 ? m->ttft_overhead_ms : 0;
+        PDS_TRY(first_token(s, i, s->now + exposed + over, false));
     }
     PDS_TRY(prefill_start(s, p));
     return retry_waiting(s);
@@ -406,10 +417,13 @@ static pds_status_t iter_start(sim_t *s, int d)
         }
         dn->chunk_reqs = touched;
         dn->iter_prefill = touched > 0;
-        ms = pds_slo_decode_step_ms(&c->decode_model, dn->n_run, dn->run_ctx) +
+        ms = pds_slo_decode_gap_ms(&c->decode_model, dn->n_run, dn->run_ctx, false) +
              (dn->n_run == 0 ? m->prefill_a : 0) + (extra > 0 ? extra : 0);
     } else if (dn->n_run > 0) {
-        ms = pds_slo_decode_step_ms(&c->decode_model, dn->n_run, dn->run_ctx);
+        /* disaggregated: prefill nodes share the host's cores (decode_contention) */
+        bool prefill_busy = false;
+        for (int p = 0; p < s->nP && !s->coloc && !prefill_busy; p++) prefill_busy = s->P[p].busy;
+        ms = pds_slo_decode_gap_ms(&c->decode_model, dn->n_run, dn->run_ctx, prefill_busy);
     } else {
         return PDS_OK; /* idle */
     }
@@ -618,6 +632,8 @@ pds_status_t pds_slo_sim_run(const pds_slo_sim_config_t *c, const pds_slo_req_t 
         if (st != PDS_OK) goto out;
     }
     /* results */
+    double coloc_over =
+        c->prefill_model.ttft_overhead_ms > 0 ? c->prefill_model.ttft_overhead_ms : 0;
     memset(res, 0, sizeof *res);
     res->n = n;
     double *tt = vt, *tp = vt + n, sum_tt = 0, sum_tp = 0, last = 0;
@@ -631,7 +647,9 @@ pds_status_t pds_slo_sim_run(const pds_slo_sim_config_t *c, const pds_slo_req_t 
             continue;
         }
         res->n_finished++;
-        double a = q->t_first - q->arrival;
+        /* colocated: the control path is a pure delay of the first token (the disaggregated
+         * one is in t_first already: it also delays the decode join) */
+        double a = q->t_first - q->arrival + (s.coloc ? coloc_over : 0);
         double b = q->output > 1 ? (q->t_last - q->t_first) / (q->output - 1) : 0;
         if (ttft) ttft[i] = a;
         if (tpot) tpot[i] = b;

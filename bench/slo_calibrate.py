@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""slo_calibrate.py: the in-cluster terms of the SLO latency model from `run_slo_cpu.sh calibrate`.
+
+Inputs: the profile (isolated-engine coefficients) and the per-request CSVs of the calibration runs
+(none of them is a request the evaluation sends). Terms, each measured directly:
+  ttft_overhead_ms        median over isolated requests of TTFT - prefill(prompt) - exposed transfer
+                          (router hop, Prefill RPC, OpenTransfer, kvx commit, CommitTransfer, the
+                          first token's way back: the control path the compute model lacks)
+  decode_step_overhead_ms median over isolated requests of TPOT - step(1, mean context)
+                          (token streaming decode -> router -> client, the decode loop's own work)
+  decode_contention       TPOT of one long decode while the prefill node computes back to back,
+                          over its TPOT alone, minus 1 (two engines and their I/O threads on the
+                          same cores); the simulator multiplies a decode step by 1 + this when a
+                          prefill batch is running.
+  prefill_contention      median TTFT of 384-token prompts while the decode node runs a batch,
+                          minus the control overhead and exposed transfer, over the profile's
+                          prefill time, minus 1 (the mirror image: a prefill slowed by decoding).
+A check, not a term: B = 1, 4, 8 long decodes at once; their token gap against the profile's step at
+that batch (does the in-cluster step grow faster with the batch than the profile's?).
+"""
+import argparse, csv, json, statistics, sys
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--profile", required=True)
+ap.add_argument("--dir", required=True)
+ap.add_argument("--loadavg", default="")
+ap.add_argument("--out", required=True)
+ap.add_argument("--link-gbps", type=float, default=20.0)
+a = ap.parse_args()
+p = json.load(open(a.profile))
+pf, dc, kv = p["prefill"], p["decode"], p["kv"]
+
+
+def prefill_ms(t):
+    return max(0.0, pf["a_ms"] + pf["b_ms_per_token"] * t + pf["c_ms_per_token2"] * t * t)
+
+
+def step_ms(b, c):
+    if dc.get("split_batch", 0) and b > dc["split_batch"]:
+        v = dc["d2_ms"] + dc["e2_ms_per_seq"] * b + dc["f2_ms_per_context_token"] * c
+    else:
+        v = dc["d_ms"] + dc["e_ms_per_seq"] * b + dc["f_ms_per_context_token"] * c
+    return max(0.0, v)
+
+
+def exposed_ms(tokens, compute):  # same formula as pds_slo_transfer_exposed_ms, no msg cost
+    L = kv["n_layers"] or 1
+    t = tokens * kv["bytes_per_token"] / L / (a.link_gbps / 8 * 1e9) * 1e3
+    return t + (L - 1) * max(0.0, t - compute / L)
+
+
+def rows(name):
+    return [r for r in csv.DictReader(open(f"{a.dir}/{name}.csv")) if r["status"].lower() == "ok"]
+
+
+iso = []
+for name in ("iso-64", "iso-192", "iso-384"):
+    for r in rows(name):
+        n, o = int(r["prompt_tokens"]), int(r["output_tokens"])
+        ttft, tpot = float(r["ttft_ms"]), float(r["tpot_ms"])
+        comp = prefill_ms(n)
+        iso.append({"prompt": n, "output": o, "ttft_ms": ttft, "tpot_ms": tpot,
+                    "prefill_model_ms": comp, "exposed_ms": exposed_ms(n, comp),
+                    "ttft_extra_ms": ttft - comp - exposed_ms(n, comp),
+                    "step_model_ms": step_ms(1, n + o / 2),
+                    "tpot_extra_ms": tpot - step_ms(1, n + o / 2)})
+if not iso:
+    sys.exit("slo_calibrate.py: no successful isolated requests")
+ttft_over = statistics.median(x["ttft_extra_ms"] for x in iso)
+step_over = max(0.0, statistics.median(x["tpot_extra_ms"] for x in iso))  # noise can dip below 0
+alone, busy = rows("long-alone"), rows("long-busy")
+tpot_alone, tpot_busy = float(alone[0]["tpot_ms"]), float(busy[0]["tpot_ms"])
+contention = max(0.0, tpot_busy / tpot_alone - 1)
+pre = rows("pre-busy")
+comp384 = prefill_ms(384)
+ttft_pre = statistics.median(float(r["ttft_ms"]) for r in pre)
+iso384 = statistics.median(x["ttft_ms"] for x in iso if x["prompt"] == 384)
+pcont = max(0.0, (ttft_pre - ttft_over - exposed_ms(384, comp384)) / comp384 - 1)
+by_len = {}
+for x in iso:
+    by_len.setdefault(x["prompt"], []).append(x)
+print("prompt | n | TTFT meas (median) | prefill model | TTFT extra | TPOT meas | step model | TPOT extra")
+for n in sorted(by_len):
+    xs = by_len[n]
+    med = lambda k: statistics.median(x[k] for x in xs)
+    print(f"{n} | {len(xs)} | {med('ttft_ms'):.1f} | {med('prefill_model_ms'):.1f} | "
+          f"{med('ttft_extra_ms'):.1f} | {med('tpot_ms'):.2f} | {med('step_model_ms'):.2f} | "
+          f"{med('tpot_extra_ms'):.2f}")
+print(f"long decode (32 + 400): TPOT alone {tpot_alone:.2f} ms, beside busy prefill "
+      f"{tpot_busy:.2f} ms -> contention {contention:.3f}")
+print(f"384-token prompts: TTFT isolated {iso384:.1f} ms, beside a decoding batch {ttft_pre:.1f} ms "
+      f"-> prefill contention {pcont:.3f}")
+# (D) a check, not a term: the in-cluster token gap at batch B vs the profile's step
+batch_check = []
+for b in (1, 4, 8):
+    try:
+        rs = rows(f"batch-{b}")
+    except FileNotFoundError:
+        continue
+    gaps = sorted(float(r["tpot_ms"]) for r in rs)
+    n0, o0 = int(rs[0]["prompt_tokens"]), int(rs[0]["output_tokens"])
+    model = step_ms(b, b * (n0 + o0 / 2))
+    batch_check.append({"batch": b, "tpot_median_ms": statistics.median(gaps), "profile_step_ms": model})
+    print(f"{b} decodes at once: token gap median {statistics.median(gaps):.2f} ms, profile step "
+          f"{model:.2f} ms ({100 * (statistics.median(gaps) / model - 1):+.0f}%)")
+section = {"ttft_overhead_ms": round(ttft_over, 2), "decode_step_overhead_ms": round(step_over, 3),
+           "decode_contention": round(contention, 3),
+           "prefill_contention": round(pcont, 3)}
+print("cluster section:", json.dumps(section))
+json.dump({"bench": "slo-cluster-calibration", "profile": a.profile, "loadavg_after": a.loadavg,
+           "cluster": section, "isolated": iso,
+           "long_decode": {"tpot_alone_ms": tpot_alone, "tpot_beside_prefill_ms": tpot_busy,
+                           "alone": alone[0], "busy": busy[0]},
+           "background": rows("bg"), "batch_check": batch_check,
+           "prefill_beside_decode": {"ttft_median_ms": ttft_pre, "isolated_median_ms": iso384,
+                                     "requests": pre, "decode_batch": [json.load(open(f"{a.dir}/dec-bg-{k}.json")) for k in (1, 2)]}}, open(a.out, "w"), indent=2)
