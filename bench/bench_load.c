@@ -112,7 +112,8 @@ static void *request_thread(void *arg)
     Pdserve__V1__SamplingParams sp = PDSERVE__V1__SAMPLING_PARAMS__INIT;
     Pdserve__V1__Slo slo = PDSERVE__V1__SLO__INIT;
     char id[48];
-    snprintf(id, sizeof id, "load-%d", r->index);
+    /* the pid keeps concurrent load generators on one router from colliding (ALREADY_EXISTS) */
+    snprintf(id, sizeof id, "load-%d-%d", (int)getpid(), r->index);
     req.request_id = id;
     tid.n_ids = (size_t)r->prompt_len;
     tid.ids = prompt;
