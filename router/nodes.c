@@ -136,17 +136,7 @@ pds_status_t router_node_report(router_t *r, const Pdserve__V1__LoadReport *rep,
         const Pdserve__V1__LatencyModel *lm = rep->latency;
         if (lm && n->have_model && (lm->prefill_b_ms_per_token > 0 || lm->decode_d_ms > 0)) {
             /* the node's own current fit replaces ours */
-            n->model.prefill_a = lm->prefill_a_ms;
-            n->model.prefill_b = lm->prefill_b_ms_per_token;
-            n->model.prefill_c = lm->prefill_c_ms_per_token2;
-            n->model.decode_d = lm->decode_d_ms;
-            n->model.decode_e = lm->decode_e_ms_per_seq;
-            n->model.decode_f = lm->decode_f_ms_per_context_token;
-            n->model.decode_split = 0;
-            if (lm->transfer_gbytes_per_s > 0) {
-                n->model.link_gbytes_per_s = lm->transfer_gbytes_per_s;
-                n->model.link_msg_ms = lm->transfer_msg_ms;
-            }
+            router_model_from_proto(lm, &n->model);
         }
         n->last_report_ns = pds_time_now_ns();
         n->inflight_tokens = n->inflight_blocks = 0; /* the report now counts them */

@@ -193,6 +193,9 @@ void router_slo_targets(router_t *r, const Pdserve__V1__Slo *slo, double *ttft_m
                         char *class_name, size_t cap);
 /* Router mu held. The latency model of a (re-)registered node: its NodeInfo.latency when set,
  * else the profile of its role. */
+/* Copies the latency coefficients of a wire LatencyModel into m (the link terms only when the
+ * node measured them; decode as one line). Other fields of m are left as they are. */
+void router_model_from_proto(const Pdserve__V1__LatencyModel *lm, pds_slo_model_t *m);
 void router_node_model_init(router_t *r, node_t *n);
 /* Places a request (either placement mode): PDS_OK with *out filled and charged to the nodes;
  * PDS_AGAIN (wait and ask again), PDS_ERR_EXHAUSTED (reject; message with the predictions),

@@ -139,6 +139,21 @@ void router_slo_targets(router_t *r, const Pdserve__V1__Slo *slo, double *ttft_m
 /* ---- node models
  * ----------------------------------------------------------------------------------
  */
+void router_model_from_proto(const Pdserve__V1__LatencyModel *lm, pds_slo_model_t *m)
+{
+    m->prefill_a = lm->prefill_a_ms;
+    m->prefill_b = lm->prefill_b_ms_per_token;
+    m->prefill_c = lm->prefill_c_ms_per_token2;
+    m->decode_d = lm->decode_d_ms;
+    m->decode_e = lm->decode_e_ms_per_seq;
+    m->decode_f = lm->decode_f_ms_per_context_token;
+    m->decode_split = 0; /* the wire model has one decode line */
+    if (lm->transfer_gbytes_per_s > 0) {
+        m->link_gbytes_per_s = lm->transfer_gbytes_per_s;
+        m->link_msg_ms = lm->transfer_msg_ms;
+    }
+}
+
 void router_node_model_init(router_t *r, node_t *n)
 {
     const Pdserve__V1__NodeInfo *info = n->info;
@@ -148,14 +163,7 @@ void router_node_model_init(router_t *r, node_t *n)
     const Pdserve__V1__LatencyModel *lm = info->latency;
     if (lm && (lm->prefill_b_ms_per_token > 0 || lm->decode_d_ms > 0)) {
         memset(&n->model, 0, sizeof n->model);
-        n->model.prefill_a = lm->prefill_a_ms;
-        n->model.prefill_b = lm->prefill_b_ms_per_token;
-        n->model.prefill_c = lm->prefill_c_ms_per_token2;
-        n->model.decode_d = lm->decode_d_ms;
-        n->model.decode_e = lm->decode_e_ms_per_seq;
-        n->model.decode_f = lm->decode_f_ms_per_context_token;
-        n->model.link_gbytes_per_s = lm->transfer_gbytes_per_s;
-        n->model.link_msg_ms = lm->transfer_msg_ms;
+        router_model_from_proto(lm, &n->model);
         n->have_model = true;
     }
     /* the transfer term needs the KV geometry the node registered */
