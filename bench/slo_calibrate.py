@@ -35,7 +35,15 @@ def prefill_ms(t):
     return max(0.0, pf["a_ms"] + pf["b_ms_per_token"] * t + pf["c_ms_per_token2"] * t * t)
 
 
-def step_ms(b, c):
+def step_ms(b, c):  # pds_slo_decode_step_ms (common/slo/slo_model.c), knots included
+    knots = dc.get("knots", [])
+    if len(knots) >= 2:
+        i = 0
+        while i + 2 < len(knots) and b > knots[i + 1]["batch"]:
+            i += 1
+        lo, hi = knots[i], knots[i + 1]
+        at = [k["base_ms"] + k["ms_per_context_token"] * c for k in (lo, hi)]
+        return max(0.0, at[0] + (at[1] - at[0]) * (b - lo["batch"]) / (hi["batch"] - lo["batch"]))
     if dc.get("split_batch", 0) and b > dc["split_batch"]:
         v = dc["d2_ms"] + dc["e2_ms_per_seq"] * b + dc["f2_ms_per_context_token"] * c
     else:

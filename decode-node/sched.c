@@ -305,6 +305,15 @@ static void step(pds_decode_sched_t *s)
     int64_t t1 = pds_time_now_ns();
     float step_ms = (float)((t1 - t0) / 1e6);
     s->step++;
+    if (pds_log_enabled(PDS_LOG_DEBUG)) { /* the step trace latency models are checked against */
+        int64_t ctx = 0;
+        for (int i = 0; i < nb; i++) ctx += s->batch_seqs[i]->kv.n_tokens;
+        PDS_LOG_DEBUG(
+            MOD, "step n=%llu seqs=%d tokens=%d context=%lld forward_ms=%.3f since_last_ms=%.3f",
+            (unsigned long long)s->step, nb, tokens, (long long)ctx, step_ms,
+            s->t_step_end_ns ? (double)(t1 - s->t_step_end_ns) / 1e6 : 0.0);
+    }
+    s->t_step_end_ns = t1;
     if (st != PDS_OK) {
         char msg[320];
         snprintf(msg, sizeof msg, "decode step failed: %s", pds_err_detail());

@@ -113,6 +113,7 @@ struct pds_decode_sched {
     /* counters (engine thread), published through snap */
     uint64_t preemptions, n_finished;
     float step_ema_ms;
+    int64_t t_step_end_ns; /* end of the last forward (the debug step trace) */
     pthread_mutex_t snap_mu;
     pds_decode_stats_t snap;
 };

@@ -136,6 +136,81 @@ Test(slo, decode_fit_finds_the_breakpoint_of_piecewise_data)
     cr_expect_gt(fit.rms_rel, 0.01);
 }
 
+/* A CPU BLAS's decode step (measured: bench/profiles/cpu-small-1t.txt) is no line in the batch:
+ * 1 -> 2 sequences nearly doubles it, 3 -> 4 costs almost nothing. */
+static const double knot_b[] = {1, 2, 3, 4, 6, 8, 16};
+static const double knot_base[] = {4.0, 8.5, 11.0, 11.8, 17.5, 18.6, 24.8};
+static const double knot_f[] = {0.0029, 0.0030, 0.0031, 0.0030, 0.0032, 0.0030, 0.0029};
+
+static pds_slo_model_t knot_truth(void)
+{
+    pds_slo_model_t m = truth;
+    m.decode_knots = (int)PDS_ARRAY_LEN(knot_b);
+    for (int i = 0; i < m.decode_knots; i++)
+        m.decode_knot_batch[i] = knot_b[i], m.decode_knot_base[i] = knot_base[i],
+        m.decode_knot_f[i] = knot_f[i];
+    return m;
+}
+
+Test(slo, decode_fit_builds_a_table_when_the_step_is_not_linear_in_the_batch)
+{
+    pds_slo_decode_sample_t s[7 * 4];
+    int n = 0;
+    for (size_t i = 0; i < PDS_ARRAY_LEN(knot_b); i++)
+        for (double L = 128; L <= 1024; L *= 2) {
+            double C = knot_b[i] * L;
+            s[n++] = (pds_slo_decode_sample_t){knot_b[i], C, knot_base[i] + knot_f[i] * C};
+        }
+    pds_slo_model_t m = {0};
+    pds_slo_fit_t fit;
+    cr_assert_eq(pds_slo_fit_decode(s, n, true, &m, &fit), PDS_OK, "%s", pds_err_detail());
+    cr_assert_eq(m.decode_knots, 7);
+    for (int i = 0; i < 7; i++) {
+        cr_expect_eq(m.decode_knot_batch[i], knot_b[i]);
+        cr_expect_lt(REL(m.decode_knot_base[i], knot_base[i]), 1e-9, "knot %d", i);
+        cr_expect_lt(REL(m.decode_knot_f[i], knot_f[i]), 1e-6, "knot %d", i);
+    }
+    cr_expect_lt(fit.rms_rel, 1e-9);
+    /* between knots: the two neighbours' lines at that context, mixed linearly in the batch */
+    double C = 5 * 300.0;
+    double at4 = knot_base[3] + knot_f[3] * C, at6 = knot_base[4] + knot_f[4] * C;
+    cr_expect_lt(REL(pds_slo_decode_step_ms(&m, 5, C), (at4 + at6) / 2), 1e-9);
+    /* past the last knot the last segment extends */
+    double at8 = knot_base[5] + knot_f[5] * 64 * 100.0,
+           at16 = knot_base[6] + knot_f[6] * 64 * 100.0;
+    cr_expect_lt(REL(pds_slo_decode_step_ms(&m, 64, 64 * 100.0), at16 + (at16 - at8) * 6), 1e-9);
+    /* the line(s) kept as the summary miss by far more: that is why the table was kept */
+    pds_slo_model_t lines = m;
+    lines.decode_knots = 0;
+    pds_slo_fit_t lf;
+    pds_slo_eval_decode(&lines, s, n, &lf);
+    cr_expect_gt(lf.rms_rel, 0.03, "lines %.4f", lf.rms_rel);
+    /* without permission for a piecewise model: one line, no table */
+    cr_assert_eq(pds_slo_fit_decode(s, n, false, &m, &fit), PDS_OK);
+    cr_expect_eq(m.decode_knots, 0);
+    cr_expect_eq(m.decode_split, 0);
+}
+
+Test(slo, refit_scales_a_decode_table_toward_what_the_node_measures)
+{
+    pds_slo_refit_t *r;
+    cr_assert_eq(pds_slo_refit_create(64, 1.0, &r), PDS_OK);
+    pds_slo_model_t m = knot_truth(), before = m;
+    /* the node runs 20% slower than profiled, seen at two batch sizes only */
+    for (int i = 0; i < 20; i++) {
+        double B = i % 2 ? 3 : 8, C = B * 200;
+        pds_slo_refit_add_decode(r, B, C, 1.2 * pds_slo_decode_step_ms(&before, B, C));
+    }
+    cr_assert_eq(pds_slo_refit_update(r, &m, NULL, NULL), PDS_OK);
+    cr_expect_eq(m.decode_knots, 7);
+    double k = (1.2 * 20 + 1.0) / 21; /* the prior pulls the factor toward 1 */
+    for (double B = 1; B <= 16; B++)  /* the whole table, also where nothing was observed */
+        cr_expect_lt(REL(pds_slo_decode_step_ms(&m, B, B * 500),
+                         k * pds_slo_decode_step_ms(&before, B, B * 500)),
+                     1e-9, "B %g", B);
+    pds_slo_refit_destroy(r);
+}
+
 Test(slo, fits_reject_samples_that_cannot_determine_the_model)
 {
     pds_slo_prefill_sample_t same[5];
@@ -679,6 +754,11 @@ Test(slo, profile_round_trips_through_a_file)
     a.tp = 2, a.pp = 1, a.threads = 0;
     a.m = truth;
     a.m.decode_split = 24, a.m.decode_d2 = 1.0 / 3, a.m.decode_e2 = 0.7, a.m.decode_f2 = 1e-5;
+    pds_slo_model_t kt = knot_truth();
+    a.m.decode_knots = kt.decode_knots;
+    memcpy(a.m.decode_knot_batch, kt.decode_knot_batch, sizeof kt.decode_knot_batch);
+    memcpy(a.m.decode_knot_base, kt.decode_knot_base, sizeof kt.decode_knot_base);
+    memcpy(a.m.decode_knot_f, kt.decode_knot_f, sizeof kt.decode_knot_f);
     a.m.link_gbytes_per_s = 12.5, a.m.link_msg_ms = 0.02, a.m.kv_bytes_per_token = 131072;
     a.m.n_layers = 32;
     a.m.ttft_overhead_ms = 7.87, a.m.decode_step_overhead_ms = 0.255;
@@ -769,6 +849,31 @@ Test(slo, malformed_profiles_are_rejected_with_a_clear_message)
                        &p),
                  PDS_ERR_PARSE);
     cr_expect(strstr(pds_err_detail(), "decode.d2_ms") != NULL, "%s", pds_err_detail());
+    /* decode tables: good, one knot, batches out of order, a knot without its slope */
+#define DEC_KNOTS(k)                                                                   \
+    "\"decode\": {\"d_ms\": 2, \"e_ms_per_seq\": 0.1, \"f_ms_per_context_token\": 0, " \
+    "\"knots\": " k "}}"
+#define KNOT(b, base) "{\"batch\": " #b ", \"base_ms\": " #base ", \"ms_per_context_token\": 0.003}"
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE DEC_KNOTS("[" KNOT(1, 4) ", " KNOT(4, 12) "]"), &p),
+                 PDS_OK, "%s", pds_err_detail());
+    cr_expect_eq(p.m.decode_knots, 2);
+    cr_expect_eq(p.m.decode_knot_base[1], 12);
+    cr_expect_eq(pds_slo_decode_step_ms(&p.m, 2, 0), 4 + (12 - 4) / 3.0);
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE DEC_KNOTS("[" KNOT(1, 4) "]"), &p), PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "decode.knots must be an array of 2..16") != NULL, "%s",
+              pds_err_detail());
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE DEC_KNOTS("[" KNOT(4, 4) ", " KNOT(2, 12) "]"), &p),
+                 PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "decode.knots[1].batch 2") != NULL, "%s", pds_err_detail());
+    cr_expect_eq(parse(GOOD_HEAD GOOD_PRE DEC_KNOTS("[" KNOT(1, 4) ", {\"batch\": 2, "
+                                                                   "\"base_ms\": 5}]"),
+                       &p),
+                 PDS_ERR_PARSE);
+    cr_expect(strstr(pds_err_detail(), "missing field decode.knots[1].ms_per_context_token") !=
+                  NULL,
+              "%s", pds_err_detail());
+#undef KNOT
+#undef DEC_KNOTS
     /* all-zero coefficients */
     cr_expect_eq(parse(GOOD_HEAD "\"prefill\": {\"a_ms\": 0, \"b_ms_per_token\": 0, "
                                  "\"c_ms_per_token2\": 0}, " GOOD_DEC "}",

@@ -5,7 +5,10 @@
  * The model (DESIGN.md "SLO model"), all times in milliseconds:
  *   prefill batch   = a + b*T + c*T^2          T = new tokens in the batch
  *   decode step     = d + e*B + f*C            B = sequences in the batch, C = their context tokens
- *                     (optionally a second (d2, e2, f2) for B > split when one line does not fit)
+ *                     (optionally a second (d2, e2, f2) for B > split when one line does not fit,
+ *                     or a table of per-batch lines base_i + f_i*C at the profiled batch sizes,
+ *                     interpolated linearly in B, when the step time is not linear in B at all:
+ *                     a CPU BLAS's step grows in steps with the batch)
  *   KV transfer     = msgs * msg_ms + bytes / bandwidth
  * The quadratic term is attention over the prompt; with several prompts in one batch c*T^2
  * overestimates (attention is per sequence), which errs on the safe side for placement.
@@ -30,11 +33,21 @@
 
 /* ---- the model --------------------------------------------------------------------------------
  */
+#define PDS_SLO_MAX_KNOTS 16
+
 typedef struct {
     double prefill_a, prefill_b, prefill_c; /* ms, ms/token, ms/token^2 */
     double decode_d, decode_e, decode_f;    /* ms, ms/seq, ms/context token */
     int decode_split;                       /* 0: one line; else B > split uses (d2, e2, f2) */
     double decode_d2, decode_e2, decode_f2;
+    /* Knots (0 or 2..PDS_SLO_MAX_KNOTS, batches strictly increasing): when present they define
+     * the step, and (d, e, f[, split]) remain the best line(s) as a summary (ClusterStatus). Step
+     * at batch B between knots i and i+1 = the two knots' lines at C, mixed linearly in B; outside
+     * the knots the nearest segment extends. */
+    int decode_knots;
+    double decode_knot_batch[PDS_SLO_MAX_KNOTS];
+    double decode_knot_base[PDS_SLO_MAX_KNOTS]; /* ms */
+    double decode_knot_f[PDS_SLO_MAX_KNOTS];    /* ms per context token */
     double link_gbytes_per_s; /* KV link out of a prefill node (GB/s = 1e9 B/s); 0 = no transfer */
     double link_msg_ms;       /* per-message cost of that link */
     int64_t kv_bytes_per_token; /* K+V of one token over all layers */
@@ -98,7 +111,10 @@ pds_status_t pds_slo_fit_prefill(const pds_slo_prefill_sample_t *s, int n, pds_s
 /* Fit (d, e, f) into m->decode_*; needs samples varying in both batch and context. With
  * allow_split, also tries every batch breakpoint with >= 6 samples each side and keeps the best
  * split when it cuts the RMS relative error by at least a third (m->decode_split = breakpoint);
- * otherwise decode_split = 0. */
+ * otherwise decode_split = 0. Then, also with allow_split, when 3..PDS_SLO_MAX_KNOTS distinct
+ * integer batches each have >= 2 distinct contexts, fits one line per batch (the knots) and keeps
+ * them when they cut the RMS relative error of the line(s) by at least a third again
+ * (m->decode_knots; else 0). */
 pds_status_t pds_slo_fit_decode(const pds_slo_decode_sample_t *s, int n, bool allow_split,
                                 pds_slo_model_t *m, pds_slo_fit_t *fit);
 /* Error of a model on samples (no fitting). */
@@ -119,8 +135,9 @@ void pds_slo_refit_add_prefill(pds_slo_refit_t *r, double tokens, double ms);
 void pds_slo_refit_add_decode(pds_slo_refit_t *r, double batch, double context, double ms);
 int pds_slo_refit_count(const pds_slo_refit_t *r, bool decode);
 /* Refits m in place from the window (prefill needs >= 3 samples, decode >= 3; a phase with fewer is
- * left alone) and clears decode_split (the window is too small to place a breakpoint). Fit errors
- * over the window are written when the pointers are non-NULL. */
+ * left alone; each side of a decode split refits its own line). A knot table keeps its shape and
+ * is scaled by the window's observed / predicted time, pulled toward 1 by prior_weight samples.
+ * Fit errors over the window are written when the pointers are non-NULL. */
 pds_status_t pds_slo_refit_update(pds_slo_refit_t *r, pds_slo_model_t *m, pds_slo_fit_t *prefill,
                                   pds_slo_fit_t *decode);
 
@@ -129,7 +146,8 @@ pds_status_t pds_slo_refit_update(pds_slo_refit_t *r, pds_slo_model_t *m, pds_sl
  * "tp": 1, "pp": 1, "threads": 2, "prefill": {"a_ms", "b_ms_per_token", "c_ms_per_token2",
  * "rms_rel_err", "r2", "samples"}, "decode": {"d_ms", "e_ms_per_seq", "f_ms_per_context_token",
  * "split_batch", "d2_ms", "e2_ms_per_seq", "f2_ms_per_context_token", "rms_rel_err", "r2",
- * "samples"}, "transfer": {"gbytes_per_s", "msg_ms"}, "kv": {"bytes_per_token", "n_layers",
+ * "samples", optional "knots": [{"batch", "base_ms", "ms_per_context_token"}, ...]},
+ * "transfer": {"gbytes_per_s", "msg_ms"}, "kv": {"bytes_per_token", "n_layers",
  * "block_size", "blocks"}, "limits": {"max_batch_tokens", "max_batch_seqs"}, "created": "...",
  * optional "cluster": {"ttft_overhead_ms", "decode_step_overhead_ms", "decode_contention",
  * "prefill_contention", "calibration"}} (in-cluster terms, all >= 0; absent = 0; "calibration" says

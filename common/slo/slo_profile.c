@@ -94,6 +94,36 @@ static pds_status_t get_fit(const char *name, json_t *sec, const char *sect, pds
     return PDS_OK;
 }
 
+/* decode.knots: absent, or 2..PDS_SLO_MAX_KNOTS {batch, base_ms, ms_per_context_token} with
+ * batches >= 1 and strictly increasing. */
+static pds_status_t get_knots(const char *name, json_t *dec, pds_slo_model_t *m)
+{
+    json_t *arr = json_object_get(dec, "knots");
+    m->decode_knots = 0;
+    if (!arr) return PDS_OK;
+    size_t n = json_is_array(arr) ? json_array_size(arr) : 0;
+    if (!json_is_array(arr) || n < 2 || n > PDS_SLO_MAX_KNOTS)
+        return PDS_ERR(PDS_ERR_PARSE, "profile %s: decode.knots must be an array of 2..%d knots",
+                       name, PDS_SLO_MAX_KNOTS);
+    for (size_t i = 0; i < n; i++) {
+        json_t *k = json_array_get(arr, i);
+        char sect[32];
+        snprintf(sect, sizeof sect, "decode.knots[%zu]", i);
+        if (!json_is_object(k))
+            return PDS_ERR(PDS_ERR_PARSE, "profile %s: %s must be an object", name, sect);
+        PDS_TRY(get_num(name, k, sect, "batch", true, &m->decode_knot_batch[i]));
+        PDS_TRY(get_num(name, k, sect, "base_ms", true, &m->decode_knot_base[i]));
+        PDS_TRY(get_num(name, k, sect, "ms_per_context_token", true, &m->decode_knot_f[i]));
+        if (m->decode_knot_batch[i] < 1 ||
+            (i > 0 && !(m->decode_knot_batch[i] > m->decode_knot_batch[i - 1])))
+            return PDS_ERR(PDS_ERR_PARSE,
+                           "profile %s: %s.batch %g: batches must be >= 1 and increasing", name,
+                           sect, m->decode_knot_batch[i]);
+    }
+    m->decode_knots = (int)n;
+    return PDS_OK;
+}
+
 static pds_status_t profile_from_json(json_t *root, const char *name, pds_slo_profile_t *out)
 {
     pds_slo_profile_t p;
@@ -141,6 +171,7 @@ static pds_status_t profile_from_json(json_t *root, const char *name, pds_slo_pr
     PDS_TRY(get_num(name, dec, "decode", "e2_ms_per_seq", split > 0, &p.m.decode_e2));
     PDS_TRY(get_num(name, dec, "decode", "f2_ms_per_context_token", split > 0, &p.m.decode_f2));
     PDS_TRY(get_fit(name, dec, "decode", &p.decode_fit));
+    PDS_TRY(get_knots(name, dec, &p.m));
 
     json_t *tr = get_section(name, root, "transfer", false, &s);
     if (s != PDS_OK) return s;
@@ -239,6 +270,19 @@ pds_status_t pds_slo_profile_save(const pds_slo_profile_t *p, const char *path)
         m->decode_e, "f_ms_per_context_token", m->decode_f, "split_batch", m->decode_split, "d2_ms",
         m->decode_d2, "e2_ms_per_seq", m->decode_e2, "f2_ms_per_context_token", m->decode_f2,
         "rms_rel_err", p->decode_fit.rms_rel, "r2", p->decode_fit.r2, "samples", p->decode_fit.n);
+    if (dec && m->decode_knots > 0) {
+        json_t *arr = json_array();
+        for (int i = 0; arr && i < m->decode_knots; i++)
+            json_array_append_new(arr,
+                                  json_pack("{s:f, s:f, s:f}", "batch", m->decode_knot_batch[i],
+                                            "base_ms", m->decode_knot_base[i],
+                                            "ms_per_context_token", m->decode_knot_f[i]));
+        if (!arr || json_array_size(arr) != (size_t)m->decode_knots ||
+            json_object_set_new(dec, "knots", arr) != 0) {
+            json_decref(dec);
+            dec = NULL; /* reported below as out of memory */
+        }
+    }
     json_t *tr =
         json_pack("{s:f, s:f}", "gbytes_per_s", m->link_gbytes_per_s, "msg_ms", m->link_msg_ms);
     json_t *kv = json_pack("{s:I, s:i, s:i, s:I}", "bytes_per_token",

@@ -316,9 +316,12 @@ static void scale_tp(const opts_t *o, const pds_slo_profile_t *p, int tp, pds_sl
     double *coef[] = {&m->prefill_a, &m->prefill_b, &m->prefill_c, &m->decode_d, &m->decode_e,
                       &m->decode_f,  &m->decode_d2, &m->decode_e2, &m->decode_f2};
     for (size_t i = 0; i < PDS_ARRAY_LEN(coef); i++) *coef[i] /= speed;
+    for (int i = 0; i < m->decode_knots; i++)
+        m->decode_knot_base[i] /= speed, m->decode_knot_f[i] /= speed;
     double ar = tp > 1 ? 2.0 * (m->n_layers > 0 ? m->n_layers : 32) * o->tp_allreduce_us / 1000 : 0;
     m->prefill_a += ar, m->decode_d += ar;
     if (m->decode_split) m->decode_d2 += ar;
+    for (int i = 0; i < m->decode_knots; i++) m->decode_knot_base[i] += ar;
     *kv_blocks = (int64_t)((double)p->kv_blocks * k);
 }
 

@@ -274,6 +274,13 @@ int plan_profile_main(int argc, char **argv)
     if (prof.m.decode_split)
         printf(" (B <= %d), %.4g + %.4g*B + %.4g*C (B > %d)", prof.m.decode_split, prof.m.decode_d2,
                prof.m.decode_e2, prof.m.decode_f2, prof.m.decode_split);
+    if (prof.m.decode_knots) {
+        printf(" as a summary; the step is the table (one line per batch, linear in B between):\n");
+        for (int i = 0; i < prof.m.decode_knots; i++)
+            printf("        B=%-4g %.4g + %.4g*C ms\n", prof.m.decode_knot_batch[i],
+                   prof.m.decode_knot_base[i], prof.m.decode_knot_f[i]);
+        printf("       ");
+    }
     printf("   (RMS rel err %.2f%%, R^2 %.5f, %d samples)\n", 100 * prof.decode_fit.rms_rel,
            prof.decode_fit.r2, prof.decode_fit.n);
     if (link_gbps <= 0)

@@ -19,22 +19,25 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: pdserve-plan simulate --profile P.json [--prefill-profile P] [--decode-profile "
-            "D]\n"
-            "         [--mode disagg|prefill-first|chunked] [--prefill N] [--decode M]\n"
-            "         [--chunk-tokens 512] [--decode-kv-tokens K] [--max-batch-tokens T]\n"
-            "         --workload fixed:P:O|chatbot|code|summarization|trace:FILE.csv\n"
-            "         [--arrival poisson|gamma:CV|trace] [--length-scale F] [--max-context N]\n"
-            "         --rates R1,R2,.. (--requests N | --duration S) [--seed 1]\n"
-            "         [--ttft-ms X] [--tpot-ms Y] [--policy queue|best-effort|reject]\n"
-            "         [--link-gbps X] [--link-msg-ms X] [--json FILE]\n"
-            "Simulates the given cluster on the same requests `pdserve-bench load` sends with the\n"
-            "same options and prints attainment and TTFT/TPOT percentiles per rate.\n");
+    fprintf(
+        f, "usage: pdserve-plan simulate --profile P.json [--prefill-profile P] [--decode-profile "
+           "D]\n"
+           "         [--mode disagg|prefill-first|chunked] [--prefill N] [--decode M]\n"
+           "         [--chunk-tokens 512] [--decode-kv-tokens K] [--max-batch-tokens T]\n"
+           "         --workload fixed:P:O|chatbot|code|summarization|trace:FILE.csv\n"
+           "         [--arrival poisson|gamma:CV|trace] [--length-scale F] [--max-context N]\n"
+           "         --rates R1,R2,.. (--requests N | --duration S) [--seed 1]\n"
+           "         [--ttft-ms X] [--tpot-ms Y] [--policy queue|best-effort|reject]\n"
+           "         [--link-gbps X] [--link-msg-ms X] [--json FILE]\n"
+           "         [--requests-csv FILE]\n"
+           "Simulates the given cluster on the same requests `pdserve-bench load` sends with the\n"
+           "same options and prints attainment and TTFT/TPOT percentiles per rate.\n"
+           "--requests-csv writes one line per simulated request in the columns of `pdserve-bench\n"
+           "load --requests-csv`, so the two can be compared request by request.\n");
 }
 
 typedef struct {
-    const char *profile, *pp, *dp, *workload, *arrival, *json;
+    const char *profile, *pp, *dp, *workload, *arrival, *json, *req_csv;
     int mode, np, nd, chunk, requests, max_ctx, max_batch_tokens;
     int64_t kv_tokens;
     double duration, scale, ttft, tpot, link_gbps, link_msg_ms, rates[64];
@@ -42,6 +45,21 @@ typedef struct {
     uint64_t seed;
     pds_slo_policy_t policy;
 } sim_opts_t;
+
+/* One CSV line per request; the simulator names no nodes, and a rejected request has ttft < 0. */
+static void write_requests(FILE *f, double rate, const pds_slo_req_t *reqs, int n,
+                           const double *ttft, const double *tpot, double ttft_target,
+                           double tpot_target)
+{
+    for (int i = 0; i < n; i++) {
+        int ok = ttft[i] >= 0;
+        int met = ok && (ttft_target <= 0 || ttft[i] <= ttft_target) &&
+                  (tpot_target <= 0 || tpot[i] <= tpot_target);
+        fprintf(f, "sim,%.4f,%d,%.2f,%d,%d,%s,%.3f,%.4f,%d,,\n", rate, i, reqs[i].arrival_ms,
+                reqs[i].prompt_tokens, reqs[i].output_tokens, ok ? "ok" : "rejected",
+                ok ? ttft[i] : 0.0, ok ? tpot[i] : 0.0, met);
+    }
+}
 
 static pds_status_t parse(int argc, char **argv, sim_opts_t *o)
 {
@@ -68,6 +86,7 @@ static pds_status_t parse(int argc, char **argv, sim_opts_t *o)
                                          {"link-gbps", required_argument, 0, 'l'},
                                          {"link-msg-ms", required_argument, 0, 'L'},
                                          {"json", required_argument, 0, 'j'},
+                                         {"requests-csv", required_argument, 0, 'Q'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     *o = (sim_opts_t){.np = 1,
@@ -170,6 +189,9 @@ static pds_status_t parse(int argc, char **argv, sim_opts_t *o)
             break;
         case 'j':
             o->json = optarg;
+            break;
+        case 'Q':
+            o->req_csv = optarg;
             break;
         case 'h':
             usage(stdout);
@@ -287,6 +309,16 @@ int plan_simulate_main(int argc, char **argv)
                 "\"ttft_target_ms\": %g, \"tpot_target_ms\": %g, \"runs\": [",
                 pds_slo_sim_mode_name(c.mode), o.np, o.nd, w.name, o.scale,
                 (unsigned long long)o.seed, o.ttft, o.tpot);
+    FILE *qf = NULL;
+    if (o.req_csv && !(qf = fopen(o.req_csv, "w"))) {
+        fprintf(stderr, "pdserve-plan simulate: cannot write %s\n", o.req_csv);
+        if (jf) fclose(jf);
+        pds_slo_trace_destroy(trace);
+        return 1;
+    }
+    if (qf)
+        fprintf(qf, "label,rate,index,arrival_ms,prompt_tokens,output_tokens,status,ttft_ms,"
+                    "tpot_ms,met,prefill_node,decode_node\n");
     int rc = 0;
     for (int k = 0; k < o.n_rates; k++) {
         double rate = o.rates[k];
@@ -303,7 +335,11 @@ int plan_simulate_main(int argc, char **argv)
             while (m < n && reqs[m].arrival_ms <= o.duration * 1000.0) m++;
             n = m;
         }
-        if (s == PDS_OK) s = pds_slo_sim_run(&c, reqs, n, &r, NULL, NULL);
+        double *ttft = qf ? pds_malloc(sizeof *ttft * (size_t)n * 2) : NULL;
+        if (qf && !ttft) s = PDS_ERR(PDS_ERR_NO_MEMORY, "per-request results for %d requests", n);
+        if (s == PDS_OK) s = pds_slo_sim_run(&c, reqs, n, &r, ttft, ttft ? ttft + n : NULL);
+        if (s == PDS_OK && qf) write_requests(qf, rate, reqs, n, ttft, ttft + n, o.ttft, o.tpot);
+        pds_free(ttft);
         pds_free(reqs);
         if (s != PDS_OK) {
             fprintf(stderr, "pdserve-plan simulate: %s\n", pds_err_detail());
@@ -327,6 +363,7 @@ int plan_simulate_main(int argc, char **argv)
         fprintf(jf, "\n]}\n");
         if (fclose(jf) != 0) rc = 1;
     }
+    if (qf && fclose(qf) != 0) rc = 1;
     pds_slo_trace_destroy(trace);
     return rc;
 }
