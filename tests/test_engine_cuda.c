@@ -402,6 +402,126 @@ Test(engine_cuda, gemv_qkv_rope_matches_cpu_and_writes_the_pool)
         cudaFree(dq);
 }
 
+/* The tensor-core kernels for 5..64 rows: odd M (a last warp with rows past the end), K with a
+ * partial step (96) and K split over a cluster of 8 CTAs (2048), row counts off the 8-row tiles. */
+Test(engine_cuda, skinny_store_and_residual_add_match_cpu)
+{
+    need_gpu();
+    rng_seed(24);
+    const int M = 515, Ks[2] = {96, 2048}, ns[5] = {5, 8, 13, 32, 64};
+    for (int ki = 0; ki < 2; ki++) {
+        const int K = Ks[ki];
+        uint16_t *w = rand_bf((size_t)M * K, 1.0f), *dw = dup_to_dev(w, (size_t)M * K * 2);
+        for (int ni = 0; ni < 5; ni++) {
+            const int n = ns[ni];
+            uint16_t *x = rand_bf((size_t)n * K, 1.0f), *dx = dup_to_dev(x, (size_t)n * K * 2);
+            double *ref = malloc((size_t)n * M * 8);
+            matvec_ref(w, M, K, x, n, ref);
+            float *y0 = malloc((size_t)n * M * 4), *got = malloc((size_t)n * M * 4);
+            for (int i = 0; i < n * M; i++) y0[i] = 10.0f * frand();
+            for (int acc = 0; acc < 2; acc++) {
+                float *dy = acc ? dup_to_dev(y0, (size_t)n * M * 4) : dalloc((size_t)n * M * 4);
+                cr_assert_eq(pds_cuda_skinny_f32(dw, M, K, dx, n, dy, acc, 0), PDS_OK, "%s",
+                             pds_err_detail());
+                to_host(got, dy, (size_t)n * M * 4);
+                double *r = malloc((size_t)n * M * 8);
+                for (int i = 0; i < n * M; i++) r[i] = ref[i] + (acc ? y0[i] : 0.0);
+                double err = rel_err(got, r, (size_t)n * M);
+                cr_assert(err < 1e-5, "skinny K %d n %d acc %d rel err %g", K, n, acc, err);
+                free(r);
+                cudaFree(dy);
+            }
+            free(x), free(ref), free(y0), free(got);
+            cudaFree(dx);
+        }
+        free(w);
+        cudaFree(dw);
+    }
+    uint16_t *dw = dalloc(64 * 100 * 2);
+    cr_assert_eq(pds_cuda_skinny_f32(dw, 64, 100, dw, 8, NULL, 0, 0), PDS_ERR_UNSUPPORTED);
+    cr_assert_eq(pds_cuda_skinny_f32(dw, 64, 96, dw, pds_cuda_skinny_max_rows() + 1, NULL, 0, 0),
+                 PDS_ERR_UNSUPPORTED);
+    cudaFree(dw);
+}
+
+Test(engine_cuda, skinny_silu_matches_cpu)
+{
+    need_gpu();
+    rng_seed(25);
+    const int F = 300, K = 1024, n = 24; /* F off the 8-row units: the last one clamps */
+    uint16_t *w = rand_bf((size_t)2 * F * K, 0.1f), *x = rand_bf((size_t)n * K, 1.0f);
+    uint16_t *dw = dup_to_dev(w, (size_t)2 * F * K * 2), *dx = dup_to_dev(x, (size_t)n * K * 2);
+    uint16_t *dact = dalloc((size_t)n * F * 2), *act = malloc((size_t)n * F * 2);
+    cr_assert_eq(pds_cuda_skinny_silu(dw, F, K, dx, n, dact, 0), PDS_OK, "%s", pds_err_detail());
+    to_host(act, dact, (size_t)n * F * 2);
+    double *gu = malloc((size_t)n * 2 * F * 8), *ref = malloc((size_t)n * F * 8);
+    matvec_ref(w, 2 * F, K, x, n, gu);
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < F; j++) {
+            double g = gu[(size_t)r * 2 * F + j], u = gu[(size_t)r * 2 * F + F + j];
+            ref[(size_t)r * F + j] = g / (1.0 + exp(-g)) * u;
+        }
+    float *got = f_from_bf(act, (size_t)n * F);
+    double err = rel_err(got, ref, (size_t)n * F);
+    cr_assert(err < 1e-2, "skinny silu rel err %g", err);
+    free(w), free(x), free(act), free(gu), free(ref), free(got);
+    cudaFree(dw), cudaFree(dx), cudaFree(dact);
+}
+
+Test(engine_cuda, skinny_qkv_rope_matches_cpu_and_writes_the_pool)
+{
+    need_gpu();
+    rng_seed(26);
+    const int H = 8, KV = 2, hd = 128, K = 512, n = 37, bs = 16, nblocks = 8;
+    const int W = (H + 2 * KV) * hd;
+    pds_model_config_t c;
+    cr_assert_eq(pds_model_preset("llama3-8b", &c), PDS_OK);
+    float invf[64];
+    for (int i = 0; i < hd / 2; i++) invf[i] = 1.0f / powf(c.rope_theta, (float)(2 * i) / hd);
+    uint16_t *w = rand_bf((size_t)W * K, 0.1f), *x = rand_bf((size_t)n * K, 1.0f);
+    int32_t pos[37], slots[37];
+    for (int t = 0; t < n; t++) pos[t] = t * 1931 + 5, slots[t] = t * 3 % (nblocks * bs);
+    uint16_t *dw = dup_to_dev(w, (size_t)W * K * 2), *dx = dup_to_dev(x, (size_t)n * K * 2);
+    int32_t *dpos = dup_to_dev(pos, sizeof pos), *dsl = dup_to_dev(slots, sizeof slots);
+    float *dinv = dup_to_dev(invf, sizeof invf);
+    pds_kv_layout_t L = {1, nblocks, bs, KV, hd, 2};
+    size_t kvn = (size_t)pds_kv_block_elems(&L) * nblocks;
+    uint16_t *dkv = dalloc(kvn * 2), *dq = dalloc((size_t)n * W * 2);
+    cr_assert_eq(pds_cuda_skinny_qkv_rope(dw, K, dx, n, dpos, dsl, H, KV, hd, dinv, dq, dkv, bs, 0),
+                 PDS_OK, "%s", pds_err_detail());
+    uint16_t *qo = malloc((size_t)n * W * 2), *kv = malloc(kvn * 2);
+    to_host(qo, dq, (size_t)n * W * 2);
+    to_host(kv, dkv, kvn * 2);
+    double *y = malloc((size_t)n * W * 8), *ref = malloc((size_t)n * W * 8);
+    matvec_ref(w, W, K, x, n, y);
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < H + 2 * KV; h++)
+            for (int i = 0; i < hd; i++) {
+                size_t o = (size_t)t * W + h * hd + i;
+                double v = y[o];
+                if (h < H + KV) {
+                    int j = i % (hd / 2);
+                    double ang = (double)(float)((float)pos[t] * invf[j]);
+                    double x0 = y[(size_t)t * W + h * hd + j],
+                           x1 = y[(size_t)t * W + h * hd + j + hd / 2];
+                    v = i < hd / 2 ? x0 * cos(ang) - x1 * sin(ang) : x1 * cos(ang) + x0 * sin(ang);
+                }
+                ref[o] = v;
+                if (h >= H) {
+                    int kvsel = h >= H + KV, head = (h - H) % KV;
+                    int64_t off =
+                        pds_kv_layout_offset(&L, slots[t] / bs, kvsel, slots[t] % bs, head, i);
+                    cr_assert_eq(kv[off], qo[o], "t %d h %d i %d", t, h, i);
+                }
+            }
+    float *got = f_from_bf(qo, (size_t)n * W);
+    double err = rel_err(got, ref, (size_t)n * W);
+    cr_assert(err < 1e-2, "skinny qkv+rope rel err %g", err);
+    free(w), free(x), free(qo), free(kv), free(y), free(ref), free(got);
+    cudaFree(dw), cudaFree(dx), cudaFree(dpos), cudaFree(dsl), cudaFree(dinv), cudaFree(dkv),
+        cudaFree(dq);
+}
+
 /* Reference attention for one batch over a bf16 pool, double precision. */
 static void attn_ref(const uint16_t *q, int q_stride, const uint16_t *kv, const pds_kv_layout_t *L,
                      const pds_cuda_seq_t *seqs, int n_seqs, const int32_t *bt, int H, double *out)
@@ -443,7 +563,8 @@ static void attn_ref(const uint16_t *q, int q_stride, const uint16_t *kv, const 
 
 /* A random batch: sequences with (n_new, n_ctx), block tables of shuffled block ids. */
 static void attention_case(int H, int KV, int hd, int n_seqs, const int *n_new, const int *n_ctx,
-                           int mode /* 0 mma prefill, 1 plain, 2 decode */, int split)
+                           int mode /* 0 mma prefill, 1 plain, 2 decode, 3 sm90 prefill */,
+                           int split)
 {
     int bs = 16, T = 0, nb = 0;
     pds_cuda_seq_t seqs[8];
@@ -473,11 +594,14 @@ static void attention_case(int H, int KV, int hd, int n_seqs, const int *n_new, 
     int32_t *dbt = dup_to_dev(bt, (size_t)nb * 4);
     uint16_t *dout = dalloc((size_t)T * H * hd * 2);
     pds_status_t st;
-    if (mode == 0) {
+    if (mode == 0 || mode == 3) {
         int32_t tiles[2 * 256];
         int nt = pds_cuda_attn_prefill_tiles(n_new, n_seqs, hd, tiles, 256);
         int32_t *dt = dup_to_dev(tiles, sizeof(int32_t) * 2 * nt);
-        st = pds_cuda_attn_prefill(dq, qs, dkv, dseq, dbt, dt, nt, H, KV, hd, bs, dout, 0);
+        st = mode == 0
+                 ? pds_cuda_attn_prefill(dq, qs, dkv, dseq, dbt, dt, nt, H, KV, hd, bs, dout, 0)
+                 : pds_cuda_attn_prefill_sm90(dq, qs, dkv, dseq, dbt, dt, nt, H, KV, hd, bs, dout,
+                                              0);
         cudaDeviceSynchronize();
         cudaFree(dt);
     } else if (mode == 1) {
@@ -516,6 +640,26 @@ Test(engine_cuda, prefill_attention_matches_cpu)
     attention_case(8, 2, 128, 5, n_new, n_ctx, 1, 0);
 }
 
+/* The wgmma kernel (attn_prefill_sm90.cu) called directly, whatever PDS_ENGINE_CUDA_ATTN_SM90=0
+ * says (its variant, 1-3, still follows the variable): prompts spanning more K/V tiles than it
+ * has stages (the ring wraps), cached prefixes that are and are not multiples of its 128-key tile,
+ * odd lengths, a single row, GQA 4 and 1. prefill_attention_matches_cpu covers it too (through
+ * pds_cuda_attn_prefill) on an sm_90 device. */
+Test(engine_cuda, prefill_attention_sm90_matches_cpu, .timeout = 300)
+{
+    need_gpu();
+    if (!pds_cuda_attn_prefill_sm90_supported(128)) cr_skip("not an sm_90 device");
+    rng_seed(5);
+    int n_new[6] = {517, 130, 1, 77, 255, 128},
+        n_ctx[6] = {517, 130 + 256, 33, 77 + 5, 255 + 301, 128 + 128};
+    attention_case(8, 2, 128, 6, n_new, n_ctx, 3, 0);
+    attention_case(4, 4, 128, 6, n_new, n_ctx, 3, 0);
+    int n_new2[3] = {640, 3, 129}, n_ctx2[3] = {640 + 7, 3 + 1000, 129};
+    attention_case(8, 2, 128, 3, n_new2, n_ctx2, 3, 0);
+    /* head_dim 64 is not its shape: refused, not computed */
+    cr_assert_eq(pds_cuda_attn_prefill_sm90_supported(64), 0);
+}
+
 Test(engine_cuda, decode_attention_matches_cpu)
 {
     need_gpu();
@@ -526,6 +670,10 @@ Test(engine_cuda, decode_attention_matches_cpu)
     attention_case(16, 2, 128, 5, n_new, n_ctx, 2, 128);
     attention_case(8, 4, 64, 5, n_new, n_ctx, 2, 32);
     attention_case(8, 8, 64, 5, n_new, n_ctx, 2, 256);
+    /* the persistent kernel's other groups (and the staged one's, with it off) */
+    attention_case(16, 2, 128, 5, n_new, n_ctx, 2, 64);
+    attention_case(8, 8, 64, 5, n_new, n_ctx, 2, 32);
+    attention_case(16, 8, 64, 5, n_new, n_ctx, 2, 128);
 }
 
 Test(engine_cuda, sampler_matches_cpu_sampler)

@@ -21,9 +21,10 @@ T_TESTS=${T_TESTS:-170} T_BENCH=${T_BENCH:-200} T_PEER=${T_PEER:-200}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "$T_TESTS" test_engine_cuda --jobs 1 --verbose >> "$OUT/tests.log" 2>&1
   echo "tests rc=$?"; grep -E "FAIL|Synthesis|PASS|CRASH|info" "$OUT/tests.log" | tail -40
-  # the other prefill attention pipelines and shapes, through the same kernel test
-  for v in "PIPE=4" "PIPE=64" "PIPE=0 KEYS=32 MT=2" "PIPE=0 KEYS=64 MT=2" "PIPE=0 KEYS=32 MT=1" \
-    "PIPE=0 KEYS=64 MT=1"; do
+  # the other prefill attention kernels: the wgmma variants, then the mma.sync kernel's pipelines
+  # and shapes (SM90=0), through the same kernel test (ATTN_VARIANTS overrides the list)
+  IFS=';' read -ra variants <<< "${ATTN_VARIANTS:-SM90=1;SM90=2;SM90=0 PIPE=1;SM90=0 PIPE=4;SM90=0 PIPE=64;SM90=0 PIPE=0 KEYS=32 MT=2}"
+  for v in "${variants[@]}"; do
     envs=()
     for w in $v; do envs+=("PDS_ENGINE_CUDA_ATTN_$w"); done
     env "${envs[@]}" timeout 60 test_engine_cuda --jobs 1 \

@@ -25,7 +25,9 @@
  * two-barrier kernel, PDS_ENGINE_CUDA_ATTN_PIPE=0, 20.7-21.1 ms; the first version's ~110 TFLOP/s).
  * ncu on the two-stage kernel showed issue slots 42% and the tensor pipe ~40% busy, mostly
  * fixed-latency dependency stalls; 8 warps of 16 rows (MT = 1), 64-key tiles, 4 stages were no
- * faster. A wgmma (sm_90a) kernel is the next step.
+ * faster. On an sm_90 device with head_dim 128, pds_cuda_attn_prefill runs the wgmma kernel of
+ * attn_prefill_sm90.cu instead (same tiles; 13.5 ms per 4k forward, ~325 TFLOP/s);
+ * PDS_ENGINE_CUDA_ATTN_SM90=0 keeps the kernel below.
  */
 #include <cuda_bf16.h>
 #include <math.h>
@@ -496,6 +498,15 @@ extern "C" pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride,
     if (head_dim != 128 && head_dim != 64)
         return PDS_ERR(PDS_ERR_UNSUPPORTED,
                        "prefill attention: head_dim %d needs pds_cuda_attn_plain", head_dim);
+    /* the wgmma kernel (attn_prefill_sm90.cu) where it applies; PDS_ENGINE_CUDA_ATTN_SM90=0: off */
+    static int sm90 = -1;
+    if (sm90 < 0) {
+        const char *e = getenv("PDS_ENGINE_CUDA_ATTN_SM90");
+        sm90 = !(e && strcmp(e, "0") == 0);
+    }
+    if (sm90 && pds_cuda_attn_prefill_sm90_supported(head_dim))
+        return pds_cuda_attn_prefill_sm90(q, q_stride, kv_layer, seqs, block_tables, tiles, n_tiles,
+                                          n_heads, n_kv_heads, head_dim, block_size, out, s);
     /* PDS_ENGINE_CUDA_ATTN_PIPE: 1 (default) 32-key tiles in 3 stages, one barrier per tile;
      * 4: 32-key tiles in 4 stages; 64: 64-key tiles in 2 stages, one barrier per tile; 0: the
      * two-barrier kernel, whose shape PDS_ENGINE_CUDA_ATTN_KEYS=32|64 (keys per tile) and
@@ -899,6 +910,201 @@ __global__ void __launch_bounds__(DEC_THREADS, 3)
     }
 }
 
+/* The staged kernel's work as a persistent pipeline: a grid of as many CTAs as fit on the GPU at
+ * once, each walking the (chunk, KV head, sequence) items blockIdx.x, + gridDim.x, ...; the next
+ * item's whole K and V chunk is fetched by cp.async into the second of two shared-memory stages
+ * while this one is computed. One CTA per item (attn_decode_staged) loads, then computes, and
+ * CTAs started together finish their loads together, so the memory pipe idles while a wave
+ * computes; here it does not. smem: stages [2][2][split][HD] bf16 (K then V; the current stage
+ * holds the reduce rows once P V is done), q [G][HD] fp32, scores [split][G] fp32. Used for
+ * splits up to DEC_PERSIST_BYTES of K+V with PDS_ENGINE_CUDA_DEC_PERSIST=1. Off by default: on an
+ * H100 (llama3-8b, context 1024) the decode step took 9.34 ms at batch 32 with it against 8.34
+ * without (12.0 against 10.2 at batch 64); not yet understood, kept for that study. */
+#define DEC_PERSIST_BYTES (32 * 1024)
+template <int HD, int G>
+__global__ void __launch_bounds__(DEC_THREADS, 3)
+    attn_decode_persist(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
+                        const int32_t *bts, int n_seqs, int n_heads, int n_kv_heads, int bs,
+                        int split, int max_splits, float scale_log2, float *part_o, float *part_ml)
+{
+    constexpr int CH = HD / 8, RG = DEC_THREADS / CH; /* 16-byte chunks per row; P V row groups */
+    extern __shared__ __align__(16) unsigned char dsm_b[];
+    const int stage_bytes = max(split * HD * 4, RG * G * HD * 4);
+    float *sq = (float *)(dsm_b + 2 * stage_bytes); /* [G][HD] */
+    float *ss = sq + G * HD;                        /* [split][G] */
+    __shared__ float sm_m[G], sm_l[G];
+    pdl_wait();
+    pdl_trigger();
+    const int64_t kvw = (int64_t)n_kv_heads * HD;
+    const int64_t vofs = (int64_t)bs * kvw; /* V rows follow the block's K rows */
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int total = max_splits * n_kv_heads * n_seqs;
+    /* item -> chunk (fastest), KV head, sequence; items past a sequence's end are skipped */
+    auto live = [&](int it) {
+        const int sp = it % max_splits, si = it / (max_splits * n_kv_heads);
+        return sp * split < seqs[si].n_ctx;
+    };
+    auto next_live = [&](int it) {
+        while (it < total && !live(it)) it += gridDim.x;
+        return it;
+    };
+    auto issue = [&](int it, bf16 *sk) {
+        const int sp = it % max_splits, kvh = (it / max_splits) % n_kv_heads,
+                  si = it / (max_splits * n_kv_heads);
+        const pds_cuda_seq_t S = seqs[si];
+        const int start = sp * split, n = min(S.n_ctx, start + split) - start;
+        const int32_t *bt = bts + S.bt_off;
+        bf16 *sv = sk + (size_t)split * HD;
+#pragma unroll 4
+        for (int i = tid; i < n * CH; i += DEC_THREADS) {
+            const int r = i / CH, c = i % CH, j = start + r;
+            const bf16 *src = kv + ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD + c * 8;
+            cp_async16(sk + r * HD + c * 8, src, true);
+            cp_async16(sv + r * HD + c * 8, src + vofs, true);
+        }
+        cp_async_commit();
+    };
+
+    int it = next_live(blockIdx.x), buf = 0;
+    if (it < total) issue(it, (bf16 *)dsm_b);
+    while (it < total) {
+        const int nx = next_live(it + gridDim.x);
+        /* the other stage was last read before the barrier that ended the previous item */
+        if (nx < total) issue(nx, (bf16 *)(dsm_b + (buf ^ 1) * stage_bytes));
+        const int sp = it % max_splits, kvh = (it / max_splits) % n_kv_heads,
+                  si = it / (max_splits * n_kv_heads);
+        const pds_cuda_seq_t S = seqs[si];
+        const int start = sp * split, n = min(S.n_ctx, start + split) - start;
+        const bf16 *sk = (const bf16 *)(dsm_b + buf * stage_bytes);
+        const bf16 *sv = sk + (size_t)split * HD;
+        float *sred = (float *)(dsm_b + buf * stage_bytes); /* [RG][G][HD], after P V */
+        for (int i = tid; i < G * HD; i += DEC_THREADS) {
+            int gh = i / HD, d = i % HD;
+            sq[i] = __bfloat162float(q[(int64_t)S.q_start * q_stride + (kvh * G + gh) * HD + d]) *
+                    scale_log2;
+        }
+        if (nx < total)
+            cp_async_wait<1>(); /* this item's K and V have landed (this thread's copies) */
+        else
+            cp_async_wait<0>();
+        __syncthreads();
+
+        /* scores: as attn_decode_staged */
+        constexpr int NC = CH / 8;
+        const int sub = lane & 7;
+        float qr[G][NC * 8];
+#pragma unroll
+        for (int gh = 0; gh < G; gh++)
+#pragma unroll
+            for (int c = 0; c < NC; c++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) qr[gh][c * 8 + e] = sq[gh * HD + (sub + 8 * c) * 8 + e];
+        for (int r0 = warp * 4; r0 < n; r0 += 16) {
+            const int r = r0 + (lane >> 3);
+            const bool ok = r < n;
+            float dot[G];
+#pragma unroll
+            for (int gh = 0; gh < G; gh++) dot[gh] = 0.0f;
+#pragma unroll
+            for (int c = 0; c < NC; c++) {
+                uint4 kx =
+                    ok ? *(const uint4 *)(sk + r * HD + (sub + 8 * c) * 8) : make_uint4(0, 0, 0, 0);
+                const bf16 *xb = (const bf16 *)&kx;
+                float kf[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) kf[e] = __bfloat162float(xb[e]);
+#pragma unroll
+                for (int gh = 0; gh < G; gh++)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) dot[gh] += qr[gh][c * 8 + e] * kf[e];
+            }
+#pragma unroll
+            for (int gh = 0; gh < G; gh++) {
+                float d = dot[gh];
+                d += __shfl_xor_sync(0xffffffffu, d, 1);
+                d += __shfl_xor_sync(0xffffffffu, d, 2);
+                d += __shfl_xor_sync(0xffffffffu, d, 4);
+                if (ok && sub == 0) ss[r * G + gh] = d;
+            }
+        }
+        __syncthreads();
+        for (int gh = warp; gh < G; gh += DEC_THREADS / 32) {
+            float mx = -INFINITY;
+            for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[j * G + gh]);
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float sum = 0.0f;
+            for (int j = lane; j < n; j += 32) {
+                float p = exp2f(ss[j * G + gh] - mx);
+                ss[j * G + gh] = p;
+                sum += p;
+            }
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) sm_m[gh] = mx, sm_l[gh] = sum;
+        }
+        __syncthreads();
+
+        const int c = tid % CH, rg = tid / CH;
+        float acc[G][8];
+#pragma unroll
+        for (int gh = 0; gh < G; gh++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[gh][e] = 0.0f;
+#pragma unroll 4
+        for (int r = rg; r < n; r += RG) {
+            const uint4 vx = *(const uint4 *)(sv + r * HD + c * 8);
+            const bf16 *xb = (const bf16 *)&vx;
+            float vf[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) vf[e] = __bfloat162float(xb[e]);
+            float pr[G];
+            if (G % 4 == 0) {
+#pragma unroll
+                for (int g4 = 0; g4 < G; g4 += 4)
+                    *(float4 *)&pr[g4] = *(const float4 *)&ss[r * G + g4];
+            } else {
+#pragma unroll
+                for (int gh = 0; gh < G; gh++) pr[gh] = ss[r * G + gh];
+            }
+#pragma unroll
+            for (int gh = 0; gh < G; gh++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[gh][e] += pr[gh] * vf[e];
+        }
+        __syncthreads(); /* every V read is done before the reduce rows overwrite the stage */
+#pragma unroll
+        for (int gh = 0; gh < G; gh++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) sred[(rg * G + gh) * HD + c * 8 + e] = acc[gh][e];
+        __syncthreads();
+        for (int i = tid; i < G * HD; i += DEC_THREADS) {
+            float t = 0.0f;
+#pragma unroll
+            for (int r = 0; r < RG; r++) t += sred[r * G * HD + i];
+            int gh = i / HD, d = i % HD;
+            int h = kvh * G + gh;
+            int64_t pidx = ((int64_t)si * n_heads + h) * max_splits + sp;
+            part_o[pidx * HD + d] = t;
+            if (d == 0) {
+                part_ml[pidx * 2] = sm_m[gh];
+                part_ml[pidx * 2 + 1] = sm_l[gh];
+            }
+        }
+        __syncthreads(); /* sq, ss, sm_* and this stage are free for the next items */
+        it = nx;
+        buf ^= 1;
+    }
+}
+
+static bool dec_persist_enabled()
+{
+    static int v = -1; /* PDS_ENGINE_CUDA_DEC_PERSIST=1: on (off by default: slower, below) */
+    if (v < 0) {
+        const char *e = getenv("PDS_ENGINE_CUDA_DEC_PERSIST");
+        v = e && strcmp(e, "1") == 0;
+    }
+    return v == 1;
+}
+
 __global__ void attn_decode_combine(const pds_cuda_seq_t *seqs, int n_heads, int hd, int split,
                                     int max_splits, const float *part_o, const float *part_ml,
                                     bf16 *out)
@@ -935,7 +1141,9 @@ extern "C" int pds_cuda_attn_decode_max_staged_split(int head_dim)
         const char *e = getenv("PDS_ENGINE_CUDA_DEC_STAGED");
         v = !(e && strcmp(e, "0") == 0);
     }
-    return v && head_dim > 0 ? DEC_STAGED_BYTES / (head_dim * 4) : 0;
+    if (!v || head_dim <= 0) return 0;
+    /* the persistent kernel's two stages of DEC_PERSIST_BYTES each, where it is on */
+    return (dec_persist_enabled() ? DEC_PERSIST_BYTES : DEC_STAGED_BYTES) / (head_dim * 4);
 }
 
 /* Raises kernel's dynamic shared memory limit to the device's opt-in maximum once (per *raised,
@@ -962,6 +1170,33 @@ static pds_status_t launch_decode(const uint16_t *q, int q_stride, const uint16_
 {
     const size_t RG = DEC_THREADS / (HD / 8);
     dim3 grid(max_splits, n_kv_heads, n_seqs);
+    if (dec_persist_enabled() && (size_t)split * HD * 4 <= DEC_PERSIST_BYTES) {
+        const size_t stage = PDS_MAX((size_t)split * HD * 4, RG * G * HD * 4);
+        const size_t sm = 2 * stage + sizeof(float) * ((size_t)G * HD + (size_t)G * split);
+        static int raised_p = 0, per_sm = 0, sms = 0;
+        static size_t per_sm_for = 0; /* the shared memory size per_sm was computed for */
+        if (per_sm_for != sm) per_sm = 0, per_sm_for = sm;
+        PDS_TRY(smem_optin(attn_decode_persist<HD, G>, sm, &raised_p));
+        if (sm > 48 * 1024 && sm > (size_t)raised_p)
+            return PDS_ERR(PDS_ERR_UNSUPPORTED,
+                           "decode attention: split of %d tokens needs %zu bytes of shared memory",
+                           split, sm);
+        if (per_sm == 0) { /* resident CTAs: the grid of the persistent kernel */
+            int dev = 0;
+            PDS_CUDA_TRY(cudaGetDevice(&dev));
+            PDS_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+            PDS_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                &per_sm, attn_decode_persist<HD, G>, DEC_THREADS, sm));
+            per_sm = PDS_MAX(per_sm, 1);
+        }
+        const int64_t items = (int64_t)max_splits * n_kv_heads * n_seqs;
+        const int ctas = (int)PDS_MIN(items, (int64_t)per_sm * sms);
+        pds_launch(attn_decode_persist<HD, G>, dim3(ctas), DEC_THREADS, sm, s, (const bf16 *)q,
+                   q_stride, (const bf16 *)kv, seqs, bts, n_seqs, n_heads, n_kv_heads, bs, split,
+                   max_splits, (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);
+        LAUNCH_CHECK("attn_decode_persist");
+        return PDS_OK;
+    }
     if (split <= pds_cuda_attn_decode_max_staged_split(HD)) {
         size_t kvb = PDS_MAX((size_t)split * HD * 4, RG * G * HD * 4);
         size_t sm =

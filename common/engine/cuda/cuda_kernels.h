@@ -82,7 +82,9 @@ pds_status_t pds_cuda_silu_mul(const uint16_t *gu, int T, int ffn, uint16_t *out
  * bf16 with head h at column h*head_dim (rope applied); K/V read through each sequence's block
  * table from the pool layer; out [T, n_heads*head_dim] bf16. Tensor-core flash attention for
  * head_dim 64 and 128, a plain kernel otherwise. tiles [n_tiles] (seq index, first new row) come
- * from pds_cuda_attn_prefill_tiles(). */
+ * from pds_cuda_attn_prefill_tiles(). On an sm_90 device with head_dim 128 this runs
+ * pds_cuda_attn_prefill_sm90 (wgmma) unless PDS_ENGINE_CUDA_ATTN_SM90=0; the mma.sync kernel
+ * otherwise. */
 pds_status_t pds_cuda_attn_prefill(const uint16_t *q, int q_stride, const uint16_t *kv_layer,
                                    const pds_cuda_seq_t *seqs, const int32_t *block_tables,
                                    const int32_t *tiles, int n_tiles, int n_heads, int n_kv_heads,
@@ -98,6 +100,15 @@ pds_status_t pds_cuda_attn_plain(const uint16_t *q, int q_stride, const uint16_t
 int pds_cuda_attn_prefill_tile_rows(int head_dim);
 int pds_cuda_attn_prefill_tiles(const int *n_new, int n_seqs, int head_dim, int32_t *tiles,
                                 int cap);
+/* The Hopper prefill kernel itself (attn_prefill_sm90.cu: wgmma, sm_90a), same arguments and
+ * tiles as pds_cuda_attn_prefill; PDS_ERR_UNSUPPORTED unless
+ * pds_cuda_attn_prefill_sm90_supported(head_dim) (an sm_90 device and head_dim 128). */
+int pds_cuda_attn_prefill_sm90_supported(int head_dim);
+pds_status_t pds_cuda_attn_prefill_sm90(const uint16_t *q, int q_stride, const uint16_t *kv_layer,
+                                        const pds_cuda_seq_t *seqs, const int32_t *block_tables,
+                                        const int32_t *tiles, int n_tiles, int n_heads,
+                                        int n_kv_heads, int head_dim, int block_size, uint16_t *out,
+                                        cudaStream_t s);
 
 /* Decode attention (every sequence has n_new == 1; row s of q belongs to seqs[s]): flash-decoding
  * with the context split into chunks of split_tokens, grid sized for max_splits chunks per
@@ -132,6 +143,22 @@ pds_status_t pds_cuda_gemv_qkv_rope(const uint16_t *wqkv, int K, const uint16_t 
                                     int n_kv_heads, int head_dim, const float *inv_freq,
                                     uint16_t *qkv, uint16_t *kv_layer, int block_size,
                                     cudaStream_t s);
+
+/* The same three products for 1..pds_cuda_skinny_max_rows() activation rows on tensor cores
+ * (skinny.cu: mma.sync, the K split over a thread-block cluster where the rows alone do not fill
+ * the GPU), for decode steps of more sequences than the gemv kernels take. Same shapes and
+ * contracts as the gemv functions above, except: K a multiple of 32, and _qkv_rope needs
+ * head_dim a multiple of 16. */
+int pds_cuda_skinny_max_rows(void);
+pds_status_t pds_cuda_skinny_f32(const uint16_t *w, int M, int K, const uint16_t *x, int n,
+                                 float *y, int accumulate, cudaStream_t s);
+pds_status_t pds_cuda_skinny_silu(const uint16_t *w_gu, int ffn, int K, const uint16_t *x, int n,
+                                  uint16_t *act, cudaStream_t s);
+pds_status_t pds_cuda_skinny_qkv_rope(const uint16_t *wqkv, int K, const uint16_t *x, int n,
+                                      const int32_t *pos, const int32_t *slots, int n_heads,
+                                      int n_kv_heads, int head_dim, const float *inv_freq,
+                                      uint16_t *qkv, uint16_t *kv_layer, int block_size,
+                                      cudaStream_t s);
 
 /* tokens[S]: the token drawn for each row of logits [S, vocab] fp32 with the algorithm of
  * sample/sample.h (greedy when temperature == 0). */

@@ -15,8 +15,13 @@
  * 256 rows), all of them at engine creation (every bucket up to max_batch_tokens, the LM head up
  * to max_batch_seqs: about 2 s for llama3-8b on an H100), so that no request pays for it
  * (PDS_ENGINE_CUDA_TUNE=0: heuristic's first choice; _TUNE_ALGOS / _TUNE_BIG: candidate counts).
+ * Split-K variants of the decode-sized shapes were timed too (2026-11-25) and never beat the
+ * heuristic's own candidates at batch 8-64 (8.43-8.54 vs 8.41-8.43 ms at batch 32), so they are
+ * not offered.
  * Decode steps of 1-4 sequences skip cuBLAS: matrix-vector kernels (gemv.cu) stream the weights
- * and fuse RoPE + the K/V write, SiLU*mul and the residual add (PDS_ENGINE_CUDA_GEMV=0: off). The
+ * and fuse RoPE + the K/V write, SiLU*mul and the residual add (PDS_ENGINE_CUDA_GEMV=0: off);
+ * steps of 5-64 can do the same on tensor cores (skinny.cu, PDS_ENGINE_CUDA_SKINNY=1; off by
+ * default because it is still slower than cuBLASLt + the separate kernels, see skinny.cu). The
  * kernels of cuda_kernels.h are launched with programmatic dependent launch (launch.cuh). With
  * PDS_ENGINE_CUDA_PROFILE=1, an event after each op gives per-op GPU times (decode then runs
  * without graphs); pds_engine_cuda_profile_report() prints them. A decode step
@@ -100,12 +105,17 @@ enum {
     OP_GEMV_O,
     OP_GEMV_GU_SILU,
     OP_GEMV_DOWN,
+    OP_SK_QKV_ROPE,
+    OP_SK_O,
+    OP_SK_GU_SILU,
+    OP_SK_DOWN,
     OP_COUNT
 };
 static const char *const op_names[OP_COUNT] = {
-    "embed",         "rmsnorm",          "gemm qkv",      "rope+kv write",    "attention",
-    "gemm o (+res)", "gemm g|u",         "silu*mul",      "gemm down (+res)", "lm head",
-    "sample",        "gemv qkv+rope+kv", "gemv o (+res)", "gemv g|u+silu",    "gemv down (+res)"};
+    "embed",           "rmsnorm",          "gemm qkv",      "rope+kv write",    "attention",
+    "gemm o (+res)",   "gemm g|u",         "silu*mul",      "gemm down (+res)", "lm head",
+    "sample",          "gemv qkv+rope+kv", "gemv o (+res)", "gemv g|u+silu",    "gemv down (+res)",
+    "mma qkv+rope+kv", "mma o (+res)",     "mma g|u+silu",  "mma down (+res)"};
 #define PROF_MAX 4096
 typedef struct {
     cudaEvent_t ev[PROF_MAX + 1];
@@ -137,8 +147,9 @@ typedef struct {
     double tune_ms;     /* host time spent tuning at creation */
     int tuned_shapes;
     cudaEvent_t tev[2]; /* tuning timers */
-    bool gemv;    /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
-    prof_t *prof; /* PDS_ENGINE_CUDA_PROFILE=1 */
+    bool gemv;   /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
+    bool skinny; /* fused tensor-core kernels for decode of 5..64 rows (PDS_ENGINE_CUDA_SKINNY=1) */
+    prof_t *prof;        /* PDS_ENGINE_CUDA_PROFILE=1 */
     int dec_ctas_per_sm; /* decode attention splits the context to fill this many CTAs per SM */
     /* weights */
     void *wmem;
@@ -759,6 +770,13 @@ void pds_engine_cuda_profile_report(pds_engine_t *e, const char *label, FILE *f)
     p->forwards = 0;
 }
 
+/* Whether a decode step of T rows runs its linear layers on the skinny tensor-core kernels. */
+static bool skinny_fits(const cuda_impl_t *g, const pds_model_config_t *c, int T)
+{
+    return g->skinny && T <= pds_cuda_skinny_max_rows() && c->hidden % 32 == 0 &&
+           c->ffn % 32 == 0 && (c->n_heads * c->head_dim) % 32 == 0 && c->head_dim % 16 == 0;
+}
+
 /* Enqueues the whole forward for T rows / S sequences whose inputs are in d_pack. decode: every
  * sequence has one new token (attention by the split kernel with the given split). */
 static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int S, int n_tiles,
@@ -784,6 +802,8 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
      * fused in (gemv.cu); otherwise cuBLASLt and the separate kernels */
     const bool gv = decode && g->gemv && T <= pds_cuda_gemv_max_rows() && hid % 8 == 0 &&
                     c->ffn % 8 == 0 && (H * hd) % 8 == 0;
+    /* decode of more rows, up to 64: the same fusions on tensor cores (skinny.cu) */
+    const bool sk = decode && !gv && skinny_fits(g, c, T);
 
     prof_begin(g);
     PDS_TRY(pds_cuda_embed(tokens, T, g->embed, hid, g->x, st));
@@ -797,6 +817,10 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             PDS_TRY(pds_cuda_gemv_qkv_rope(L->wqkv, hid, g->xn, T, pos, slots, H, KV, hd,
                                            g->inv_freq, g->qkv, kvl, e->kv.block_size, st));
             prof_mark(g, OP_GEMV_QKV_ROPE);
+        } else if (sk) {
+            PDS_TRY(pds_cuda_skinny_qkv_rope(L->wqkv, hid, g->xn, T, pos, slots, H, KV, hd,
+                                             g->inv_freq, g->qkv, kvl, e->kv.block_size, st));
+            prof_mark(g, OP_SK_QKV_ROPE);
         } else {
             PDS_TRY(gemm(g, qkvw, T, hid, L->wqkv, g->xn, g->qkv, 0, 0));
             prof_mark(g, OP_GEMM_QKV);
@@ -819,6 +843,9 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
         if (gv) {
             PDS_TRY(pds_cuda_gemv_f32(L->wo, hid, H * hd, g->att, T, g->x, 1, st));
             prof_mark(g, OP_GEMV_O);
+        } else if (sk) {
+            PDS_TRY(pds_cuda_skinny_f32(L->wo, hid, H * hd, g->att, T, g->x, 1, st));
+            prof_mark(g, OP_SK_O);
         } else {
             PDS_TRY(gemm(g, hid, T, H * hd, L->wo, g->att, g->x, 1, 1));
             prof_mark(g, OP_GEMM_O);
@@ -830,6 +857,11 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             prof_mark(g, OP_GEMV_GU_SILU);
             PDS_TRY(pds_cuda_gemv_f32(L->w_down, hid, c->ffn, g->act, T, g->x, 1, st));
             prof_mark(g, OP_GEMV_DOWN);
+        } else if (sk) {
+            PDS_TRY(pds_cuda_skinny_silu(L->w_gu, c->ffn, hid, g->xn, T, g->act, st));
+            prof_mark(g, OP_SK_GU_SILU);
+            PDS_TRY(pds_cuda_skinny_f32(L->w_down, hid, c->ffn, g->act, T, g->x, 1, st));
+            prof_mark(g, OP_SK_DOWN);
         } else {
             PDS_TRY(gemm(g, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0));
             prof_mark(g, OP_GEMM_GU);
@@ -845,6 +877,8 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
         prof_mark(g, OP_NORM);
         if (gv && S <= pds_cuda_gemv_max_rows())
             PDS_TRY(pds_cuda_gemv_f32(g->lm_head, c->vocab, hid, g->xn, S, g->logits, 0, st));
+        else if (sk && S <= pds_cuda_skinny_max_rows())
+            PDS_TRY(pds_cuda_skinny_f32(g->lm_head, c->vocab, hid, g->xn, S, g->logits, 0, st));
         else
             PDS_TRY(gemm(g, c->vocab, S, hid, g->lm_head, g->xn, g->logits, 1, 0));
         prof_mark(g, OP_LM_HEAD);
@@ -864,6 +898,7 @@ static pds_status_t decode_gemms_ready(pds_engine_t *e, cuda_impl_t *g, int T)
     const cuda_layer_t *L = &g->layers[0];
     gemm_entry_t *ge;
     if (g->gemv && T <= pds_cuda_gemv_max_rows()) return PDS_OK;
+    if (skinny_fits(g, c, T)) return PDS_OK;
     PDS_TRY(gemm_get(g, (H + 2 * KV) * hd, T, hid, L->wqkv, g->xn, g->qkv, 0, 0, &ge));
     PDS_TRY(gemm_get(g, hid, T, H * hd, L->wo, g->att, g->x, 1, 1, &ge));
     PDS_TRY(gemm_get(g, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0, &ge));
@@ -1181,6 +1216,8 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
     g->tune_warm_ms = 20.0f;
     const char *gv = getenv("PDS_ENGINE_CUDA_GEMV");
     g->gemv = !(gv && strcmp(gv, "0") == 0);
+    const char *sk = getenv("PDS_ENGINE_CUDA_SKINNY");
+    g->skinny = sk && strcmp(sk, "1") == 0; /* off by default: slower than cuBLASLt so far */
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[0]));
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[1]));
     const char *dc = getenv("PDS_ENGINE_CUDA_DECODE_CTAS");
