@@ -20,6 +20,12 @@
 #       (D) 1, 4, 8 long decodes at once -> the in-cluster token gap vs batch (per-sequence cost).
 #       Run it three times and take the median of each term (one disturbed run moves a term 3-9x).
 #       Writes OUT/cpu-small-cluster-calibration.json; prints the "cluster" profile section.
+#   bash bench/run_slo_cpu.sh evaluate  [--build DIR] [--out DIR]
+#       the whole check on this machine, nothing carried over from another: profile the engine
+#       (OUT/profile.json), calibrate CALIBRATE_RUNS times (default 3) against it, take the median
+#       of each in-cluster term (OUT/profile-cluster.json), then predict with both. For a machine
+#       with cores to spare, PDS_BENCH_PIN=1 gives the router, each node and the load generator
+#       cores of their own (taskset), so that the nodes do not share cores (contention ~ 0).
 #   bash bench/run_slo_cpu.sh placement [--build DIR] [--out DIR]
 #       least-loaded vs SLO placement (best-effort, reject) on 2 prefill + 1 decode with a tight
 #       TTFT target and a mixed workload (Azure code trace, lengths x 1/4). OUT/slo-placement.json
@@ -46,10 +52,20 @@ nice_to=${PDS_BENCH_NICE:--10}
 if [ "$(id -u)" = 0 ] && [ "$nice_to" != 0 ]; then
   renice -n "$nice_to" -p $$ >/dev/null && echo "run_slo_cpu.sh: running at nice $nice_to"
 fi
-profile=bench/profiles/cpu-small-1t.json
+profile=${PROFILE:-bench/profiles/cpu-small-1t.json}
 # the same engine coefficients plus the in-cluster terms measured by `calibrate`
 cluster_profile=${CLUSTER_PROFILE:-bench/profiles/cpu-small-1t-cluster.json}
-traces=/work/shared/workloads
+traces=${TRACES:-/work/shared/workloads}
+# PDS_BENCH_PIN=1: each process on cores of its own (router 0, nodes 1.., the load generator the
+# next two)
+next_core=0 pfx=
+pin() { # cores -> pfx: the command prefix for the next process (empty unless PDS_BENCH_PIN=1)
+  pfx=
+  if [ "${PDS_BENCH_PIN:-0}" = 1 ]; then
+    pfx="taskset -c $next_core-$((next_core + $1 - 1))"
+    next_core=$((next_core + $1))
+  fi
+}
 export UCX_TLS=tcp UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n
 dir=$(mktemp -d /tmp/pds-slo.XXXXXX)
 pids=()
@@ -74,8 +90,10 @@ wait_ready() { # name -> address
 start_cluster() {
   local name=$1 rflags=$2; shift 2
   mkdir -p "$dir/$name"
+  next_core=0
+  pin 1
   # shellcheck disable=SC2086
-  "$bin/pdserve-router" --router.listen=127.0.0.1:0 --router.id=router-0 $rflags </dev/null \
+  $pfx "$bin/pdserve-router" --router.listen=127.0.0.1:0 --router.id=router-0 $rflags </dev/null \
     >"$dir/$name/router.out" 2>"$dir/$name/router.log" &
   pids+=($!)
   router=$(dir=$dir/$name wait_ready router)
@@ -87,11 +105,14 @@ start_cluster() {
                  --node.listen=127.0.0.1:0 --model.preset=small --model.seed=1
                  --engine.threads=1 --kvx.backend=ucx --log.level=warn)
     [ -n "$extra" ] && IFS=, read -r -a more <<<"$extra" && flags+=("${more[@]}")
-    "$bin/$prog" "${flags[@]}" </dev/null >"$dir/$name/$id.out" 2>"$dir/$name/$id.log" &
+    pin 1
+    $pfx "$bin/$prog" "${flags[@]}" </dev/null >"$dir/$name/$id.out" 2>"$dir/$name/$id.log" &
     pids+=($!)
     n=$((n + 1))
   done
   for spec in "$@"; do IFS=: read -r _ id _ <<<"$spec"; dir=$dir/$name wait_ready "$id" >/dev/null; done
+  pin 2
+  loadgen=$pfx # the prefix of every pdserve-bench / pdserve-cli against this cluster
   for _ in $(seq 1 100); do
     up=$("$bin/pdserve-cli" status --router "$router" --json 2>/dev/null | grep -o '"state":"UP"' | wc -l || true)
     [ "$up" -ge "$n" ] && break
@@ -119,7 +140,7 @@ case $what in
               --requests "${PREDICT_REQUESTS:-40}"
               --seed 7 --ttft-ms 250 --tpot-ms 25)
       start_cluster "$tag" "--slo.placement=least-loaded" prefill:p0 decode:d0
-      "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$rates" \
+      $loadgen "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$rates" \
         --label "$tag" --json "$dir/$tag-measured.json" --csv "$dir/$tag-measured.csv" \
         --requests-csv "$dir/$tag-measured-req.csv" \
         --no-progress | tee "$dir/$tag-measured.txt"
@@ -134,7 +155,7 @@ case $what in
     kill "$sampler"
     mkdir -p "$out"
     load_max=$(sort -k2 -n -r "$dir/loadavg.log" | head -1 | cut -d' ' -f2)
-    /usr/bin/python3 - "$out/cpu-small-slo-predict.json" "$load_before" \
+    "${PYTHON:-/usr/bin/python3}" - "$out/cpu-small-slo-predict.json" "$load_before" \
       "$(cat /proc/loadavg) (max 1-min load while running: $load_max)" \
       "${results[@]}" <<'EOF'
 import json, sys
@@ -181,21 +202,21 @@ EOF
     cal=(--ttft-ms 250 --tpot-ms 25 --no-progress --max-context 8192)
     # (A) isolated requests, three prompt lengths (2 s apart: each is done before the next)
     for len in 64 192 384; do
-      "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len "$len" --output-len 48 \
+      $loadgen "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len "$len" --output-len 48 \
         --rate 0.5 --requests 6 --seed 11 --arrival gamma:0.01 --label "iso-$len" \
         --requests-csv "$dir/iso-$len.csv" >"$dir/iso-$len.txt"
     done
     # (B) a long decode alone, then beside a saturated prefill node (512-token prompts, 1 output
     # token: they never reach the decode batch; 30 at 6/s is ~7 s of prefill work)
-    "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 32 --output-len 400 \
+    $loadgen "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 32 --output-len 400 \
       --rate 1 --requests 1 --seed 12 --label long-alone --requests-csv "$dir/long-alone.csv" \
       >"$dir/long-alone.txt"
-    "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 512 --output-len 1 \
+    $loadgen "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 512 --output-len 1 \
       --rate 6 --requests 30 --seed 13 --arrival gamma:0.01 --label bg \
       --requests-csv "$dir/bg.csv" >"$dir/bg.txt" &
     bgpid=$!
     sleep 1.5
-    "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 32 --output-len 400 \
+    $loadgen "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 32 --output-len 400 \
       --rate 1 --requests 1 --seed 12 --label long-busy --requests-csv "$dir/long-busy.csv" \
       >"$dir/long-busy.txt"
     wait "$bgpid"
@@ -203,25 +224,49 @@ EOF
     # (pdserve-cli, own request ids), to compare with the isolated 384-token TTFTs of (A) ->
     # prefill contention
     for k in 1 2; do
-      "$bin/pdserve-cli" generate --router "$router" --tokens 5,6,7,8,9,10,11,$k --max-tokens 1000 \
+      $loadgen "$bin/pdserve-cli" generate --router "$router" --tokens 5,6,7,8,9,10,11,$k --max-tokens 1000 \
         --ignore-eos --quiet --json --request-id "calib-decode-$k" >"$dir/dec-bg-$k.json" &
       bgpids+=($!)
     done
     sleep 1
-    "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 384 --output-len 1 \
+    $loadgen "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 384 --output-len 1 \
       --rate 0.5 --requests 4 --seed 15 --arrival gamma:0.01 --label pre-busy \
       --requests-csv "$dir/pre-busy.csv" >"$dir/pre-busy.txt"
     wait "${bgpids[@]}"
     # (D) B long decodes at once (B = 1, 4, 8; 32 + 300 tokens): the in-cluster token gap vs batch
     for b in 1 4 8; do
-      "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 32 --output-len 300 \
+      $loadgen "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 32 --output-len 300 \
         --rate 1000 --requests "$b" --seed 16 --arrival gamma:0.01 --label "batch-$b" \
         --requests-csv "$dir/batch-$b.csv" >"$dir/batch-$b.txt"
     done
     stop_cluster
     mkdir -p "$out"
-    /usr/bin/python3 bench/slo_calibrate.py --profile "$profile" --dir "$dir" \
+    "${PYTHON:-/usr/bin/python3}" bench/slo_calibrate.py --profile "$profile" --dir "$dir" \
       --loadavg "$(cat /proc/loadavg)" --out "$out/cpu-small-cluster-calibration.json"
+    ;;
+  evaluate)
+    mkdir -p "$out"
+    "$bin/pdserve-plan" profile --preset small --threads 1 --max-prompt 2048 \
+      --batches 1,2,3,4,5,6,7,8,10,12,16 --contexts 64,128,256,512 --reps 5 \
+      --out "$out/profile.json" | tee "$out/profile.txt"
+    cals=()
+    for i in $(seq 1 "${CALIBRATE_RUNS:-3}"); do
+      PROFILE=$out/profile.json bash "$0" calibrate --build "$build" --out "$out/cal$i" | tail -3
+      cals+=("$out/cal$i/cpu-small-cluster-calibration.json")
+    done
+    "${PYTHON:-/usr/bin/python3}" - "$out/profile.json" "$out/profile-cluster.json" "${cals[@]}" <<'EOF'
+import json, statistics, sys
+prof, out, cals = sys.argv[1], sys.argv[2], sys.argv[3:]
+runs = [json.load(open(c))["cluster"] for c in cals]
+p = json.load(open(prof))
+p["cluster"] = {k: round(statistics.median(r[k] for r in runs), 3) for k in
+                ("ttft_overhead_ms", "decode_step_overhead_ms", "decode_contention", "prefill_contention")}
+p["cluster"]["calibration"] = f"median of {len(runs)} bench/run_slo_cpu.sh calibrate runs against this profile"
+json.dump(p, open(out, "w"), indent=2)
+print("cluster section (median):", {k: v for k, v in p["cluster"].items() if k != "calibration"})
+EOF
+    PROFILE=$out/profile.json CLUSTER_PROFILE=$out/profile-cluster.json bash "$0" predict \
+      --build "$build" --out "$out"
     ;;
   placement)
     # a mixed workload: the Azure code trace (prompts p50 1469 / p90 5186 tokens) x 1/4, in its
@@ -236,7 +281,7 @@ EOF
                "slo-reject:--slo.placement=slo --slo.policy=reject --slo.profile=$profile"; do
       tag=${cfg%%:*}; rflags=${cfg#*:}
       start_cluster "$tag" "$rflags" prefill:p0 prefill:p1 decode:d0
-      "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rate "$rate" --label "$tag" \
+      $loadgen "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rate "$rate" --label "$tag" \
         --json "$dir/$tag.json" --requests-csv "$dir/$tag-req.csv" --no-progress |
         tee "$dir/$tag.txt"
       slo_status "$router" >"$dir/$tag-status.json"
@@ -244,7 +289,7 @@ EOF
       runs+=("$tag" "$dir/$tag.json" "$dir/$tag-status.json")
     done
     mkdir -p "$out"
-    /usr/bin/python3 - "$out/cpu-small-slo-placement.json" "$(cat /proc/loadavg)" "${runs[@]}" <<'EOF'
+    "${PYTHON:-/usr/bin/python3}" - "$out/cpu-small-slo-placement.json" "$(cat /proc/loadavg)" "${runs[@]}" <<'EOF'
 import json, sys
 out, load, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
 res = []
@@ -269,7 +314,7 @@ EOF
       tag=${cfg%%:*}; nodes=${cfg#*:}
       # shellcheck disable=SC2086
       start_cluster "$tag" "--slo.placement=least-loaded" $nodes
-      "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$rates" --label "$tag" \
+      $loadgen "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$rates" --label "$tag" \
         --json "$dir/$tag.json" --csv "$dir/$tag.csv" --requests-csv "$dir/$tag-req.csv" \
         --no-progress | tee "$dir/$tag.txt"
       stop_cluster
@@ -278,7 +323,7 @@ EOF
     done
     bash bench/plot_load.sh --out "$out/cpu-small-coloc" "${csvs[@]}"
     ;;
-  *) echo "usage: bench/run_slo_cpu.sh calibrate|predict|placement|coloc [--build DIR] [--out DIR]" >&2
+  *) echo "usage: bench/run_slo_cpu.sh calibrate|predict|evaluate|placement|coloc [--build DIR] [--out DIR]" >&2
      exit 2 ;;
 esac
 echo "logs in $dir"

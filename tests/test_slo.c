@@ -588,10 +588,37 @@ Test(slo, simulator_slows_steps_that_overlap_the_other_phase_by_its_contention)
     double a_end = 21 + 7.01 + 1.5 * (7.02 + 7.03 + 7.04);
     cr_expect_float_eq(ttft[0], 21.0, 1e-9);
     cr_expect_float_eq(tpot[0], (a_end - 21) / 4, 1e-9);
-    /* B: prefill 22..52 (20 ms x 1.5: A is decoding), exposed transfer 1 ms (3 ms/layer compute
-     * hides all but the last layer), joins when A's last step ends; prefill idle again */
-    cr_expect_float_eq(ttft[1], 52 + 1 - 22.0, 1e-9);
-    cr_expect_float_eq(tpot[1], (a_end + 7.01 + 7.02 + 7.03 + 7.04 - 53) / 4, 1e-9);
+    /* B (arrives 22, during A's first step): its OpenTransfer waits for that step (28.01), then
+     * prefill 28.01..58.01 (20 ms x 1.5: A is decoding), exposed transfer 1 ms; the commit (59.01)
+     * waits for A's last step, which ends A: B's first token at a_end, then steps with the
+     * prefill node idle again */
+    cr_expect_float_eq(ttft[1], a_end - 22.0, 1e-9);
+    cr_expect_float_eq(tpot[1], (7.01 + 7.02 + 7.03 + 7.04) / 4, 1e-9);
+}
+
+Test(slo, simulator_holds_open_and_commit_until_the_decode_step_ends)
+{
+    /* pdserve-decode takes OpenTransfer and CommitTransfer between steps (its engine loop owns
+     * the pool), so a busy decode node delays both a prompt's start and its first token */
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.prefill_model = c.decode_model = pm;
+    pds_slo_req_t r[2] = {{.arrival_ms = 0, .prompt_tokens = 100, .output_tokens = 5},
+                          {.arrival_ms = 22, .prompt_tokens = 100, .output_tokens = 5}};
+    pds_slo_sim_result_t res;
+    double ttft[2], tpot[2];
+    cr_assert_eq(pds_slo_sim_run(&c, r, 2, &res, ttft, tpot), PDS_OK);
+    /* A alone: prefill 0..20, first token 21, steps 21 -> 28.01 -> 35.03 -> 42.06 -> 49.10 */
+    cr_expect_float_eq(ttft[0], 21.0, 1e-9);
+    /* B: open at 28.01 (not 22), prefill to 48.01, commit at 49.01 during A's last step, first
+     * token at 49.10 when it ends — 27.1 ms, not the 21 of an idle decode node */
+    double a_end = 21 + 7.01 + 7.02 + 7.03 + 7.04;
+    cr_expect_float_eq(ttft[1], a_end - 22, 1e-9);
+    /* B then decodes alone */
+    cr_expect_float_eq(tpot[1], (7.01 + 7.02 + 7.03 + 7.04) / 4, 1e-9);
+    /* a one-token request's first token never waits for the decode node (Cancel, no commit) */
+    r[1].output_tokens = 1;
+    cr_assert_eq(pds_slo_sim_run(&c, r, 2, &res, ttft, tpot), PDS_OK);
+    cr_expect_float_eq(ttft[1], 28.01 + 20 + 1 - 22, 1e-9);
 }
 
 Test(slo, simulator_holds_requests_until_kv_room_frees)

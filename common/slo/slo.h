@@ -329,7 +329,10 @@ pds_status_t pds_slo_workload_generate(const pds_slo_workload_t *w, double rate_
  * request joins its decode node between steps; n_decode nodes run continuous batching, each step
  * timed by the decode model at the current batch and context; KV for prompt + output is reserved
  * at placement (so decode never preempts) and placement is pds_slo_place itself, retried on every
- * node event while requests wait (QUEUE). Links are not shared (no contention).
+ * node event while requests wait (QUEUE). Links are not shared (no contention). A decode node
+ * takes OpenTransfer and CommitTransfer between steps, as pdserve-decode's engine loop does: a
+ * request placed during a step enters its prefill queue when the step ends, and its first token
+ * leaves when the step running at its commit ends (one-token outputs do not wait: no commit).
  * Colocated: n_decode nodes that also prefill (n_prefill ignored): prefill-first runs a waiting
  * prefill batch before the next decode step (vLLM); chunked fills each step's token budget with
  * the running decodes plus prompt chunks (Sarathi-Serve), a chunk of t tokens after p done costing

@@ -12,6 +12,10 @@
  * the control overhead delays each first token (and, disaggregated, the decode join), every token
  * gap carries the step overhead, and a step of one phase started while the other phase computes
  * (any prefill node busy / any decode node with a batch) is stretched by that phase's contention.
+ * As in pdserve-decode, a decode node takes OpenTransfer and CommitTransfer between steps (its
+ * engine loop owns the KV pool): a request placed while its decode node runs a step reaches the
+ * prefill queue when that step ends, and its first token leaves when the step running at its
+ * commit ends — up to two decode steps of TTFT that grow with the decode batch.
  */
 #include <math.h>
 #include <stdio.h>
@@ -57,6 +61,7 @@ typedef struct {
 typedef struct {
     int *run, n_run; /* (max requests) running sequences */
     fifo_t pending;  /* transferred, joining at the next step */
+    fifo_t opening;  /* placed while a step ran: their OpenTransfer waits for its end */
     double run_ctx;  /* sum of running sequences' context */
     bool busy;
     double busy_until;
@@ -189,6 +194,17 @@ static pds_status_t first_token(sim_t *s, int i, double t, bool join_now)
 static pds_status_t prefill_start(sim_t *s, int p);
 static pds_status_t iter_start(sim_t *s, int d);
 
+/* The request's transfer is open at its decode node: into its prefill node's queue. */
+static pds_status_t prefill_enqueue(sim_t *s, int i)
+{
+    sreq_t *q = &s->r[i];
+    pnode_t *pn = &s->P[q->p];
+    fifo_push(s, &pn->q, i);
+    pn->queued_tokens += q->prompt;
+    if (!pn->busy) return prefill_start(s, q->p);
+    return PDS_OK;
+}
+
 /* One placement attempt; the request ends placed, waiting or rejected. */
 static pds_status_t try_place(sim_t *s, int i, bool expire, bool *placed)
 {
@@ -248,11 +264,11 @@ static pds_status_t try_place(sim_t *s, int i, bool expire, bool *placed)
         if (!dn->busy) return iter_start(s, q->d);
         return PDS_OK;
     }
-    pnode_t *pn = &s->P[q->p];
-    fifo_push(s, &pn->q, i);
-    pn->queued_tokens += q->prompt;
-    if (!pn->busy) return prefill_start(s, q->p);
-    return PDS_OK;
+    if (dn->busy) { /* the decode node takes OpenTransfer between steps */
+        fifo_push(s, &dn->opening, i);
+        return PDS_OK;
+    }
+    return prefill_enqueue(s, i);
 }
 
 static pds_status_t place_new(sim_t *s, int i)
@@ -375,6 +391,8 @@ static pds_status_t iter_start(sim_t *s, int d)
     int max_seqs = c->decode_max_batch_seqs > 0 ? c->decode_max_batch_seqs : 1 << 30;
     while (dn->pending.head >= 0 && dn->n_run < max_seqs) {
         int i = fifo_pop(s, &dn->pending);
+        /* the commit was taken between steps: the first token goes back from here */
+        s->r[i].t_first = s->r[i].t_last = s->now;
         s->r[i].state = RS_DECODE;
         dn->run[dn->n_run++] = i;
         dn->run_ctx += s->r[i].prompt + s->r[i].generated;
@@ -478,6 +496,9 @@ static pds_status_t iter_done(sim_t *s, int d)
             }
         }
     }
+    /* between steps: the OpenTransfers that waited for this one (their prompts can start) */
+    for (int i = fifo_pop(s, &dn->opening); i >= 0; i = fifo_pop(s, &dn->opening))
+        PDS_TRY(prefill_enqueue(s, i));
     PDS_TRY(iter_start(s, d));
     return freed ? retry_waiting(s) : PDS_OK;
 }
@@ -585,6 +606,7 @@ pds_status_t pds_slo_sim_run(const pds_slo_sim_config_t *c, const pds_slo_req_t 
     for (int d = 0; d < s.nD; d++) {
         dnode_t *dn = &s.D[d];
         dn->pending.head = dn->pending.tail = dn->q.head = dn->q.tail = -1;
+        dn->opening.head = dn->opening.tail = -1;
         dn->batch.head = dn->batch.tail = -1;
         int cap = c->decode_max_batch_seqs > 0 && c->decode_max_batch_seqs < n
                       ? c->decode_max_batch_seqs
