@@ -207,7 +207,7 @@ static pds_status_t parse_args(int argc, char **argv, opts_t *o)
             char buf[64];
             snprintf(buf, sizeof buf, "%s", optarg);
             for (char *sv = NULL, *t = strtok_r(buf, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
-                int v;
+                int v = 0; /* set on success; initialised for -O2's -Wmaybe-uninitialized */
                 PDS_TRY(plan_parse_int(t, "--tp", 1, 64, &v));
                 if (v & (v - 1))
                     return PDS_ERR(PDS_ERR_INVALID_ARG, "--tp %d: powers of two only", v);

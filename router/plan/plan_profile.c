@@ -190,7 +190,7 @@ int plan_profile_main(int argc, char **argv)
     printf("prefill: tokens -> median ms over %d reps\n", reps);
     for (int T = 16; T <= max_prompt; T *= 2) {
         for (int r = -1; r < reps; r++) { /* r = -1: warm-up */
-            double ms;
+            double ms = 0;
             pds_status_t s = pds_kv_seq_grow(&kv[0], pool, bs, T, NULL);
             if (s == PDS_OK) s = timed_forward(e, kv, 1, T, tokens, &ms);
             pds_kv_seq_release(&kv[0], pool);
@@ -221,7 +221,7 @@ int plan_profile_main(int argc, char **argv)
             for (int i = 0; i < B && s == PDS_OK; i++)
                 s = pds_kv_seq_grow(&kv[i], pool, bs, L, NULL);
             for (int r = -1; r < reps && s == PDS_OK; r++) {
-                double ms;
+                double ms = 0;
                 for (int i = 0; i < B && s == PDS_OK; i++)
                     s = pds_kv_seq_grow(&kv[i], pool, bs, 1, NULL);
                 if (s == PDS_OK) s = timed_forward(e, kv, B, 1, tokens, &ms);
