@@ -18,7 +18,8 @@
  * Split-K variants of the decode-sized shapes were timed too (2026-11-25) and never beat the
  * heuristic's own candidates at batch 8-64 (8.43-8.54 vs 8.41-8.43 ms at batch 32), so they are
  * not offered.
- * Decode steps of 1-4 sequences skip cuBLAS: matrix-vector kernels (gemv.cu) stream the weights
+ * Decode steps of 1-2 sequences skip cuBLAS (up to 4 with PDS_ENGINE_CUDA_GEMV_ROWS; slower at
+ * 3-4 on an H100): matrix-vector kernels (gemv.cu) stream the weights
  * and fuse RoPE + the K/V write, SiLU*mul and the residual add (PDS_ENGINE_CUDA_GEMV=0: off);
  * steps of 5-64 can do the same on tensor cores (skinny.cu, PDS_ENGINE_CUDA_SKINNY=1; off by
  * default because it is still slower than cuBLASLt + the separate kernels, see skinny.cu). The
@@ -147,7 +148,8 @@ typedef struct {
     double tune_ms;     /* host time spent tuning at creation */
     int tuned_shapes;
     cudaEvent_t tev[2]; /* tuning timers */
-    bool gemv;   /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
+    bool gemv;     /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
+    int gemv_rows; /* ... up to this many rows (PDS_ENGINE_CUDA_GEMV_ROWS, <= the kernels' limit) */
     bool skinny; /* fused tensor-core kernels for decode of 5..64 rows (PDS_ENGINE_CUDA_SKINNY=1) */
     prof_t *prof;        /* PDS_ENGINE_CUDA_PROFILE=1 */
     int dec_ctas_per_sm; /* decode attention splits the context to fill this many CTAs per SM */
@@ -800,8 +802,8 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
 
     /* decode of a few rows: matrix-vector kernels with RoPE/KV write, SiLU and the residual
      * fused in (gemv.cu); otherwise cuBLASLt and the separate kernels */
-    const bool gv = decode && g->gemv && T <= pds_cuda_gemv_max_rows() && hid % 8 == 0 &&
-                    c->ffn % 8 == 0 && (H * hd) % 8 == 0;
+    const bool gv = decode && g->gemv && T <= g->gemv_rows && hid % 8 == 0 && c->ffn % 8 == 0 &&
+                    (H * hd) % 8 == 0;
     /* decode of more rows, up to 64: the same fusions on tensor cores (skinny.cu) */
     const bool sk = decode && !gv && skinny_fits(g, c, T);
 
@@ -875,7 +877,7 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
     if (want_logits || want_sample) {
         PDS_TRY(pds_cuda_rmsnorm(g->x, last, S, hid, g->final_norm, c->norm_eps, g->xn, st));
         prof_mark(g, OP_NORM);
-        if (gv && S <= pds_cuda_gemv_max_rows())
+        if (gv && S <= g->gemv_rows)
             PDS_TRY(pds_cuda_gemv_f32(g->lm_head, c->vocab, hid, g->xn, S, g->logits, 0, st));
         else if (sk && S <= pds_cuda_skinny_max_rows())
             PDS_TRY(pds_cuda_skinny_f32(g->lm_head, c->vocab, hid, g->xn, S, g->logits, 0, st));
@@ -897,7 +899,7 @@ static pds_status_t decode_gemms_ready(pds_engine_t *e, cuda_impl_t *g, int T)
     int H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, hid = c->hidden;
     const cuda_layer_t *L = &g->layers[0];
     gemm_entry_t *ge;
-    if (g->gemv && T <= pds_cuda_gemv_max_rows()) return PDS_OK;
+    if (g->gemv && T <= g->gemv_rows) return PDS_OK;
     if (skinny_fits(g, c, T)) return PDS_OK;
     PDS_TRY(gemm_get(g, (H + 2 * KV) * hd, T, hid, L->wqkv, g->xn, g->qkv, 0, 0, &ge));
     PDS_TRY(gemm_get(g, hid, T, H * hd, L->wo, g->att, g->x, 1, 1, &ge));
@@ -1216,6 +1218,11 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
     g->tune_warm_ms = 20.0f;
     const char *gv = getenv("PDS_ENGINE_CUDA_GEMV");
     g->gemv = !(gv && strcmp(gv, "0") == 0);
+    const char *gr = getenv("PDS_ENGINE_CUDA_GEMV_ROWS");
+    /* 2 by default: at 3-4 rows cuBLASLt + the separate kernels are faster (H100, llama3-8b,
+     * 1k context, 2026-11-25: 6.70 / 6.77 ms at batch 3 / 4 against 7.15 / 7.22 with the gemv
+     * kernels up to 4 rows; batch 1 and 2 unchanged) */
+    g->gemv_rows = PDS_MIN(gr && atoi(gr) > 0 ? atoi(gr) : 2, pds_cuda_gemv_max_rows());
     const char *sk = getenv("PDS_ENGINE_CUDA_SKINNY");
     g->skinny = sk && strcmp(sk, "1") == 0; /* off by default: slower than cuBLASLt so far */
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[0]));
