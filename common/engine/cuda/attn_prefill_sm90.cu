@@ -28,8 +28,9 @@
  * per forward): 3: 13.5 ms at 4096 tokens (325 TFLOP/s), 3.9 ms at 2048; 2: 17.0 / 4.8; 1: 18.3 /
  * 5.1; the mma.sync kernel 19.6-19.8 / 5.3-5.5. With (almost) no K/V traffic (a measurement-only
  * build that read every K/V row from the pool's first 16 tokens, since removed) variant 3 took
- * 13.1 ms: the limit is inside the SM (softmax and wgmma scheduling), not memory. Measurement switches: _HINTS=0 (no L2 eviction
- * hints; 3-6% slower), _PINGPONG=0, _ORDER=1 (CTAs kv group by kv group; no gain).
+ * 13.1 ms: the limit is inside the SM (softmax and wgmma scheduling), not memory. Measurement
+ * switches: _HINTS=0 (no L2 eviction hints; 3-6% slower), _PINGPONG=0, _ORDER=1 (CTAs kv group by
+ * kv group; no gain).
  */
 #include <cuda.h> /* CUtensorMap; the encoder is fetched through the runtime */
 #include <cudaTypedefs.h>
@@ -202,6 +203,57 @@ __device__ __forceinline__ void s9_mma_rs(float *d, uint32_t a0, uint32_t a1, ui
                  : S9_OUT64(d)
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db));
 }
+
+/* The causal mask and the online softmax over one 64-key-wide S tile of a thread's rows qp0 and
+ * qp1 (lim0 = the last key offset row qp0 sees when `mask`; qp1 sees 8 more). Maxima stay
+ * unscaled, the scale is folded into exp2's argument; P goes to pn as packed bf16 pairs, the
+ * rescale factors of O to al0/al1, and the running (m, l) are updated. Shared by both kernels. */
+__device__ __forceinline__ void s9_softmax(float (&s)[64], uint32_t *pn, float &m0, float &m1,
+                                           float &l0, float &l1, float &al0, float &al1, bool mask,
+                                           int lim0, float scale_log2)
+{
+#pragma unroll
+    for (int i = 0; i < 64; i++) s9_keep(s[i]);
+    if (mask) {
+        const int lim1 = lim0 + 8;
+#pragma unroll
+        for (int i = 0; i < 64; i++) {
+            const int ko = (i >> 2) * 8 + (i & 1);
+            s[i] = ko > ((i & 2) ? lim1 : lim0) ? -INFINITY : s[i];
+        }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 64; i += 4) {
+        mx0 = fmaxf(mx0, fmaxf(s[i], s[i + 1]));
+        mx1 = fmaxf(mx1, fmaxf(s[i + 2], s[i + 3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+    al0 = s9_ex2((m0 - mu0) * scale_log2);
+    al1 = s9_ex2((m1 - mu1) * scale_log2);
+    m0 = mn0;
+    m1 = mn1;
+    const float b0 = -mu0 * scale_log2, b1 = -mu1 * scale_log2;
+    float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 64; i += 4) {
+        s[i] = s9_ex2(fmaf(s[i], scale_log2, b0));
+        s[i + 1] = s9_ex2(fmaf(s[i + 1], scale_log2, b0));
+        s[i + 2] = s9_ex2(fmaf(s[i + 2], scale_log2, b1));
+        s[i + 3] = s9_ex2(fmaf(s[i + 3], scale_log2, b1));
+        rs0 += s[i] + s[i + 1];
+        rs1 += s[i + 2] + s[i + 3];
+    }
+    l0 = l0 * al0 + rs0;
+    l1 = l1 * al1 + rs1;
+#pragma unroll
+    for (int i = 0; i < 32; i++) pn[i] = s9_pack(s[2 * i], s[2 * i + 1]);
+}
 #endif /* S9_HAVE_WGMMA */
 
 __global__ void __launch_bounds__(S9_THREADS, 1)
@@ -330,47 +382,8 @@ __global__ void __launch_bounds__(S9_THREADS, 1)
     /* causal mask, then the online softmax over this thread's rows qp0 and qp1 (maxima unscaled,
      * the scale folded into exp2's argument); P into pn, the rescale factors of O into al */
     auto softmax = [&](int t, uint32_t *pn, float &al0, float &al1) {
-#pragma unroll
-        for (int i = 0; i < 64; i++) s9_keep(s[i]);
-        if (t * S9_BN + S9_BN - 1 > n_past + row0) { /* the tile reaches past the CTA's first row */
-            const int lim0 = qp0 - t * S9_BN - t4 * 2, lim1 = lim0 + 8; /* last key offset seen */
-#pragma unroll
-            for (int i = 0; i < 64; i++) {
-                const int ko = (i >> 2) * 8 + (i & 1);
-                s[i] = ko > ((i & 2) ? lim1 : lim0) ? -INFINITY : s[i];
-            }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int i = 0; i < 64; i += 4) {
-            mx0 = fmaxf(mx0, fmaxf(s[i], s[i + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[i + 2], s[i + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-        al0 = s9_ex2((m0 - mu0) * scale_log2);
-        al1 = s9_ex2((m1 - mu1) * scale_log2);
-        m0 = mn0;
-        m1 = mn1;
-        const float b0 = -mu0 * scale_log2, b1 = -mu1 * scale_log2;
-        float rs0 = 0.0f, rs1 = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 64; i += 4) {
-            s[i] = s9_ex2(fmaf(s[i], scale_log2, b0));
-            s[i + 1] = s9_ex2(fmaf(s[i + 1], scale_log2, b0));
-            s[i + 2] = s9_ex2(fmaf(s[i + 2], scale_log2, b1));
-            s[i + 3] = s9_ex2(fmaf(s[i + 3], scale_log2, b1));
-            rs0 += s[i] + s[i + 1];
-            rs1 += s[i + 2] + s[i + 3];
-        }
-        l0 = l0 * al0 + rs0;
-        l1 = l1 * al1 + rs1;
-#pragma unroll
-        for (int i = 0; i < 32; i++) pn[i] = s9_pack(s[2 * i], s[2 * i + 1]);
+        s9_softmax(s, pn, m0, m1, l0, l1, al0, al1, t * S9_BN + S9_BN - 1 > n_past + row0,
+                   qp0 - t * S9_BN - t4 * 2, scale_log2);
     };
 
     /* tile 0: S, softmax, nothing to add to O yet */
@@ -673,47 +686,8 @@ __global__ void __launch_bounds__(S9_WS_THREADS, 1)
         s9_wg_commit();
     };
     auto softmax = [&](int t, uint32_t *pn, float &al0, float &al1) {
-#pragma unroll
-        for (int i = 0; i < 64; i++) s9_keep(s[i]);
-        if (t * S9_BN + S9_BN - 1 > n_past + row0) {
-            const int lim0 = qp0 - t * S9_BN - t4 * 2, lim1 = lim0 + 8;
-#pragma unroll
-            for (int i = 0; i < 64; i++) {
-                const int ko = (i >> 2) * 8 + (i & 1);
-                s[i] = ko > ((i & 2) ? lim1 : lim0) ? -INFINITY : s[i];
-            }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int i = 0; i < 64; i += 4) {
-            mx0 = fmaxf(mx0, fmaxf(s[i], s[i + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[i + 2], s[i + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
-        al0 = s9_ex2((m0 - mu0) * scale_log2);
-        al1 = s9_ex2((m1 - mu1) * scale_log2);
-        m0 = mn0;
-        m1 = mn1;
-        const float b0 = -mu0 * scale_log2, b1 = -mu1 * scale_log2;
-        float rs0 = 0.0f, rs1 = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 64; i += 4) {
-            s[i] = s9_ex2(fmaf(s[i], scale_log2, b0));
-            s[i + 1] = s9_ex2(fmaf(s[i + 1], scale_log2, b0));
-            s[i + 2] = s9_ex2(fmaf(s[i + 2], scale_log2, b1));
-            s[i + 3] = s9_ex2(fmaf(s[i + 3], scale_log2, b1));
-            rs0 += s[i] + s[i + 1];
-            rs1 += s[i + 2] + s[i + 3];
-        }
-        l0 = l0 * al0 + rs0;
-        l1 = l1 * al1 + rs1;
-#pragma unroll
-        for (int i = 0; i < 32; i++) pn[i] = s9_pack(s[2 * i], s[2 * i + 1]);
+        s9_softmax(s, pn, m0, m1, l0, l1, al0, al1, t * S9_BN + S9_BN - 1 > n_past + row0,
+                   qp0 - t * S9_BN - t4 * 2, scale_log2);
     };
 
     /* tile 0 */
