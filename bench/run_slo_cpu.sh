@@ -5,7 +5,7 @@
 #
 #   bash bench/run_slo_cpu.sh predict   [--build DIR] [--out DIR]
 #       planner vs measured: 1 prefill + 1 decode, two workloads (code, Azure conv trace with
-#       lengths x 1/8) at three rates each; `pdserve-plan simulate` predicts the same requests
+#       lengths x 1/8) at five and three rates; `pdserve-plan simulate` predicts the same requests
 #       from bench/profiles/cpu-small-1t-cluster.json (engine profile + the in-cluster terms of
 #       `calibrate`; $CLUSTER_PROFILE overrides) and, for comparison, from the isolated
 #       cpu-small-1t.json. Writes OUT/cpu-small-slo-predict.json. PREDICT_REQUESTS=N: requests
@@ -21,9 +21,11 @@
 #       Run it three times and take the median of each term (one disturbed run moves a term 3-9x).
 #       Writes OUT/cpu-small-cluster-calibration.json; prints the "cluster" profile section.
 #   bash bench/run_slo_cpu.sh evaluate  [--build DIR] [--out DIR]
-#       the whole check on this machine, nothing carried over from another: profile the engine
-#       (OUT/profile.json), calibrate CALIBRATE_RUNS times (default 3) against it, take the median
-#       of each in-cluster term (OUT/profile-cluster.json), then predict with both. For a machine
+#       the whole check on this machine, nothing carried over from another: calibrate
+#       CALIBRATE_RUNS times (default 3), each against an engine profile made just before it,
+#       take the median of each in-cluster term (OUT/cluster-terms.json), then predict one rate at
+#       a time (code at CODE_RATES, default 1,2,3,4,6; Azure at AZURE_RATES, default 1,2,3), each
+#       from a profile made just before its run plus those terms. For a machine
 #       with cores to spare, PDS_BENCH_PIN=1 gives the router, each node and the load generator
 #       cores of their own (taskset), so that the nodes do not share cores (contention ~ 0).
 #   bash bench/run_slo_cpu.sh placement [--build DIR] [--out DIR]
@@ -120,6 +122,24 @@ start_cluster() {
   done
 }
 
+# fresh_profile PREFIX: profile the engine now (about 20 s on one thread) -> PREFIX-profile.json,
+# and with $CLUSTER_TERMS the same plus those in-cluster terms -> PREFIX-cluster.json. The engine's
+# speed on a shared VM drifts by 10-20% within an hour, so `evaluate` predicts each run from a
+# profile made a minute, not an hour, before it.
+fresh_profile() {
+  "$bin/pdserve-plan" profile --preset small --threads 1 --max-prompt 2048 \
+    --batches 1,2,3,4,5,6,7,8,10,12,16 --contexts 64,128,256,512 --reps 5 \
+    --out "$1-profile.json" >"$1-profile.txt"
+  if [ -n "${CLUSTER_TERMS:-}" ]; then
+    "${PYTHON:-/usr/bin/python3}" - "$1-profile.json" "$CLUSTER_TERMS" "$1-cluster.json" <<'EOF'
+import json, sys
+p = json.load(open(sys.argv[1]))
+p["cluster"] = json.load(open(sys.argv[2]))
+json.dump(p, open(sys.argv[3], "w"), indent=2)
+EOF
+  fi
+}
+
 slo_status() { "$bin/pdserve-cli" status --router "$1" --json; }
 
 case $what in
@@ -131,7 +151,7 @@ case $what in
     # the 1-minute load average every 5 s while it runs (other people's builds show up here)
     (while :; do echo "$(date +%s) $(cut -d' ' -f1 /proc/loadavg)"; sleep 5; done) >"$dir/loadavg.log" &
     sampler=$!
-    for wl in "code::1:2,4,6" "trace:$traces/azure-llm-2023-conv.csv:0.125:1,2,3"; do
+    for wl in "code::1:${CODE_RATES:-1,2,3,4,6}" "trace:$traces/azure-llm-2023-conv.csv:0.125:${AZURE_RATES:-1,2,3}"; do
       workload=${wl%%:*}; rest=${wl#*:}
       if [ "$workload" = trace ]; then workload="trace:${rest%%:*}"; fi
       rest=${rest#*:}; scale=${rest%%:*}; rates=${rest#*:}
@@ -139,17 +159,46 @@ case $what in
       common=(--workload "$workload" --length-scale "$scale" --max-context 8192
               --requests "${PREDICT_REQUESTS:-40}"
               --seed 7 --ttft-ms 250 --tpot-ms 25)
-      start_cluster "$tag" "--slo.placement=least-loaded" prefill:p0 decode:d0
-      $loadgen "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$rates" \
-        --label "$tag" --json "$dir/$tag-measured.json" --csv "$dir/$tag-measured.csv" \
-        --requests-csv "$dir/$tag-measured-req.csv" \
-        --no-progress | tee "$dir/$tag-measured.txt"
-      stop_cluster
-      # after: the profile with the calibrated in-cluster terms; before: the isolated engine's
-      "$bin/pdserve-plan" simulate --profile "$cluster_profile" "${common[@]}" --rates "$rates" \
-        --policy best-effort --link-gbps 20 --json "$dir/$tag-sim.json" | tee "$dir/$tag-sim.txt"
-      "$bin/pdserve-plan" simulate --profile "$profile" "${common[@]}" --rates "$rates" \
-        --policy best-effort --link-gbps 20 --json "$dir/$tag-sim0.json" >"$dir/$tag-sim0.txt"
+      if [ -n "${CLUSTER_TERMS:-}" ]; then
+        # one rate at a time, each predicted from an engine profile made just before it is
+        # measured (the same requests as in a multi-rate run: the generator is per rate)
+        parts=()
+        for r in ${rates//,/ }; do
+          fresh_profile "$dir/$tag-r$r"
+          "$bin/pdserve-plan" simulate --profile "$dir/$tag-r$r-cluster.json" "${common[@]}" --rates "$r" \
+            --policy best-effort --link-gbps 20 --json "$dir/$tag-r$r-sim.json" >"$dir/$tag-r$r-sim.txt"
+          "$bin/pdserve-plan" simulate --profile "$dir/$tag-r$r-profile.json" "${common[@]}" --rates "$r" \
+            --policy best-effort --link-gbps 20 --json "$dir/$tag-r$r-sim0.json" >"$dir/$tag-r$r-sim0.txt"
+          start_cluster "$tag-r$r" "--slo.placement=least-loaded" prefill:p0 decode:d0
+          $loadgen "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$r" \
+            --label "$tag" --json "$dir/$tag-r$r-measured.json" --csv "$dir/$tag-r$r-measured.csv" \
+            --requests-csv "$dir/$tag-r$r-measured-req.csv" --no-progress | tee "$dir/$tag-r$r-measured.txt"
+          stop_cluster
+          parts+=("$dir/$tag-r$r")
+        done
+        "${PYTHON:-/usr/bin/python3}" - "$dir/$tag" "${parts[@]}" <<'EOF'
+import json, sys
+out, parts = sys.argv[1], sys.argv[2:]
+for kind in ("measured", "sim", "sim0"):
+    js = [json.load(open(f"{p}-{kind}.json")) for p in parts]
+    js[0]["runs"] = [r for j in js for r in j["runs"]]
+    if kind == "sim":  # the profile (engine coefficients + terms) each rate was predicted with
+        js[0]["profiles"] = [json.load(open(f"{p}-cluster.json")) for p in parts]
+    json.dump(js[0], open(f"{out}-{kind}.json", "w"), indent=2)
+EOF
+      else
+        start_cluster "$tag" "--slo.placement=least-loaded" prefill:p0 decode:d0
+        $loadgen "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$rates" \
+          --label "$tag" --json "$dir/$tag-measured.json" --csv "$dir/$tag-measured.csv" \
+          --requests-csv "$dir/$tag-measured-req.csv" \
+          --no-progress | tee "$dir/$tag-measured.txt"
+        stop_cluster
+        # after: the profile with the calibrated in-cluster terms; before: the isolated engine's
+        "$bin/pdserve-plan" simulate --profile "$cluster_profile" "${common[@]}" --rates "$rates" \
+          --policy best-effort --link-gbps 20 --json "$dir/$tag-sim.json" | tee "$dir/$tag-sim.txt"
+        "$bin/pdserve-plan" simulate --profile "$profile" "${common[@]}" --rates "$rates" \
+          --policy best-effort --link-gbps 20 --json "$dir/$tag-sim0.json" >"$dir/$tag-sim0.txt"
+      fi
       results+=("$tag" "$dir/$tag-measured.json" "$dir/$tag-sim.json" "$dir/$tag-sim0.json")
     done
     kill "$sampler"
@@ -246,27 +295,25 @@ EOF
     ;;
   evaluate)
     mkdir -p "$out"
-    "$bin/pdserve-plan" profile --preset small --threads 1 --max-prompt 2048 \
-      --batches 1,2,3,4,5,6,7,8,10,12,16 --contexts 64,128,256,512 --reps 5 \
-      --out "$out/profile.json" | tee "$out/profile.txt"
     cals=()
     for i in $(seq 1 "${CALIBRATE_RUNS:-3}"); do
-      PROFILE=$out/profile.json bash "$0" calibrate --build "$build" --out "$out/cal$i" | tail -3
+      mkdir -p "$out/cal$i"
+      fresh_profile "$out/cal$i/engine"
+      PROFILE=$out/cal$i/engine-profile.json bash "$0" calibrate --build "$build" --out "$out/cal$i" | tail -3
       cals+=("$out/cal$i/cpu-small-cluster-calibration.json")
     done
-    "${PYTHON:-/usr/bin/python3}" - "$out/profile.json" "$out/profile-cluster.json" "${cals[@]}" <<'EOF'
+    "${PYTHON:-/usr/bin/python3}" - "$out/cluster-terms.json" "${cals[@]}" <<'EOF'
 import json, statistics, sys
-prof, out, cals = sys.argv[1], sys.argv[2], sys.argv[3:]
+out, cals = sys.argv[1], sys.argv[2:]
 runs = [json.load(open(c))["cluster"] for c in cals]
-p = json.load(open(prof))
-p["cluster"] = {k: round(statistics.median(r[k] for r in runs), 3) for k in
-                ("ttft_overhead_ms", "decode_step_overhead_ms", "decode_contention", "prefill_contention")}
-p["cluster"]["calibration"] = f"median of {len(runs)} bench/run_slo_cpu.sh calibrate runs against this profile"
-json.dump(p, open(out, "w"), indent=2)
-print("cluster section (median):", {k: v for k, v in p["cluster"].items() if k != "calibration"})
+terms = {k: round(statistics.median(r[k] for r in runs), 3) for k in
+         ("ttft_overhead_ms", "decode_step_overhead_ms", "decode_contention", "prefill_contention")}
+terms["calibration"] = (f"median of {len(runs)} bench/run_slo_cpu.sh calibrate runs, each against "
+                        "an engine profile made just before it")
+json.dump(terms, open(out, "w"), indent=2)
+print("cluster terms (median):", {k: v for k, v in terms.items() if k != "calibration"})
 EOF
-    PROFILE=$out/profile.json CLUSTER_PROFILE=$out/profile-cluster.json bash "$0" predict \
-      --build "$build" --out "$out"
+    CLUSTER_TERMS=$out/cluster-terms.json bash "$0" predict --build "$build" --out "$out"
     ;;
   placement)
     # a mixed workload: the Azure code trace (prompts p50 1469 / p90 5186 tokens) x 1/4, in its

@@ -13,8 +13,10 @@ Inputs: the profile (isolated-engine coefficients) and the per-request CSVs of t
                           same cores); the simulator multiplies a decode step by 1 + this when a
                           prefill batch is running.
   prefill_contention      median TTFT of 384-token prompts while the decode node runs a batch,
-                          minus the control overhead and exposed transfer, over the profile's
-                          prefill time, minus 1 (the mirror image: a prefill slowed by decoding).
+                          minus their median TTFT isolated, over the isolated ones' compute
+                          (TTFT - control overhead - exposed transfer): the mirror image, a
+                          prefill slowed by decoding. Both sides come from the same run, so a
+                          drift of the machine's speed since the profile cancels out.
 A check, not a term: B = 1, 4, 8 long decodes at once; their token gap against the profile's step at
 that batch (does the in-cluster step grow faster with the batch than the profile's?).
 """
@@ -83,7 +85,8 @@ pre = rows("pre-busy")
 comp384 = prefill_ms(384)
 ttft_pre = statistics.median(float(r["ttft_ms"]) for r in pre)
 iso384 = statistics.median(x["ttft_ms"] for x in iso if x["prompt"] == 384)
-pcont = max(0.0, (ttft_pre - ttft_over - exposed_ms(384, comp384)) / comp384 - 1)
+comp384_iso = iso384 - ttft_over - exposed_ms(384, comp384)
+pcont = max(0.0, (ttft_pre - iso384) / comp384_iso) if comp384_iso > 0 else 0.0
 by_len = {}
 for x in iso:
     by_len.setdefault(x["prompt"], []).append(x)

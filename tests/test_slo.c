@@ -621,6 +621,29 @@ Test(slo, simulator_holds_open_and_commit_until_the_decode_step_ends)
     cr_expect_float_eq(ttft[1], 28.01 + 20 + 1 - 22, 1e-9);
 }
 
+Test(slo, a_prefill_batch_pays_each_prompts_attention_not_the_square_of_the_sum)
+{
+    /* B and C arrive while A's prompt computes and go into the next batch together: 200 tokens,
+     * whose attention is per sequence — a + b * 200 + c * (100^2 + 100^2), not c * 200^2 */
+    pds_slo_sim_config_t c = pds_slo_sim_default_config();
+    c.prefill_model = c.decode_model = pm;
+    c.prefill_model.prefill_c = 0.001;
+    c.prefill_model.link_gbytes_per_s = 0;
+    pds_slo_req_t r[3] = {{.arrival_ms = 0, .prompt_tokens = 100, .output_tokens = 1},
+                          {.arrival_ms = 1, .prompt_tokens = 100, .output_tokens = 1},
+                          {.arrival_ms = 1, .prompt_tokens = 100, .output_tokens = 1}};
+    pds_slo_sim_result_t res;
+    double ttft[3];
+    cr_assert_eq(pds_slo_sim_run(&c, r, 3, &res, ttft, NULL), PDS_OK);
+    double a = 10 + 0.1 * 100 + 0.001 * 100 * 100;                /* 30 */
+    double bc = 10 + 0.1 * 200 + 0.001 * (100 * 100 + 100 * 100); /* 50, not 70 */
+    cr_expect_float_eq(ttft[0], a, 1e-9);
+    cr_expect_float_eq(ttft[1], a + bc - 1, 1e-9);
+    cr_expect_float_eq(ttft[2], a + bc - 1, 1e-9);
+    cr_expect_float_eq(pds_slo_prefill_batch_ms(&c.prefill_model, 200, 20000), bc, 1e-9);
+    cr_expect_float_eq(pds_slo_prefill_ms(&c.prefill_model, 200), 10 + 20 + 40, 1e-9);
+}
+
 Test(slo, simulator_holds_requests_until_kv_room_frees)
 {
     pds_slo_sim_config_t c = pds_slo_sim_default_config();

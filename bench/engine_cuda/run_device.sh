@@ -31,10 +31,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
       --filter 'engine_cuda/prefill_attention*' >> "$OUT/tests.log" 2>&1
     echo "prefill attention test, $v: rc=$?"
   done
-  # the register-staged decode attention kernel (splits too long for the whole-chunk kernel)
-  PDS_ENGINE_CUDA_DEC_STAGED=0 timeout 60 test_engine_cuda --jobs 1 \
-    --filter 'engine_cuda/decode_attention*' >> "$OUT/tests.log" 2>&1
-  echo "decode attention test, DEC_STAGED=0: rc=$?"
+  # the other decode attention paths through the same kernel test: the register-staged kernel
+  # (splits too long for the whole-chunk one), fixed-length chunks, the persistent kernel
+  IFS=';' read -ra variants <<< "${DEC_VARIANTS:-DEC_STAGED=0;DEC_EVEN=0;DEC_PERSIST=1}"
+  for v in "${variants[@]}"; do
+    envs=()
+    for w in $v; do envs+=("PDS_ENGINE_CUDA_$w"); done
+    env "${envs[@]}" timeout 60 test_engine_cuda --jobs 1 \
+      --filter 'engine_cuda/decode_attention_matches_cpu' >> "$OUT/tests.log" 2>&1
+    echo "decode attention test, $v: rc=$?"
+  done
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "$T_BENCH" pdserve-bench-cuda --preset llama3-8b ${BENCH_ARGS:-} --out "$OUT/cuda.json" \
@@ -77,7 +83,7 @@ if [ "${EXPLORE:-0}" = 1 ]; then
       --launch-count 1 pdserve-bench-cuda --prompt-lens 4096 --decode-batches 1 --repeat 1 \
       --decode-steps 1 > "$OUT/ncu.log" 2>&1
     echo "ncu prefill rc=$?" >> "$OUT/explore.log"
-    timeout 150 ncu --clock-control none $sec --kernel-name regex:attn_decode_split \
+    timeout 150 ncu --clock-control none $sec --kernel-name "regex:${NCU_DECODE:-attn_decode}" \
       --launch-skip 70 --launch-count 1 pdserve-bench-cuda --prompt-lens 128 \
       --decode-batches 32 --decode-steps 2 --repeat 1 >> "$OUT/ncu.log" 2>&1
     echo "ncu decode rc=$?" >> "$OUT/explore.log"

@@ -72,6 +72,9 @@ typedef struct {
 
 /* Each prediction is clamped at 0 (a fit may have a slightly negative intercept). */
 double pds_slo_prefill_ms(const pds_slo_model_t *m, double tokens);
+/* A batch of several prompts: the quadratic (attention) term is per sequence, so it takes the sum
+ * of the prompts' squared lengths; pds_slo_prefill_ms(m, T) is one prompt of T tokens. */
+double pds_slo_prefill_batch_ms(const pds_slo_model_t *m, double tokens, double tokens_sq);
 double pds_slo_decode_step_ms(const pds_slo_model_t *m, double batch, double context);
 /* The gap between two tokens of a sequence in the cluster: the engine step at (batch, context),
  * x (1 + decode_contention) when prefill_busy, + decode_step_overhead_ms; 0 for batch <= 0. */

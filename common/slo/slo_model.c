@@ -22,8 +22,13 @@
  */
 double pds_slo_prefill_ms(const pds_slo_model_t *m, double tokens)
 {
+    return pds_slo_prefill_batch_ms(m, tokens, tokens * tokens);
+}
+
+double pds_slo_prefill_batch_ms(const pds_slo_model_t *m, double tokens, double tokens_sq)
+{
     if (tokens <= 0) return 0;
-    double t = m->prefill_a + m->prefill_b * tokens + m->prefill_c * tokens * tokens;
+    double t = m->prefill_a + m->prefill_b * tokens + m->prefill_c * tokens_sq;
     return t > 0 ? t : 0;
 }
 

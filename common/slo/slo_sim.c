@@ -343,7 +343,7 @@ static pds_status_t prefill_start(sim_t *s, int p)
     pnode_t *pn = &s->P[p];
     if (pn->busy || pn->q.head < 0) return PDS_OK;
     int budget = s->c->prefill_max_batch_tokens;
-    double tokens = 0;
+    double tokens = 0, tokens_sq = 0;
     pn->batch.head = pn->batch.tail = -1;
     while (pn->q.head >= 0) {
         int i = pn->q.head;
@@ -352,9 +352,10 @@ static pds_status_t prefill_start(sim_t *s, int p)
         fifo_push(s, &pn->batch, i);
         s->r[i].state = RS_PREFILLING;
         tokens += s->r[i].prompt;
+        tokens_sq += (double)s->r[i].prompt * s->r[i].prompt;
     }
     pn->queued_tokens -= tokens;
-    pn->batch_ms = pds_slo_prefill_ms(&s->c->prefill_model, tokens);
+    pn->batch_ms = pds_slo_prefill_batch_ms(&s->c->prefill_model, tokens, tokens_sq);
     /* decode nodes running a batch share the host's cores (prefill_contention) */
     bool decode_busy = false;
     for (int d = 0; d < s->nD && !decode_busy; d++) decode_busy = s->D[d].n_run > 0;
@@ -402,7 +403,7 @@ static pds_status_t iter_start(sim_t *s, int d)
     if (c->mode == PDS_SLO_SIM_COLOC_PREFILL_FIRST && dn->q.head >= 0 && dn->n_run < max_seqs) {
         /* vLLM-style: a waiting prompt batch goes before the next decode step */
         int budget = c->prefill_max_batch_tokens, taken = 0;
-        double tokens = 0;
+        double tokens = 0, tokens_sq = 0;
         dn->batch.head = dn->batch.tail = -1;
         while (dn->q.head >= 0 && dn->n_run + taken < max_seqs) {
             int i = dn->q.head;
@@ -411,11 +412,12 @@ static pds_status_t iter_start(sim_t *s, int d)
             fifo_push(s, &dn->batch, i);
             s->r[i].state = RS_PREFILLING;
             tokens += s->r[i].prompt;
+            tokens_sq += (double)s->r[i].prompt * s->r[i].prompt;
             taken++;
         }
         dn->queued_tokens -= tokens;
         dn->iter_prefill = 1;
-        ms = pds_slo_prefill_ms(&c->prefill_model, tokens);
+        ms = pds_slo_prefill_batch_ms(&c->prefill_model, tokens, tokens_sq);
     } else if (c->mode == PDS_SLO_SIM_COLOC_CHUNKED && dn->q.head >= 0) {
         /* Sarathi-style: decodes first, prompt chunks fill the rest of the token budget */
         const pds_slo_model_t *m = &c->prefill_model;

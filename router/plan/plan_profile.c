@@ -3,8 +3,10 @@
  * It sweeps prefill over token counts (one sequence per forward, fresh KV each time) and decode
  * over batch x context: for decode the KV tables are grown to the context without computing them,
  * since a step's time depends on how much KV it reads, not on what the KV holds, and filling 16 x
- * 1k contexts by real prefill would cost more than the whole sweep. Each point is measured `reps`
- * times after one warm-up and the median is the sample the fit sees: a shared machine's stray
+ * 1k contexts by real prefill would cost more than the whole sweep. The decode sweep starts with
+ * 30 untimed steps (a decode node steps back to back; a CPU right after the prefill sweep is
+ * slower for dozens of steps). Each point is measured `reps` times after one warm-up and the
+ * median is the sample the fit sees: a shared machine's stray
  * slow run (another process's burst) then moves nothing, and the printed fit error is the model's
  * error on typical timings; the min and max printed beside each median show the noise. The link is
  * not measured here (the engine has no peer): pass
@@ -207,6 +209,25 @@ int plan_profile_main(int argc, char **argv)
         fflush(stdout);
     }
 
+    /* A decode node steps back to back; right after the prefill sweep the first few dozen
+     * one-sequence steps on a CPU run up to ~40% slower than later ones (measured on the 2-vCPU
+     * VM: 7.1 ms for the first five against 5.0 steady), which one warm-up step per point does not
+     * cover. So the sweep starts from a steady engine: 30 steps first, not timed as samples. */
+    {
+        double first = 0, last = 0;
+        pds_status_t s = pds_kv_seq_grow(&kv[0], pool, bs, 64, NULL);
+        for (int r = 0; r < 30 && s == PDS_OK; r++) {
+            s = pds_kv_seq_grow(&kv[0], pool, bs, 1, NULL);
+            if (s == PDS_OK) s = timed_forward(e, kv, 1, 1, tokens, r == 0 ? &first : &last);
+        }
+        pds_kv_seq_release(&kv[0], pool);
+        if (s != PDS_OK) {
+            fprintf(stderr, "pdserve-plan profile: decode warm-up: %s\n", pds_err_detail());
+            goto out;
+        }
+        printf("decode warm-up: 30 steps of one sequence, first %.3f ms, last %.3f ms\n", first,
+               last);
+    }
     printf("decode: batch x context -> median step ms over %d reps\n", reps);
     for (int bi = 0; bi < n_batches; bi++)
         for (int ci = 0; ci < n_contexts; ci++) {
