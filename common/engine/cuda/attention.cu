@@ -576,24 +576,13 @@ extern "C" pds_status_t pds_cuda_attn_plain(const uint16_t *q, int q_stride,
  * ----------------------------------------------------------- */
 #define DEC_THREADS 128
 
-/* The chunk length of a sequence of n_ctx tokens in a grid of max_splits chunks: split tokens, or
- * with even the context spread over all of the grid's chunks (at least 16 tokens each, at most
- * split), so that a sequence shorter than its CUDA graph's context bucket leaves no CTA idle and
- * no last chunk of a token or two. ceil(n_ctx / split) <= max_splits (the host sizes the grid). */
-__device__ __forceinline__ int dec_chunk_len(int n_ctx, int split, int max_splits, int even)
-{
-    if (!even) return split;
-    const int l = max((n_ctx + max_splits - 1) / max_splits, min(16, split));
-    return min(l, split);
-}
-
 /* smem: q [G][HD] fp32 (pre-scaled), scores [split][G] fp32, reduce [RG][G][HD] fp32 with
  * RG = DEC_THREADS / (HD / 8) rows of V in flight */
 template <int HD, int G>
 __global__ void __launch_bounds__(DEC_THREADS, G *HD >= 1024 ? 2 : 4)
     attn_decode_split(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
                       const int32_t *bts, int n_heads, int n_kv_heads, int bs, int split,
-                      int max_splits, int even, float scale_log2, float *part_o, float *part_ml)
+                      int max_splits, float scale_log2, float *part_o, float *part_ml)
 {
     extern __shared__ float dsm[];
     float *sq = dsm;              /* [G][HD] */
@@ -603,9 +592,9 @@ __global__ void __launch_bounds__(DEC_THREADS, G *HD >= 1024 ? 2 : 4)
     pdl_trigger();
     const int sp = blockIdx.x, kvh = blockIdx.y, si = blockIdx.z;
     const pds_cuda_seq_t S = seqs[si];
-    const int len = dec_chunk_len(S.n_ctx, split, max_splits, even), start = sp * len;
+    const int start = sp * split;
     if (start >= S.n_ctx) return;
-    const int end = min(S.n_ctx, start + len), n = end - start;
+    const int end = min(S.n_ctx, start + split), n = end - start;
     const int32_t *bt = bts + S.bt_off;
     const int64_t kvw = (int64_t)n_kv_heads * HD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -760,25 +749,13 @@ __global__ void __launch_bounds__(DEC_THREADS, G *HD >= 1024 ? 2 : 4)
  * memory by cp.async at the start (K and V as two commit groups), so a CTA has its whole chunk in
  * flight at once and the V bytes arrive while the scores are computed. smem: K/V [2][split][HD]
  * bf16 (reused as the reduce rows once P V is done), q [G][HD] fp32, scores [split][G] fp32, K row
- * offsets [split] int64 (elements into the pool). Used for splits up to DEC_STAGED_BYTES of K+V.
- *
- * With pos != NULL it also does pds_cuda_rope_kv_write's work for the step's new token (decode:
- * the last of the n_ctx), so that kernel's launch per layer is saved: every CTA rotates its q
- * heads (rounded to bf16 as that kernel stores them), and the CTA whose chunk ends the context
- * rotates the new K head, writes K and V into the pool at slots[row] and puts them straight into
- * its shared-memory rows (the only CTA that reads them). Same bits as the two kernels in turn.
- *
- * With counters != NULL it also does attn_decode_combine's work: the last CTA of a (sequence, KV
- * head) to finish (an atomic count per pair, reset to 0 by that CTA) merges the pair's partials
- * into out, in the combine kernel's order (same bits), and that launch is saved too. */
+ * offsets [split] int64 (elements into the pool). Used for splits up to DEC_STAGED_BYTES of K+V. */
 #define DEC_STAGED_BYTES (64 * 1024)
 template <int HD, int G>
 __global__ void __launch_bounds__(DEC_THREADS, 3)
-    attn_decode_staged(const bf16 *q, int q_stride, bf16 *kv, const pds_cuda_seq_t *seqs,
+    attn_decode_staged(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
                        const int32_t *bts, int n_heads, int n_kv_heads, int bs, int split,
-                       int max_splits, int even, const int32_t *pos, const int32_t *slots,
-                       const float *inv_freq, float scale_log2, float *part_o, float *part_ml,
-                       unsigned *counters, bf16 *out)
+                       int max_splits, float scale_log2, float *part_o, float *part_ml)
 {
     constexpr int CH = HD / 8, RG = DEC_THREADS / CH; /* 16-byte chunks per row; P V row groups */
     extern __shared__ __align__(16) unsigned char dsm_b[];
@@ -793,72 +770,34 @@ __global__ void __launch_bounds__(DEC_THREADS, 3)
     pdl_trigger();
     const int sp = blockIdx.x, kvh = blockIdx.y, si = blockIdx.z;
     const pds_cuda_seq_t S = seqs[si];
-    const int len = dec_chunk_len(S.n_ctx, split, max_splits, even), start = sp * len;
+    const int start = sp * split;
     if (start >= S.n_ctx) return;
-    const int end = min(S.n_ctx, start + len), n = end - start;
+    const int end = min(S.n_ctx, start + split), n = end - start;
     const int32_t *bt = bts + S.bt_off;
     const int64_t kvw = (int64_t)n_kv_heads * HD;
     const int64_t vofs = (int64_t)bs * kvw; /* V rows follow the block's K rows */
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    /* the new token's K/V row: written here, not fetched (fused RoPE, last chunk only) */
-    const int nf = pos && end == S.n_ctx ? n - 1 : n;
 
     for (int r = tid; r < n; r += DEC_THREADS) {
         const int j = start + r;
         srow[r] = ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD;
     }
     __syncthreads();
-    for (int i = tid; i < nf * CH; i += DEC_THREADS) {
+    for (int i = tid; i < n * CH; i += DEC_THREADS) {
         const int r = i / CH, c = i % CH;
         cp_async16(sk + r * HD + c * 8, kv + srow[r] + c * 8, true);
     }
     cp_async_commit();
-    for (int i = tid; i < nf * CH; i += DEC_THREADS) {
+    for (int i = tid; i < n * CH; i += DEC_THREADS) {
         const int r = i / CH, c = i % CH;
         cp_async16(sv + r * HD + c * 8, kv + srow[r] + vofs + c * 8, true);
     }
     cp_async_commit();
 
-    const bf16 *qrow = q + (int64_t)S.q_start * q_stride;
-    if (pos) {
-        /* RoPE as rope_kv_kernel: pair (i, i + HD/2), angle pos * inv_freq[i], bf16 results */
-        constexpr int HALF = HD / 2;
-        const float p = (float)pos[S.q_start];
-        const int n_q = G * HALF, n_all = n_q + (nf < n ? HALF : 0);
-        for (int i = tid; i < n_all; i += DEC_THREADS) {
-            const int gh = i / HALF, d = i % HALF; /* gh == G: the new K head */
-            const bf16 *src = gh < G ? qrow + (kvh * G + gh) * HD : qrow + (n_heads + kvh) * HD;
-            float sn, cs;
-            sincosf(p * inv_freq[d], &sn, &cs);
-            const float x0 = __bfloat162float(src[d]), x1 = __bfloat162float(src[d + HALF]);
-            const bf16 y0 = __float2bfloat16_rn(x0 * cs - x1 * sn);
-            const bf16 y1 = __float2bfloat16_rn(x1 * cs + x0 * sn);
-            if (gh < G) {
-                sq[gh * HD + d] = __bfloat162float(y0) * scale_log2;
-                sq[gh * HD + d + HALF] = __bfloat162float(y1) * scale_log2;
-            } else {
-                sk[nf * HD + d] = y0;
-                sk[nf * HD + d + HALF] = y1;
-            }
-        }
-        if (nf < n) {
-            const int slot = slots[S.q_start], blk = slot / bs, off = slot % bs;
-            bf16 *kdst = kv + ((int64_t)blk * 2 * bs + off) * kvw + kvh * HD;
-            const bf16 *vsrc = qrow + (n_heads + n_kv_heads + kvh) * HD;
-            for (int i = tid; i < CH; i += DEC_THREADS) {
-                const uint4 vx = ((const uint4 *)vsrc)[i];
-                ((uint4 *)(sv + nf * HD))[i] = vx;
-                ((uint4 *)(kdst + vofs))[i] = vx;
-            }
-            __syncthreads(); /* the rotated K row is in shared memory: copy it to the pool */
-            for (int i = tid; i < CH; i += DEC_THREADS)
-                ((uint4 *)kdst)[i] = ((const uint4 *)(sk + nf * HD))[i];
-        }
-    } else {
-        for (int i = tid; i < G * HD; i += DEC_THREADS) {
-            int gh = i / HD, d = i % HD;
-            sq[i] = __bfloat162float(qrow[(kvh * G + gh) * HD + d]) * scale_log2;
-        }
+    for (int i = tid; i < G * HD; i += DEC_THREADS) {
+        int gh = i / HD, d = i % HD;
+        sq[i] = __bfloat162float(q[(int64_t)S.q_start * q_stride + (kvh * G + gh) * HD + d]) *
+                scale_log2;
     }
     cp_async_wait<1>(); /* this thread's K chunks have landed */
     __syncthreads();
@@ -968,34 +907,6 @@ __global__ void __launch_bounds__(DEC_THREADS, 3)
             part_ml[pidx * 2] = sm_m[gh];
             part_ml[pidx * 2 + 1] = sm_l[gh];
         }
-    }
-    if (!counters) return;
-    /* the last chunk of this (sequence, KV head) to finish merges them (threadFenceReduction) */
-    __shared__ int is_last;
-    const int ns = (S.n_ctx + len - 1) / len;
-    __threadfence(); /* this CTA's partials are visible GPU-wide before it is counted */
-    __syncthreads();
-    if (tid == 0) {
-        unsigned *cnt = counters + (int64_t)si * n_kv_heads + kvh;
-        is_last = atomicAdd(cnt, 1u) == (unsigned)ns - 1;
-        if (is_last)
-            *cnt = 0; /* every other CTA of the pair has counted: ready for the next step */
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    for (int i = tid; i < G * HD; i += DEC_THREADS) {
-        const int gh = i / HD, d = i % HD, h = kvh * G + gh;
-        const int64_t base = ((int64_t)si * n_heads + h) * max_splits;
-        float M = -INFINITY;
-        for (int k = 0; k < ns; k++) M = fmaxf(M, __ldcg(&part_ml[(base + k) * 2]));
-        float L = 0.0f;
-        for (int k = 0; k < ns; k++)
-            L += __ldcg(&part_ml[(base + k) * 2 + 1]) * exp2f(__ldcg(&part_ml[(base + k) * 2]) - M);
-        float a = 0.0f;
-        for (int k = 0; k < ns; k++)
-            a += __ldcg(&part_o[(base + k) * HD + d]) * exp2f(__ldcg(&part_ml[(base + k) * 2]) - M);
-        out[(int64_t)S.q_start * n_heads * HD + h * HD + d] = __float2bfloat16_rn(a / L);
     }
 }
 
@@ -1195,15 +1106,14 @@ static bool dec_persist_enabled()
 }
 
 __global__ void attn_decode_combine(const pds_cuda_seq_t *seqs, int n_heads, int hd, int split,
-                                    int max_splits, int even, const float *part_o,
-                                    const float *part_ml, bf16 *out)
+                                    int max_splits, const float *part_o, const float *part_ml,
+                                    bf16 *out)
 {
     pdl_wait();
     pdl_trigger();
     const int si = blockIdx.x, h = blockIdx.y;
     const pds_cuda_seq_t S = seqs[si];
-    const int len = dec_chunk_len(S.n_ctx, split, max_splits, even);
-    int ns = min((S.n_ctx + len - 1) / len, max_splits);
+    int ns = min((S.n_ctx + split - 1) / split, max_splits);
     int64_t base = ((int64_t)si * n_heads + h) * max_splits;
     float M = -INFINITY;
     for (int i = 0; i < ns; i++) M = fmaxf(M, part_ml[(base + i) * 2]);
@@ -1252,42 +1162,12 @@ template <typename K> static pds_status_t smem_optin(K kernel, size_t smem, int 
     return PDS_OK;
 }
 
-/* PDS_ENGINE_CUDA_DEC_EVEN=0|1: spread each context over all of the grid's chunks
- * (dec_chunk_len); PDS_ENGINE_CUDA_DEC_ROPE=0|1: the staged kernel does the RoPE / K-V write of
- * the step's new token. Not with the persistent kernel (fixed chunks, no RoPE). */
-static int dec_env(const char *name, int dflt, int *cache)
-{
-    if (*cache < 0) {
-        const char *e = getenv(name);
-        *cache = e && (strcmp(e, "0") == 0 || strcmp(e, "1") == 0) ? e[0] - '0' : dflt;
-    }
-    return *cache;
-}
-static int dec_even(void)
-{
-    static int v = -1;
-    return !dec_persist_enabled() && dec_env("PDS_ENGINE_CUDA_DEC_EVEN", 1, &v);
-}
-
-extern "C" int pds_cuda_attn_decode_fuses_rope(int head_dim, int split_tokens)
-{
-    static int v = -1;
-    return !dec_persist_enabled() && dec_env("PDS_ENGINE_CUDA_DEC_ROPE", 1, &v) &&
-           (head_dim == 64 || head_dim == 128) &&
-           split_tokens <= pds_cuda_attn_decode_max_staged_split(head_dim);
-}
-
 template <int HD, int G>
-static pds_status_t launch_decode(const uint16_t *q, int q_stride, uint16_t *kv,
+static pds_status_t launch_decode(const uint16_t *q, int q_stride, const uint16_t *kv,
                                   const pds_cuda_seq_t *seqs, const int32_t *bts, int n_seqs,
                                   int n_heads, int n_kv_heads, int bs, int split, int max_splits,
-                                  const int32_t *pos, const int32_t *slots, const float *inv_freq,
-                                  float *part_o, float *part_ml, unsigned *counters, uint16_t *out,
-                                  bool *combined, cudaStream_t s)
+                                  float *part_o, float *part_ml, cudaStream_t s)
 {
-    *combined = false;
-    if (pos && !pds_cuda_attn_decode_fuses_rope(HD, split))
-        return PDS_ERR(PDS_ERR_UNSUPPORTED, "decode attention: no fused RoPE at split %d", split);
     const size_t RG = DEC_THREADS / (HD / 8);
     dim3 grid(max_splits, n_kv_heads, n_seqs);
     if (dec_persist_enabled() && (size_t)split * HD * 4 <= DEC_PERSIST_BYTES) {
@@ -1328,11 +1208,9 @@ static pds_status_t launch_decode(const uint16_t *q, int q_stride, uint16_t *kv,
                            "decode attention: split of %d tokens needs %zu bytes of shared memory",
                            split, sm);
         pds_launch(attn_decode_staged<HD, G>, grid, DEC_THREADS, sm, s, (const bf16 *)q, q_stride,
-                   (bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split, max_splits, dec_even(),
-                   pos, slots, inv_freq, (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml,
-                   counters, (bf16 *)out);
+                   (const bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split, max_splits,
+                   (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);
         LAUNCH_CHECK("attn_decode_staged");
-        *combined = counters != NULL;
         return PDS_OK;
     }
     size_t smem = sizeof(float) * ((size_t)G * HD + (size_t)G * split + RG * G * HD);
@@ -1346,29 +1224,29 @@ static pds_status_t launch_decode(const uint16_t *q, int q_stride, uint16_t *kv,
                            split, smem);
     }
     pds_launch(attn_decode_split<HD, G>, grid, DEC_THREADS, smem, s, (const bf16 *)q, q_stride,
-               (const bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split, max_splits, dec_even(),
+               (const bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split, max_splits,
                (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);
     LAUNCH_CHECK("attn_decode_split");
     return PDS_OK;
 }
 
-extern "C" pds_status_t pds_cuda_attn_decode(
-    const uint16_t *q, int q_stride, uint16_t *kv_layer, const pds_cuda_seq_t *seqs,
-    const int32_t *block_tables, int n_seqs, int n_heads, int n_kv_heads, int head_dim,
-    int block_size, int split_tokens, int max_splits, const int32_t *pos, const int32_t *slots,
-    const float *inv_freq, float *part, unsigned *counters, uint16_t *out, cudaStream_t s)
+extern "C" pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride,
+                                             const uint16_t *kv_layer, const pds_cuda_seq_t *seqs,
+                                             const int32_t *block_tables, int n_seqs, int n_heads,
+                                             int n_kv_heads, int head_dim, int block_size,
+                                             int split_tokens, int max_splits, float *part,
+                                             uint16_t *out, cudaStream_t s)
 {
     if (n_seqs <= 0) return PDS_OK;
     int G = n_heads / n_kv_heads;
     float *part_o = part;
     float *part_ml = part + (size_t)n_seqs * n_heads * max_splits * head_dim;
     pds_status_t st = PDS_ERR_UNSUPPORTED;
-    bool combined = false;
-#define DEC_CASE(HD_, G_)                                                                         \
-    if (head_dim == HD_ && G == G_)                                                               \
-        st = launch_decode<HD_, G_>(q, q_stride, kv_layer, seqs, block_tables, n_seqs, n_heads,   \
-                                    n_kv_heads, block_size, split_tokens, max_splits, pos, slots, \
-                                    inv_freq, part_o, part_ml, counters, out, &combined, s);
+#define DEC_CASE(HD_, G_)                                                                       \
+    if (head_dim == HD_ && G == G_)                                                             \
+        st = launch_decode<HD_, G_>(q, q_stride, kv_layer, seqs, block_tables, n_seqs, n_heads, \
+                                    n_kv_heads, block_size, split_tokens, max_splits, part_o,   \
+                                    part_ml, s);
     DEC_CASE(128, 1)
     DEC_CASE(128, 2)
     DEC_CASE(128, 4)
@@ -1380,9 +1258,9 @@ extern "C" pds_status_t pds_cuda_attn_decode(
 #undef DEC_CASE
     if (st == PDS_ERR_UNSUPPORTED)
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "decode attention: head_dim %d, group %d", head_dim, G);
-    if (st != PDS_OK || combined) return st;
+    if (st != PDS_OK) return st;
     pds_launch(attn_decode_combine, dim3(n_seqs, n_heads), 128, 0, s, seqs, n_heads, head_dim,
-               split_tokens, max_splits, dec_even(), (const float *)part_o, (const float *)part_ml,
+               split_tokens, max_splits, (const float *)part_o, (const float *)part_ml,
                (bf16 *)out);
     LAUNCH_CHECK("attn_decode_combine");
     return PDS_OK;

@@ -119,22 +119,11 @@ size_t pds_cuda_attn_decode_part_floats(int n_seqs, int n_heads, int head_dim, i
  * memory (cp.async, all in flight at once); longer splits use the register-staged kernel. 0 when
  * PDS_ENGINE_CUDA_DEC_STAGED=0. */
 int pds_cuda_attn_decode_max_staged_split(int head_dim);
-/* Whether pds_cuda_attn_decode can take pos/slots/inv_freq at this split (the staged kernel; off
- * with PDS_ENGINE_CUDA_DEC_ROPE=0 or the persistent kernel). With them it also does
- * pds_cuda_rope_kv_write's work for each sequence's new token (RoPE of q and the new K, K and V
- * into the pool at slots[row]) with the same bits, and the caller skips that kernel; without them
- * (NULL) q is used as it is and the pool must already hold the new token. Each sequence's context
- * is spread over all max_splits chunks (at most split_tokens each) unless
- * PDS_ENGINE_CUDA_DEC_EVEN=0. counters: NULL, or n_seqs * n_kv_heads unsigned ints that are 0
- * before the first call (each call leaves them 0): then the staged kernel merges the chunks itself
- * (the last chunk of each sequence and KV head to finish) and no combine pass is launched. */
-int pds_cuda_attn_decode_fuses_rope(int head_dim, int split_tokens);
-pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride, uint16_t *kv_layer,
+pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride, const uint16_t *kv_layer,
                                   const pds_cuda_seq_t *seqs, const int32_t *block_tables,
                                   int n_seqs, int n_heads, int n_kv_heads, int head_dim,
-                                  int block_size, int split_tokens, int max_splits,
-                                  const int32_t *pos, const int32_t *slots, const float *inv_freq,
-                                  float *part, unsigned *counters, uint16_t *out, cudaStream_t s);
+                                  int block_size, int split_tokens, int max_splits, float *part,
+                                  uint16_t *out, cudaStream_t s);
 
 /* Decode-step matrix-vector products for 1..pds_cuda_gemv_max_rows() activation rows (n), each
  * with the step that follows it fused (gemv.cu). Weights w [M, K] bf16 row-major, activations x

@@ -174,14 +174,12 @@ typedef struct {
     uint16_t *att; /* [max_T, H*hd] */
     uint16_t *gu;  /* [max_T, 2*ffn] bf16; also the scratch output when tuning GEMMs */
     size_t gu_bytes;
-    uint16_t *act;     /* [max_T, ffn] */
-    float *logits;     /* [max_S, vocab] */
-    float *part;       /* decode partials */
-    unsigned *dec_cnt; /* decode attention's per (sequence, KV head) chunk counts, kept at 0; NULL:
-                          the separate combine pass (PDS_ENGINE_CUDA_DEC_COMBINE=0) */
-    int32_t *d_tok;    /* [max_S] sampled tokens */
-    int32_t *d_ids;    /* [ids_cap] block ids for KV copies */
-    void *stage;       /* KV copy staging (device) */
+    uint16_t *act;  /* [max_T, ffn] */
+    float *logits;  /* [max_S, vocab] */
+    float *part;    /* decode partials */
+    int32_t *d_tok; /* [max_S] sampled tokens */
+    int32_t *d_ids; /* [ids_cap] block ids for KV copies */
+    void *stage;    /* KV copy staging (device) */
     size_t stage_bytes;
     int ids_cap;
     int max_splits_cap;
@@ -619,12 +617,6 @@ static pds_status_t alloc_workspace(pds_engine_t *e, cuda_impl_t *g)
     g->part = (float *)(b + off[7]);
     g->d_tok = (int32_t *)(b + off[8]);
     g->lt_ws = b + off[9];
-    const char *dcm = getenv("PDS_ENGINE_CUDA_DEC_COMBINE");
-    if (!(dcm && strcmp(dcm, "0") == 0)) {
-        PDS_CUDA_TRY(
-            cudaMalloc((void **)&g->dec_cnt, S * (size_t)c->n_kv_heads * sizeof(unsigned)));
-        PDS_CUDA_TRY(cudaMemset(g->dec_cnt, 0, S * (size_t)c->n_kv_heads * sizeof(unsigned)));
-    }
 
     /* input pack */
     pack_layout_t *pk = &g->pk;
@@ -677,7 +669,6 @@ static void cuda_destroy(pds_engine_t *e)
     cudaFree(g->stage);
     cudaFree(g->d_ids);
     cudaFree(g->ws);
-    cudaFree(g->dec_cnt);
     cudaFree(g->kv);
     cudaFree(g->wmem);
     pds_free(g->layers);
@@ -815,8 +806,6 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
                     (H * hd) % 8 == 0;
     /* decode of more rows, up to 64: the same fusions on tensor cores (skinny.cu) */
     const bool sk = decode && !gv && skinny_fits(g, c, T);
-    /* decode on cuBLASLt: the attention kernel does RoPE and the K/V write of the new tokens */
-    const bool dec_rope = decode && !gv && !sk && pds_cuda_attn_decode_fuses_rope(hd, split);
 
     prof_begin(g);
     PDS_TRY(pds_cuda_embed(tokens, T, g->embed, hid, g->x, st));
@@ -837,18 +826,15 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
         } else {
             PDS_TRY(gemm(g, qkvw, T, hid, L->wqkv, g->xn, g->qkv, 0, 0));
             prof_mark(g, OP_GEMM_QKV);
-            if (!dec_rope) {
-                PDS_TRY(pds_cuda_rope_kv_write(g->qkv, pos, slots, T, H, KV, hd, g->inv_freq, kvl,
-                                               e->kv.block_size, st));
-                prof_mark(g, OP_ROPE_KV);
-            }
+            PDS_TRY(pds_cuda_rope_kv_write(g->qkv, pos, slots, T, H, KV, hd, g->inv_freq, kvl,
+                                           e->kv.block_size, st));
+            prof_mark(g, OP_ROPE_KV);
         }
         /* this layer's K/V are in the pool: what layer_wait (and a KV sender) waits for */
         if (!decode) PDS_CUDA_TRY(cudaEventRecord(g->layer_ev[l], st));
         if (decode)
             PDS_TRY(pds_cuda_attn_decode(g->qkv, qkvw, kvl, seqs, bt, S, H, KV, hd,
-                                         e->kv.block_size, split, max_splits, dec_rope ? pos : NULL,
-                                         slots, g->inv_freq, g->part, g->dec_cnt, g->att, st));
+                                         e->kv.block_size, split, max_splits, g->part, g->att, st));
         else if (mma)
             PDS_TRY(pds_cuda_attn_prefill(g->qkv, qkvw, kvl, seqs, bt, tiles, n_tiles, H, KV, hd,
                                           e->kv.block_size, g->att, st));
