@@ -292,10 +292,12 @@ Test(slo, cluster_terms_add_their_measured_costs_to_predictions)
         .model = &m, .queued_tokens = 2500, .busy_ms = 7, .max_batch_tokens = 1000};
     /* as without the terms (7 + 2 * 110 + 60 + 70 + 6 exposed) + the 4 ms control path */
     cr_expect_float_eq(pds_slo_predict_ttft(&p, 600), 7 + 2 * 110 + 60 + 70 + 6.0 + 4, 1e-9);
-    /* step at batch 1, context 101: 5 + 1 + 1.01 = 7.01; + 0.5 idle, x 1.25 then + 0.5 busy */
-    cr_expect_float_eq(pds_slo_decode_gap_ms(&m, 1, 101, false), 7.51, 1e-9);
-    cr_expect_float_eq(pds_slo_decode_gap_ms(&m, 1, 101, true), 7.01 * 1.25 + 0.5, 1e-9);
-    cr_expect_eq(pds_slo_decode_gap_ms(&m, 0, 101, true), 0);
+    /* step at batch 1, context 101: 5 + 1 + 1.01 = 7.01; + 0.5 idle, x 1.25 then + 0.5 with a
+     * prefill running throughout; one that ends 4 ms in slows 4 ms of it (3.2 ms of work) */
+    cr_expect_float_eq(pds_slo_decode_gap_ms(&m, 1, 101, 0), 7.51, 1e-9);
+    cr_expect_float_eq(pds_slo_decode_gap_ms(&m, 1, 101, 100), 7.01 * 1.25 + 0.5, 1e-9);
+    cr_expect_float_eq(pds_slo_decode_gap_ms(&m, 1, 101, 4), 4 + (7.01 - 4 / 1.25) + 0.5, 1e-9);
+    cr_expect_eq(pds_slo_decode_gap_ms(&m, 0, 101, 100), 0);
     /* TPOT: batch 4, context 1250 -> 21.5 + 0.5 (the router's prediction: no contention) */
     pds_slo_decode_load_t d = {.model = &m, .batch = 3, .context_tokens = 1000};
     cr_expect_float_eq(pds_slo_predict_tpot(&d, 200, 100), 22.0, 1e-9);
@@ -584,8 +586,10 @@ Test(slo, simulator_slows_steps_that_overlap_the_other_phase_by_its_contention)
     double ttft[2], tpot[2];
     cr_assert_eq(pds_slo_sim_run(&c, r, 2, &res, ttft, tpot), PDS_OK);
     /* A: prefill 0..20 (decode idle), first token 21; its steps at context 101..104 start at
-     * 21 (prefill idle: 7.01), then 28.01, 38.54, 49.085 while B's prefill runs (x 1.5) */
-    double a_end = 21 + 7.01 + 1.5 * (7.02 + 7.03 + 7.04);
+     * 21 (prefill idle: 7.01), then 28.01, 38.54 while B's prefill (28.01..58.01) runs (x 1.5),
+     * and 49.085, whose first 8.925 ms overlap it (5.95 ms of work at 1 / 1.5 speed) */
+    double ov = 58.01 - (21 + 7.01 + 1.5 * (7.02 + 7.03));
+    double a_end = 21 + 7.01 + 1.5 * (7.02 + 7.03) + ov + (7.04 - ov / 1.5);
     cr_expect_float_eq(ttft[0], 21.0, 1e-9);
     cr_expect_float_eq(tpot[0], (a_end - 21) / 4, 1e-9);
     /* B (arrives 22, during A's first step): its OpenTransfer waits for that step (28.01), then

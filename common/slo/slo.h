@@ -77,9 +77,12 @@ double pds_slo_prefill_ms(const pds_slo_model_t *m, double tokens);
 double pds_slo_prefill_batch_ms(const pds_slo_model_t *m, double tokens, double tokens_sq);
 double pds_slo_decode_step_ms(const pds_slo_model_t *m, double batch, double context);
 /* The gap between two tokens of a sequence in the cluster: the engine step at (batch, context),
- * x (1 + decode_contention) when prefill_busy, + decode_step_overhead_ms; 0 for batch <= 0. */
+ * slowed by decode_contention for as long as a prefill keeps running beside it (prefill_ms from
+ * the step's start: 0 none, >= the step's whole length all of it; during the overlap the step
+ * progresses at 1 / (1 + decode_contention) of its speed), + decode_step_overhead_ms; 0 for
+ * batch <= 0. */
 double pds_slo_decode_gap_ms(const pds_slo_model_t *m, double batch, double context,
-                             bool prefill_busy);
+                             double prefill_ms);
 /* Whole transfer of `tokens` tokens' KV: n_layers messages (1 if n_layers is 0). */
 double pds_slo_transfer_ms(const pds_slo_model_t *m, double tokens);
 /* The part of a layer-by-layer transfer not hidden behind a prefill of compute_ms: with per-layer

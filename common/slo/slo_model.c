@@ -51,11 +51,16 @@ double pds_slo_decode_step_ms(const pds_slo_model_t *m, double batch, double con
 }
 
 double pds_slo_decode_gap_ms(const pds_slo_model_t *m, double batch, double context,
-                             bool prefill_busy)
+                             double prefill_ms)
 {
     if (batch <= 0) return 0;
     double t = pds_slo_decode_step_ms(m, batch, context);
-    if (prefill_busy && m->decode_contention > 0) t *= 1 + m->decode_contention;
+    if (prefill_ms > 0 && m->decode_contention > 0) {
+        double slow = t * (1 + m->decode_contention);
+        /* the part done while the prefill runs goes at 1 / (1 + contention), the rest at full
+         * speed */
+        t = slow <= prefill_ms ? slow : prefill_ms + (t - prefill_ms / (1 + m->decode_contention));
+    }
     return t + (m->decode_step_overhead_ms > 0 ? m->decode_step_overhead_ms : 0);
 }
 
@@ -539,7 +544,7 @@ double pds_slo_predict_tpot(const pds_slo_decode_load_t *d, int64_t prompt_token
                             int64_t output_tokens)
 {
     double ctx = d->context_tokens + (double)prompt_tokens + (double)output_tokens / 2;
-    return pds_slo_decode_gap_ms(d->model, d->batch + 1, ctx, false);
+    return pds_slo_decode_gap_ms(d->model, d->batch + 1, ctx, 0);
 }
 
 /* ---- placement ----------------------------------------------------------------------------------

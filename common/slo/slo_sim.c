@@ -437,13 +437,15 @@ static pds_status_t iter_start(sim_t *s, int d)
         }
         dn->chunk_reqs = touched;
         dn->iter_prefill = touched > 0;
-        ms = pds_slo_decode_gap_ms(&c->decode_model, dn->n_run, dn->run_ctx, false) +
+        ms = pds_slo_decode_gap_ms(&c->decode_model, dn->n_run, dn->run_ctx, 0) +
              (dn->n_run == 0 ? m->prefill_a : 0) + (extra > 0 ? extra : 0);
     } else if (dn->n_run > 0) {
-        /* disaggregated: prefill nodes share the host's cores (decode_contention) */
-        bool prefill_busy = false;
-        for (int p = 0; p < s->nP && !s->coloc && !prefill_busy; p++) prefill_busy = s->P[p].busy;
-        ms = pds_slo_decode_gap_ms(&c->decode_model, dn->n_run, dn->run_ctx, prefill_busy);
+        /* disaggregated: prefill nodes share the host's cores (decode_contention) while the
+         * batch they are computing lasts (a batch that starts later is not foreseen) */
+        double prefill_ms = 0;
+        for (int p = 0; p < s->nP && !s->coloc; p++)
+            if (s->P[p].busy) prefill_ms = fmax(prefill_ms, s->P[p].busy_until - s->now);
+        ms = pds_slo_decode_gap_ms(&c->decode_model, dn->n_run, dn->run_ctx, prefill_ms);
     } else {
         return PDS_OK; /* idle */
     }
