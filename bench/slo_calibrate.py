@@ -10,8 +10,8 @@ Inputs: the profile (isolated-engine coefficients) and the per-request CSVs of t
                           (token streaming decode -> router -> client, the decode loop's own work)
   decode_contention       TPOT of one long decode while the prefill node computes back to back,
                           over its TPOT alone, minus 1 (two engines and their I/O threads on the
-                          same cores); the simulator multiplies a decode step by 1 + this when a
-                          prefill batch is running.
+                          same cores); the simulator runs the part of a decode step that overlaps
+                          a prefill batch at 1 / (1 + this) of its speed.
   prefill_contention      median TTFT of 384-token prompts while the decode node runs a batch,
                           minus their median TTFT isolated, over the isolated ones' compute
                           (TTFT - control overhead - exposed transfer): the mirror image, a
