@@ -9,7 +9,7 @@
 #       from bench/profiles/cpu-small-1t-cluster.json (engine profile + the in-cluster terms of
 #       `calibrate`; $CLUSTER_PROFILE overrides) and, for comparison, from the isolated
 #       cpu-small-1t.json. Writes OUT/cpu-small-slo-predict.json. PREDICT_REQUESTS=N: requests
-#       per rate (default 40).
+#       per rate (default 40); AZURE_REQUESTS=N: the trace's, if other.
 #   bash bench/run_slo_cpu.sh calibrate [--build DIR] [--out DIR]
 #       measures the in-cluster terms of the latency model on 1 prefill + 1 decode with requests
 #       the evaluation (predict) never sends: (A) isolated requests (fixed lengths, 0.5 req/s) ->
@@ -156,9 +156,11 @@ case $what in
       if [ "$workload" = trace ]; then workload="trace:${rest%%:*}"; fi
       rest=${rest#*:}; scale=${rest%%:*}; rates=${rest#*:}
       tag=$(echo "$workload" | sed 's|.*/||; s|\.csv||; s|[^a-z0-9-]|-|g')
+      nreq=${PREDICT_REQUESTS:-40}
+      # the trace's p90 TTFT hangs on its few long prompts: AZURE_REQUESTS=N measures more of them
+      [ "$workload" != code ] && nreq=${AZURE_REQUESTS:-$nreq}
       common=(--workload "$workload" --length-scale "$scale" --max-context 8192
-              --requests "${PREDICT_REQUESTS:-40}"
-              --seed 7 --ttft-ms 250 --tpot-ms 25)
+              --requests "$nreq" --seed 7 --ttft-ms 250 --tpot-ms 25)
       if [ -n "${CLUSTER_TERMS:-}" ]; then
         # one rate at a time, each predicted from an engine profile made just before it is
         # measured (the same requests as in a multi-rate run: the generator is per rate)

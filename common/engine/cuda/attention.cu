@@ -910,6 +910,147 @@ __global__ void __launch_bounds__(DEC_THREADS, 3)
     }
 }
 
+/* The staged kernel's chunk on tensor cores. ncu on attn_decode_staged (batch 32, context 1025,
+ * llama3-8b) showed it issue-bound, not memory-bound: ~31M warp instructions per layer, a warp
+ * eligible in 44% of cycles, DRAM at 62%, whatever the occupancy — the scalar FMAs of Q K^T and
+ * P V, their bf16 conversions and the shuffles. Here both products are m16n8k16 MMAs with the G
+ * query heads of the KV head as the rows (G <= 8: rows G..15 are zero), the way the prefill
+ * kernel computes a 16-row tile: S = Q K^T with warp w on 8-token tiles w, w + 4, ... (Q
+ * fragments built once from global memory, K by ldmatrix from shared memory), the softmax
+ * statistics per head in shared memory as before, then O = P V with warp w on head_dim columns
+ * [w * HD / 4, (w + 1) * HD / 4) over the whole chunk (P rounded to bf16 as in prefill; V by
+ * ldmatrix.trans), so no cross-warp sum is needed. K/V rows are padded to HD + 8 elements
+ * (conflict-free ldmatrix); rows past the chunk's end up to a multiple of 16 are zero-filled and
+ * their probabilities are 0. smem: K/V [2][split16][HD + 8] bf16, scores [split16][G] fp32, K row
+ * offsets [split] int64. */
+template <int HD, int G>
+__global__ void __launch_bounds__(DEC_THREADS, 3)
+    attn_decode_mma(const bf16 *q, int q_stride, const bf16 *kv, const pds_cuda_seq_t *seqs,
+                    const int32_t *bts, int n_heads, int n_kv_heads, int bs, int split,
+                    int max_splits, float scale_log2, float *part_o, float *part_ml)
+{
+    static_assert(G <= 8 && (HD == 64 || HD == 128), "decode mma: G <= 8, head_dim 64 or 128");
+    constexpr int LD = HD + 8, CH = HD / 8, DW = HD / 4; /* columns of P V per warp */
+    extern __shared__ __align__(16) unsigned char dsm_m[];
+    const int split16 = (split + 15) & ~15;
+    bf16 *sk = (bf16 *)dsm_m;                              /* [split16][LD] */
+    bf16 *sv = sk + (size_t)split16 * LD;                  /* [split16][LD] */
+    float *ss = (float *)(sv + (size_t)split16 * LD);      /* [split16][G] */
+    int64_t *srow = (int64_t *)(ss + (size_t)split16 * G); /* [split16] (8-byte aligned) */
+    pdl_wait();
+    pdl_trigger();
+    const int sp = blockIdx.x, kvh = blockIdx.y, si = blockIdx.z;
+    const pds_cuda_seq_t S = seqs[si];
+    const int start = sp * split;
+    if (start >= S.n_ctx) return;
+    const int end = min(S.n_ctx, start + split), n = end - start, n16 = (n + 15) & ~15;
+    const int32_t *bt = bts + S.bt_off;
+    const int64_t kvw = (int64_t)n_kv_heads * HD;
+    const int64_t vofs = (int64_t)bs * kvw; /* V rows follow the block's K rows */
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+
+    for (int r = tid; r < n; r += DEC_THREADS) {
+        const int j = start + r;
+        srow[r] = ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD;
+    }
+    __syncthreads();
+    for (int i = tid; i < n16 * CH; i += DEC_THREADS) {
+        const int r = i / CH, c = i % CH;
+        cp_async16(sk + r * LD + c * 8, r < n ? kv + srow[r] + c * 8 : kv, r < n);
+    }
+    cp_async_commit();
+    for (int i = tid; i < n16 * CH; i += DEC_THREADS) {
+        const int r = i / CH, c = i % CH;
+        cp_async16(sv + r * LD + c * 8, r < n ? kv + srow[r] + vofs + c * 8 : kv, r < n);
+    }
+    cp_async_commit();
+
+    /* Q as A fragments (row g = query head kvh * G + g; rows >= G zero), all of head_dim */
+    uint32_t qa[HD / 16][4];
+    {
+        const bf16 *qr = q + (int64_t)S.q_start * q_stride + (kvh * G + g) * HD + t4 * 2;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            qa[kk][0] = g < G ? *(const uint32_t *)(qr + kk * 16) : 0u;
+            qa[kk][2] = g < G ? *(const uint32_t *)(qr + kk * 16 + 8) : 0u;
+            qa[kk][1] = qa[kk][3] = 0u; /* rows g + 8 >= 8 >= G */
+        }
+    }
+    cp_async_wait<1>(); /* this thread's K copies have landed */
+    __syncthreads();
+
+    /* S = Q K^T: warp w takes the 8-token tiles w, w + 4, ...; lanes with g < G hold head g's
+     * scores of tokens 8 t + 2 t4 and + 1 */
+    for (int t = warp; t < n16 / 8; t += DEC_THREADS / 32) {
+        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk += 2) {
+            uint32_t b[4];
+            ldsm_x4(b, &sk[(t * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8]);
+            mma_bf16(s, qa[kk], b[0], b[1]);
+            mma_bf16(s, qa[kk + 1], b[2], b[3]);
+        }
+        if (g < G) {
+            const int j = t * 8 + t4 * 2;
+            ss[j * G + g] = s[0] * scale_log2;
+            ss[(j + 1) * G + g] = s[1] * scale_log2;
+        }
+    }
+    __syncthreads();
+
+    /* softmax statistics per head: warp w handles heads w, w + 4, ...; probabilities of the
+     * padding rows n..n16 are 0 */
+    __shared__ float sm_m[G], sm_l[G];
+    for (int gh = warp; gh < G; gh += DEC_THREADS / 32) {
+        float mx = -INFINITY;
+        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[j * G + gh]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.0f;
+        for (int j = lane; j < n16; j += 32) {
+            float p = j < n ? exp2f(ss[j * G + gh] - mx) : 0.0f;
+            ss[j * G + gh] = p;
+            sum += p;
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) sm_m[gh] = mx, sm_l[gh] = sum;
+    }
+    cp_async_wait<0>(); /* V */
+    __syncthreads();
+
+    /* O = P V: warp w on columns [w * DW, (w + 1) * DW) of every head, all of the chunk */
+    float o[DW / 8][4];
+#pragma unroll
+    for (int i = 0; i < DW / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    for (int k2 = 0; k2 < n16 / 16; k2++) {
+        uint32_t a[4];
+        const int j = k2 * 16 + t4 * 2;
+        a[0] = g < G ? pack_bf16(ss[j * G + g], ss[(j + 1) * G + g]) : 0u;
+        a[2] = g < G ? pack_bf16(ss[(j + 8) * G + g], ss[(j + 9) * G + g]) : 0u;
+        a[1] = a[3] = 0u;
+#pragma unroll
+        for (int nd = 0; nd < DW / 8; nd += 2) {
+            uint32_t b[4];
+            ldsm_x4_t(b, &sv[(k2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + warp * DW +
+                             nd * 8 + (lane >> 4) * 8]);
+            mma_bf16(o[nd], a, b[0], b[1]);
+            mma_bf16(o[nd + 1], a, b[2], b[3]);
+        }
+    }
+    if (g < G) {
+        const int h = kvh * G + g;
+        const int64_t pidx = ((int64_t)si * n_heads + h) * max_splits + sp;
+#pragma unroll
+        for (int nd = 0; nd < DW / 8; nd++) {
+            const int d = warp * DW + nd * 8 + t4 * 2;
+            *(float2 *)&part_o[pidx * HD + d] = make_float2(o[nd][0], o[nd][1]);
+        }
+        if (warp == 0 && t4 == 0) {
+            part_ml[pidx * 2] = sm_m[g];
+            part_ml[pidx * 2 + 1] = sm_l[g];
+        }
+    }
+}
+
 /* The staged kernel's work as a persistent pipeline: a grid of as many CTAs as fit on the GPU at
  * once, each walking the (chunk, KV head, sequence) items blockIdx.x, + gridDim.x, ...; the next
  * item's whole K and V chunk is fetched by cp.async into the second of two shared-memory stages
@@ -1195,6 +1336,28 @@ static pds_status_t launch_decode(const uint16_t *q, int q_stride, const uint16_
                    q_stride, (const bf16 *)kv, seqs, bts, n_seqs, n_heads, n_kv_heads, bs, split,
                    max_splits, (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);
         LAUNCH_CHECK("attn_decode_persist");
+        return PDS_OK;
+    }
+    static int mma = -1; /* PDS_ENGINE_CUDA_DEC_MMA=0: the scalar staged kernel */
+    if (mma < 0) {
+        const char *e = getenv("PDS_ENGINE_CUDA_DEC_MMA");
+        mma = !(e && strcmp(e, "0") == 0);
+    }
+    if (mma && G <= 8 && (HD == 64 || HD == 128) &&
+        split <= pds_cuda_attn_decode_max_staged_split(HD)) {
+        const size_t s16 = ((size_t)split + 15) & ~(size_t)15;
+        const size_t sm =
+            2 * s16 * (HD + 8) * sizeof(uint16_t) + s16 * G * sizeof(float) + s16 * sizeof(int64_t);
+        static int raised_m = 0;
+        PDS_TRY(smem_optin(attn_decode_mma<HD, (G <= 8 ? G : 8)>, sm, &raised_m));
+        if (sm > 48 * 1024 && sm > (size_t)raised_m)
+            return PDS_ERR(PDS_ERR_UNSUPPORTED,
+                           "decode attention: split of %d tokens needs %zu bytes of shared memory",
+                           split, sm);
+        pds_launch(attn_decode_mma<HD, (G <= 8 ? G : 8)>, grid, DEC_THREADS, sm, s, (const bf16 *)q,
+                   q_stride, (const bf16 *)kv, seqs, bts, n_heads, n_kv_heads, bs, split,
+                   max_splits, (1.0f / sqrtf((float)HD)) * LOG2E, part_o, part_ml);
+        LAUNCH_CHECK("attn_decode_mma");
         return PDS_OK;
     }
     if (split <= pds_cuda_attn_decode_max_staged_split(HD)) {
