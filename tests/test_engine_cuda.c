@@ -670,7 +670,7 @@ Test(engine_cuda, decode_attention_matches_cpu)
     attention_case(16, 2, 128, 5, n_new, n_ctx, 2, 128);
     attention_case(8, 4, 64, 5, n_new, n_ctx, 2, 32);
     attention_case(8, 8, 64, 5, n_new, n_ctx, 2, 256);
-    /* the persistent kernel's other groups (and the staged one's, with it off) */
+    /* other groups and head sizes of the whole-chunk kernels */
     attention_case(16, 2, 128, 5, n_new, n_ctx, 2, 64);
     attention_case(8, 8, 64, 5, n_new, n_ctx, 2, 32);
     attention_case(16, 8, 64, 5, n_new, n_ctx, 2, 128);

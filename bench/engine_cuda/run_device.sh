@@ -32,8 +32,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     echo "prefill attention test, $v: rc=$?"
   done
   # the other decode attention paths through the same kernel test: the register-staged kernel
-  # (splits too long for the whole-chunk one), the scalar whole-chunk kernel and the persistent one
-  IFS=';' read -ra variants <<< "${DEC_VARIANTS:-DEC_MMA=0;DEC_STAGED=0;DEC_PERSIST=1}"
+  # (splits too long for the whole-chunk one) and the scalar whole-chunk kernel
+  IFS=';' read -ra variants <<< "${DEC_VARIANTS:-DEC_MMA=0;DEC_STAGED=0}"
   for v in "${variants[@]}"; do
     envs=()
     for w in $v; do envs+=("PDS_ENGINE_CUDA_$w"); done
