@@ -580,6 +580,55 @@ extern "C" pds_status_t pds_cuda_attn_plain(const uint16_t *q, int q_stride,
  * ----------------------------------------------------------- */
 #define DEC_THREADS 128
 
+/* Softmax statistics of a decode chunk, per query head of the group: warp w takes heads w, w + 4,
+ * ...; ss [n_pad][G] holds scores (log2-scaled) for rows < n, and leaves with their exp2(s - max),
+ * 0 for the padding rows n..n_pad; sm_m / sm_l get each head's max and sum. */
+template <int G>
+__device__ __forceinline__ void dec_softmax_stats(float *ss, int n, int n_pad, int warp, int lane,
+                                                  float *sm_m, float *sm_l)
+{
+    for (int gh = warp; gh < G; gh += DEC_THREADS / 32) {
+        float mx = -INFINITY;
+        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[j * G + gh]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.0f;
+        for (int j = lane; j < n_pad; j += 32) {
+            float p = j < n ? exp2f(ss[j * G + gh] - mx) : 0.0f;
+            ss[j * G + gh] = p;
+            sum += p;
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) sm_m[gh] = mx, sm_l[gh] = sum;
+    }
+}
+
+/* Stages a decode chunk's K and V rows (tokens start..start+n of KV head kvh) in shared memory
+ * rows of ld elements by cp.async, K then V as two commit groups; rows n..n_pad are zero-filled.
+ * srow [n]: the rows' element offsets into the pool (computed here, with one barrier). */
+template <int HD>
+__device__ __forceinline__ void dec_stage_chunk(const bf16 *kv, const int32_t *bt, int start, int n,
+                                                int n_pad, int kvh, int n_kv_heads, int bs,
+                                                int64_t *srow, bf16 *sk, bf16 *sv, int ld)
+{
+    constexpr int CH = HD / 8;
+    const int64_t kvw = (int64_t)n_kv_heads * HD, vofs = (int64_t)bs * kvw;
+    for (int r = threadIdx.x; r < n; r += DEC_THREADS) {
+        const int j = start + r;
+        srow[r] = ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_pad * CH; i += DEC_THREADS) {
+        const int r = i / CH, c = i % CH;
+        cp_async16(sk + r * ld + c * 8, r < n ? kv + srow[r] + c * 8 : kv, r < n);
+    }
+    cp_async_commit();
+    for (int i = threadIdx.x; i < n_pad * CH; i += DEC_THREADS) {
+        const int r = i / CH, c = i % CH;
+        cp_async16(sv + r * ld + c * 8, r < n ? kv + srow[r] + vofs + c * 8 : kv, r < n);
+    }
+    cp_async_commit();
+}
+
 /* smem: q [G][HD] fp32 (pre-scaled), scores [split][G] fp32, reduce [RG][G][HD] fp32 with
  * RG = DEC_THREADS / (HD / 8) rows of V in flight */
 template <int HD, int G>
@@ -668,19 +717,7 @@ __global__ void __launch_bounds__(DEC_THREADS, G *HD >= 1024 ? 2 : 4)
 
     /* softmax statistics per head: warp w handles heads w, w+4, ... */
     __shared__ float sm_m[G], sm_l[G];
-    for (int gh = warp; gh < G; gh += DEC_THREADS / 32) {
-        float mx = -INFINITY;
-        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[j * G + gh]);
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float sum = 0.0f;
-        for (int j = lane; j < n; j += 32) {
-            float p = exp2f(ss[j * G + gh] - mx);
-            ss[j * G + gh] = p;
-            sum += p;
-        }
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) sm_m[gh] = mx, sm_l[gh] = sum;
-    }
+    dec_softmax_stats<G>(ss, n, n, warp, lane, sm_m, sm_l);
     __syncthreads();
 
     /* P V: CH threads cover one V row with 8 dims each; RG rows in parallel */
@@ -778,25 +815,9 @@ __global__ void __launch_bounds__(DEC_THREADS, 3)
     if (start >= S.n_ctx) return;
     const int end = min(S.n_ctx, start + split), n = end - start;
     const int32_t *bt = bts + S.bt_off;
-    const int64_t kvw = (int64_t)n_kv_heads * HD;
-    const int64_t vofs = (int64_t)bs * kvw; /* V rows follow the block's K rows */
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-    for (int r = tid; r < n; r += DEC_THREADS) {
-        const int j = start + r;
-        srow[r] = ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD;
-    }
-    __syncthreads();
-    for (int i = tid; i < n * CH; i += DEC_THREADS) {
-        const int r = i / CH, c = i % CH;
-        cp_async16(sk + r * HD + c * 8, kv + srow[r] + c * 8, true);
-    }
-    cp_async_commit();
-    for (int i = tid; i < n * CH; i += DEC_THREADS) {
-        const int r = i / CH, c = i % CH;
-        cp_async16(sv + r * HD + c * 8, kv + srow[r] + vofs + c * 8, true);
-    }
-    cp_async_commit();
+    dec_stage_chunk<HD>(kv, bt, start, n, n, kvh, n_kv_heads, bs, srow, sk, sv, HD);
 
     for (int i = tid; i < G * HD; i += DEC_THREADS) {
         int gh = i / HD, d = i % HD;
@@ -850,19 +871,7 @@ __global__ void __launch_bounds__(DEC_THREADS, 3)
 
     /* softmax statistics per head: warp w handles heads w, w+4, ... */
     __shared__ float sm_m[G], sm_l[G];
-    for (int gh = warp; gh < G; gh += DEC_THREADS / 32) {
-        float mx = -INFINITY;
-        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[j * G + gh]);
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float sum = 0.0f;
-        for (int j = lane; j < n; j += 32) {
-            float p = exp2f(ss[j * G + gh] - mx);
-            ss[j * G + gh] = p;
-            sum += p;
-        }
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) sm_m[gh] = mx, sm_l[gh] = sum;
-    }
+    dec_softmax_stats<G>(ss, n, n, warp, lane, sm_m, sm_l);
     cp_async_wait<0>(); /* V */
     __syncthreads();
 
@@ -934,7 +943,7 @@ __global__ void __launch_bounds__(DEC_THREADS, 3)
                     int max_splits, float scale_log2, float *part_o, float *part_ml)
 {
     static_assert(G <= 8 && (HD == 64 || HD == 128), "decode mma: G <= 8, head_dim 64 or 128");
-    constexpr int LD = HD + 8, CH = HD / 8, DW = HD / 4; /* columns of P V per warp */
+    constexpr int LD = HD + 8, DW = HD / 4; /* DW: columns of P V per warp */
     extern __shared__ __align__(16) unsigned char dsm_m[];
     const int split16 = (split + 15) & ~15;
     bf16 *sk = (bf16 *)dsm_m;                              /* [split16][LD] */
@@ -949,25 +958,9 @@ __global__ void __launch_bounds__(DEC_THREADS, 3)
     if (start >= S.n_ctx) return;
     const int end = min(S.n_ctx, start + split), n = end - start, n16 = (n + 15) & ~15;
     const int32_t *bt = bts + S.bt_off;
-    const int64_t kvw = (int64_t)n_kv_heads * HD;
-    const int64_t vofs = (int64_t)bs * kvw; /* V rows follow the block's K rows */
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
 
-    for (int r = tid; r < n; r += DEC_THREADS) {
-        const int j = start + r;
-        srow[r] = ((int64_t)bt[j / bs] * 2 * bs + j % bs) * kvw + kvh * HD;
-    }
-    __syncthreads();
-    for (int i = tid; i < n16 * CH; i += DEC_THREADS) {
-        const int r = i / CH, c = i % CH;
-        cp_async16(sk + r * LD + c * 8, r < n ? kv + srow[r] + c * 8 : kv, r < n);
-    }
-    cp_async_commit();
-    for (int i = tid; i < n16 * CH; i += DEC_THREADS) {
-        const int r = i / CH, c = i % CH;
-        cp_async16(sv + r * LD + c * 8, r < n ? kv + srow[r] + vofs + c * 8 : kv, r < n);
-    }
-    cp_async_commit();
+    dec_stage_chunk<HD>(kv, bt, start, n, n16, kvh, n_kv_heads, bs, srow, sk, sv, LD);
 
     /* Q as A fragments (row g = query head kvh * G + g; rows >= G zero), all of head_dim */
     uint32_t qa[HD / 16][4];
@@ -1005,19 +998,7 @@ __global__ void __launch_bounds__(DEC_THREADS, 3)
     /* softmax statistics per head: warp w handles heads w, w + 4, ...; probabilities of the
      * padding rows n..n16 are 0 */
     __shared__ float sm_m[G], sm_l[G];
-    for (int gh = warp; gh < G; gh += DEC_THREADS / 32) {
-        float mx = -INFINITY;
-        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, ss[j * G + gh]);
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float sum = 0.0f;
-        for (int j = lane; j < n16; j += 32) {
-            float p = j < n ? exp2f(ss[j * G + gh] - mx) : 0.0f;
-            ss[j * G + gh] = p;
-            sum += p;
-        }
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) sm_m[gh] = mx, sm_l[gh] = sum;
-    }
+    dec_softmax_stats<G>(ss, n, n16, warp, lane, sm_m, sm_l);
     cp_async_wait<0>(); /* V */
     __syncthreads();
 
