@@ -3,18 +3,22 @@
 
 Inputs: the profile (isolated-engine coefficients) and the per-request CSVs of the calibration runs
 (none of them is a request the evaluation sends). Terms, each measured directly:
-  ttft_overhead_ms        median over isolated requests of TTFT - prefill(prompt) - exposed transfer
-                          (router hop, Prefill RPC, OpenTransfer, kvx commit, CommitTransfer, the
-                          first token's way back: the control path the compute model lacks)
+  ttft_overhead_ms        median over isolated requests of TTFT - the prefill node's own batch time
+                          and exposed transfer for that prompt (its `handoff` log line; without the
+                          log, the profile's prefill(prompt) and the model's exposed transfer):
+                          router hop, Prefill RPC, OpenTransfer, kvx commit, CommitTransfer, the
+                          first token's way back — the control path the compute model lacks. Taken
+                          against the node's measured batch, a drift of the engine's speed since
+                          the profile does not land in this term.
   decode_step_overhead_ms median over isolated requests of TPOT - step(1, mean context)
                           (token streaming decode -> router -> client, the decode loop's own work)
   decode_contention       TPOT of one long decode while the prefill node computes back to back,
                           over its TPOT alone, minus 1 (two engines and their I/O threads on the
                           same cores); the simulator runs the part of a decode step that overlaps
                           a prefill batch at 1 / (1 + this) of its speed.
-  prefill_contention      median TTFT of 384-token prompts while the decode node runs a batch,
-                          minus their median TTFT isolated, over the isolated ones' compute
-                          (TTFT - control overhead - exposed transfer): the mirror image, a
+  prefill_contention      the prefill node's median batch time for 384-token prompts while the
+                          decode node runs a batch, over its median for the isolated ones, minus 1
+                          (without the node's log: the same from TTFTs): the mirror image, a
                           prefill slowed by decoding. Both sides come from the same run, so a
                           drift of the machine's speed since the profile cancels out.
 A check, not a term: B = 1, 4, 8 long decodes at once; their token gap against the profile's step at
@@ -63,20 +67,47 @@ def rows(name):
     return [r for r in csv.DictReader(open(f"{a.dir}/{name}.csv")) if r["status"].lower() == "ok"]
 
 
+# the prefill node's handoff lines, in order: (tokens, batch ms, exposed ms)
+handoffs = []
+try:
+    for line in open(f"{a.dir}/calib/p0.log"):
+        if "msg=handoff " not in line:
+            continue
+        fld = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        handoffs.append((int(fld["tokens"]), float(fld["prefill_ms"]), float(fld["exposed_ms"])))
+except (FileNotFoundError, KeyError, ValueError):
+    handoffs = []
+
 iso = []
 for name in ("iso-64", "iso-192", "iso-384"):
-    for r in rows(name):
+    rs = rows(name)
+    # the isolated runs come first and one at a time: the first len(rs) handoffs of this length
+    # are theirs (later runs reuse 384 tokens)
+    own = [h for h in handoffs if h[0] == int(name.split("-")[1])][:len(rs)]
+    for i, r in enumerate(rs):
         n, o = int(r["prompt_tokens"]), int(r["output_tokens"])
         ttft, tpot = float(r["ttft_ms"]), float(r["tpot_ms"])
         comp = prefill_ms(n)
-        iso.append({"prompt": n, "output": o, "ttft_ms": ttft, "tpot_ms": tpot,
-                    "prefill_model_ms": comp, "exposed_ms": exposed_ms(n, comp),
-                    "ttft_extra_ms": ttft - comp - exposed_ms(n, comp),
-                    "step_model_ms": step_ms(1, n + o / 2),
-                    "tpot_extra_ms": tpot - step_ms(1, n + o / 2)})
+        x = {"prompt": n, "output": o, "ttft_ms": ttft, "tpot_ms": tpot,
+             "prefill_model_ms": comp, "exposed_ms": exposed_ms(n, comp),
+             "ttft_extra_ms": ttft - comp - exposed_ms(n, comp),
+             "step_model_ms": step_ms(1, n + o / 2),
+             "tpot_extra_ms": tpot - step_ms(1, n + o / 2)}
+        if len(own) == len(rs):
+            x["prefill_node_ms"], x["prefill_node_exposed_ms"] = own[i][1], own[i][2]
+            x["ttft_control_ms"] = ttft - own[i][1] - own[i][2]
+        iso.append(x)
 if not iso:
     sys.exit("slo_calibrate.py: no successful isolated requests")
-ttft_over = statistics.median(x["ttft_extra_ms"] for x in iso)
+measured = all("ttft_control_ms" in x for x in iso)
+ttft_over = statistics.median(x["ttft_control_ms" if measured else "ttft_extra_ms"] for x in iso)
+# a check, not a term: the prefill node's batch time against the profile's (engine drift)
+speed = (statistics.median(x["prefill_node_ms"] / x["prefill_model_ms"] for x in iso)
+         if measured else None)
+if measured:
+    print(f"control path from the prefill node's own batch times: median {ttft_over:.2f} ms "
+          f"(against the profile's prefill: {statistics.median(x['ttft_extra_ms'] for x in iso):.2f} ms); "
+          f"node batch / profile prefill: median {speed:.3f}")
 step_over = max(0.0, statistics.median(x["tpot_extra_ms"] for x in iso))  # noise can dip below 0
 alone, busy = rows("long-alone"), rows("long-busy")
 tpot_alone, tpot_busy = float(alone[0]["tpot_ms"]), float(busy[0]["tpot_ms"])
@@ -87,6 +118,13 @@ ttft_pre = statistics.median(float(r["ttft_ms"]) for r in pre)
 iso384 = statistics.median(x["ttft_ms"] for x in iso if x["prompt"] == 384)
 comp384_iso = iso384 - ttft_over - exposed_ms(384, comp384)
 pcont = max(0.0, (ttft_pre - iso384) / comp384_iso) if comp384_iso > 0 else 0.0
+h384 = [h[1] for h in handoffs if h[0] == 384]
+n_iso384 = sum(1 for x in iso if x["prompt"] == 384)
+if measured and len(h384) >= n_iso384 + len(pre):
+    # the node's own batch times: the 384-token prompts beside the decoding batch (the handoffs
+    # after the isolated ones) against the isolated ones
+    pcont = max(0.0, statistics.median(h384[n_iso384:n_iso384 + len(pre)]) /
+                statistics.median(h384[:n_iso384]) - 1)
 by_len = {}
 for x in iso:
     by_len.setdefault(x["prompt"], []).append(x)
@@ -119,7 +157,8 @@ section = {"ttft_overhead_ms": round(ttft_over, 2), "decode_step_overhead_ms": r
            "prefill_contention": round(pcont, 3)}
 print("cluster section:", json.dumps(section))
 json.dump({"bench": "slo-cluster-calibration", "profile": a.profile, "loadavg_after": a.loadavg,
-           "cluster": section, "isolated": iso,
+           "cluster": section, "isolated": iso, "control_from_node_log": measured,
+           "node_batch_over_profile": speed,
            "long_decode": {"tpot_alone_ms": tpot_alone, "tpot_beside_prefill_ms": tpot_busy,
                            "alone": alone[0], "busy": busy[0]},
            "background": rows("bg"), "batch_check": batch_check,
