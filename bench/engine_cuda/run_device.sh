@@ -21,26 +21,26 @@ T_TESTS=${T_TESTS:-170} T_BENCH=${T_BENCH:-200} T_PEER=${T_PEER:-200}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "$T_TESTS" test_engine_cuda --jobs 1 --verbose >> "$OUT/tests.log" 2>&1
   echo "tests rc=$?"; grep -E "FAIL|Synthesis|PASS|CRASH|info" "$OUT/tests.log" | tail -40
+  # variant_tests LABEL PREFIX FILTER LIST: the kernel test FILTER once per ';'-separated entry of
+  # LIST, each entry's VAR=value words set as PDS_ENGINE_CUDA_<PREFIX>VAR
+  variant_tests() {
+    local v w envs variants
+    IFS=';' read -ra variants <<< "$4"
+    for v in "${variants[@]}"; do
+      envs=()
+      for w in $v; do envs+=("PDS_ENGINE_CUDA_$2$w"); done
+      env "${envs[@]}" timeout 60 test_engine_cuda --jobs 1 --filter "$3" >> "$OUT/tests.log" 2>&1
+      echo "$1 test, $v: rc=$?"
+    done
+  }
   # the other prefill attention kernels: the wgmma variants, then the mma.sync kernel's pipelines
   # and shapes (SM90=0), through the same kernel test (ATTN_VARIANTS overrides the list)
-  IFS=';' read -ra variants <<< "${ATTN_VARIANTS:-SM90=1;SM90=2;SM90=0 PIPE=1;SM90=0 PIPE=4;SM90=0 PIPE=64;SM90=0 PIPE=0 KEYS=32 MT=2}"
-  for v in "${variants[@]}"; do
-    envs=()
-    for w in $v; do envs+=("PDS_ENGINE_CUDA_ATTN_$w"); done
-    env "${envs[@]}" timeout 60 test_engine_cuda --jobs 1 \
-      --filter 'engine_cuda/prefill_attention*' >> "$OUT/tests.log" 2>&1
-    echo "prefill attention test, $v: rc=$?"
-  done
-  # the other decode attention paths through the same kernel test: the register-staged kernel
-  # (splits too long for the whole-chunk one) and the scalar whole-chunk kernel
-  IFS=';' read -ra variants <<< "${DEC_VARIANTS:-DEC_MMA=0;DEC_STAGED=0}"
-  for v in "${variants[@]}"; do
-    envs=()
-    for w in $v; do envs+=("PDS_ENGINE_CUDA_$w"); done
-    env "${envs[@]}" timeout 60 test_engine_cuda --jobs 1 \
-      --filter 'engine_cuda/decode_attention_matches_cpu' >> "$OUT/tests.log" 2>&1
-    echo "decode attention test, $v: rc=$?"
-  done
+  variant_tests "prefill attention" ATTN_ 'engine_cuda/prefill_attention*' \
+    "${ATTN_VARIANTS:-SM90=1;SM90=2;SM90=0 PIPE=1;SM90=0 PIPE=4;SM90=0 PIPE=64;SM90=0 PIPE=0 KEYS=32 MT=2}"
+  # the other decode attention paths: the register-staged kernel (splits too long for the
+  # whole-chunk one) and the scalar whole-chunk kernel (DEC_VARIANTS overrides the list)
+  variant_tests "decode attention" "" 'engine_cuda/decode_attention_matches_cpu' \
+    "${DEC_VARIANTS:-DEC_MMA=0;DEC_STAGED=0}"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "$T_BENCH" pdserve-bench-cuda --preset llama3-8b ${BENCH_ARGS:-} --out "$OUT/cuda.json" \
