@@ -28,6 +28,10 @@
 #       from a profile made just before its run plus those terms. For a machine
 #       with cores to spare, PDS_BENCH_PIN=1 gives the router, each node and the load generator
 #       cores of their own (taskset), so that the nodes do not share cores (contention ~ 0).
+#       To split it over several runs: WORKLOADS="code" or "azure" (default both), and
+#       CLUSTER_TERMS=FILE (an earlier evaluate's cluster-terms.json from the same machine) skips
+#       the calibrations. SLO_TTFT_MS / SLO_TPOT_MS (default 250 / 25) set the targets of
+#       predict and evaluate, for a machine of another speed.
 #   bash bench/run_slo_cpu.sh placement [--build DIR] [--out DIR]
 #       least-loaded vs SLO placement (best-effort, reject) on 2 prefill + 1 decode with a tight
 #       TTFT target and a mixed workload (Azure code trace, lengths x 1/4). OUT/slo-placement.json
@@ -127,7 +131,9 @@ start_cluster() {
 # speed on a shared VM drifts by 10-20% within an hour, so `evaluate` predicts each run from a
 # profile made a minute, not an hour, before it.
 fresh_profile() {
-  "$bin/pdserve-plan" profile --preset small --threads 1 --max-prompt 2048 \
+  local pf=
+  [ "${PDS_BENCH_PIN:-0}" = 1 ] && pf="taskset -c 1" # the core the prefill node gets
+  $pf "$bin/pdserve-plan" profile --preset small --threads 1 --max-prompt 2048 \
     --batches 1,2,3,4,5,6,7,8,10,12,16 --contexts 64,128,256,512 --reps 5 \
     --out "$1-profile.json" >"$1-profile.txt"
   if [ -n "${CLUSTER_TERMS:-}" ]; then
@@ -151,7 +157,11 @@ case $what in
     # the 1-minute load average every 5 s while it runs (other people's builds show up here)
     (while :; do echo "$(date +%s) $(cut -d' ' -f1 /proc/loadavg)"; sleep 5; done) >"$dir/loadavg.log" &
     sampler=$!
-    for wl in "code::1:${CODE_RATES:-1,2,3,4,6}" "trace:$traces/azure-llm-2023-conv.csv:0.125:${AZURE_RATES:-1,2,3}"; do
+    wls=()
+    [[ " ${WORKLOADS:-code azure} " == *" code "* ]] && wls+=("code::1:${CODE_RATES:-1,2,3,4,6}")
+    [[ " ${WORKLOADS:-code azure} " == *" azure "* ]] &&
+      wls+=("trace:$traces/azure-llm-2023-conv.csv:0.125:${AZURE_RATES:-1,2,3}")
+    for wl in "${wls[@]}"; do
       workload=${wl%%:*}; rest=${wl#*:}
       if [ "$workload" = trace ]; then workload="trace:${rest%%:*}"; fi
       rest=${rest#*:}; scale=${rest%%:*}; rates=${rest#*:}
@@ -160,7 +170,7 @@ case $what in
       # the trace's p90 TTFT hangs on its few long prompts: AZURE_REQUESTS=N measures more of them
       [ "$workload" != code ] && nreq=${AZURE_REQUESTS:-$nreq}
       common=(--workload "$workload" --length-scale "$scale" --max-context 8192
-              --requests "$nreq" --seed 7 --ttft-ms 250 --tpot-ms 25)
+              --requests "$nreq" --seed 7 --ttft-ms "${SLO_TTFT_MS:-250}" --tpot-ms "${SLO_TPOT_MS:-25}")
       if [ -n "${CLUSTER_TERMS:-}" ]; then
         # one rate at a time, each predicted from an engine profile made just before it is
         # measured (the same requests as in a multi-rate run: the generator is per rate)
@@ -299,13 +309,19 @@ EOF
   evaluate)
     mkdir -p "$out"
     cals=()
+    # CLUSTER_TERMS=FILE: terms of an earlier evaluate's calibrations (its cluster-terms.json, on
+    # the same machine), so that one evaluation can be split over several shorter runs
+    if [ -n "${CLUSTER_TERMS:-}" ]; then
+      CALIBRATE_RUNS=0
+      [ "$CLUSTER_TERMS" -ef "$out/cluster-terms.json" ] || cp "$CLUSTER_TERMS" "$out/cluster-terms.json"
+    fi
     for i in $(seq 1 "${CALIBRATE_RUNS:-3}"); do
       mkdir -p "$out/cal$i"
       fresh_profile "$out/cal$i/engine"
       PROFILE=$out/cal$i/engine-profile.json bash "$0" calibrate --build "$build" --out "$out/cal$i" | tail -3
       cals+=("$out/cal$i/cpu-small-cluster-calibration.json")
     done
-    "${PYTHON:-/usr/bin/python3}" - "$out/cluster-terms.json" "${cals[@]}" <<'EOF'
+    [ ${#cals[@]} -gt 0 ] && "${PYTHON:-/usr/bin/python3}" - "$out/cluster-terms.json" "${cals[@]}" <<'EOF'
 import json, statistics, sys
 out, cals = sys.argv[1], sys.argv[2:]
 runs = [json.load(open(c))["cluster"] for c in cals]

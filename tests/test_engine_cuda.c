@@ -522,6 +522,108 @@ Test(engine_cuda, skinny_qkv_rope_matches_cpu_and_writes_the_pool)
         cudaFree(dq);
 }
 
+/* The split-K GEMM on the llama3-8b decode shapes (q|k|v, o, down, gate|up: clusters of 2 to 8
+ * CTAs on an H100), a row count off the 8/16/32/64 tiles (17), and small shapes without a split.
+ * Weights come from the GPU synthetic generator (bit-identical to the CPU one, see above) so that
+ * 235 MB of them cost no host time; the reference covers whole 64-row tiles spread over M (every
+ * rank's rows of the reduction, first and last tile) and every element is checked for NaN. Bound
+ * per element: 1e-3 of sum_k |x w| (fp32 accumulation in any order is far inside it; one 64-k
+ * stage missing or counted twice would not be), plus half a bf16 ulp for the bf16 output. */
+static void splitk_case(int M, int K, int n, uint64_t seed)
+{
+    const int tiles = M / 64, ts = PDS_MAX(1, tiles / 4), tensor = 7;
+    const float wscale = 0.05f;
+    uint16_t *dw = dalloc((size_t)M * K * 2);
+    cr_assert_eq(
+        pds_cuda_synth_fill(dw, NULL, (int64_t)M * K, seed, tensor, wscale, 0, PDS_DTYPE_BF16, 0),
+        PDS_OK, "%s", pds_err_detail());
+    uint16_t *x = rand_bf((size_t)n * K, 1.0f), *dx = dup_to_dev(x, (size_t)n * K * 2);
+    float *xf = f_from_bf(x, (size_t)n * K), *wf = malloc((size_t)K * 4);
+    /* rows checked: tiles 0, ts, 2 ts, ... and the last one */
+    int *rows = malloc((size_t)M * sizeof(int)), nr = 0;
+    for (int t = 0; t < tiles; t++)
+        if (t % ts == 0 || t == tiles - 1)
+            for (int i = 0; i < 64; i++) rows[nr++] = t * 64 + i;
+    double *ref = malloc((size_t)nr * n * 8), *mag = malloc((size_t)nr * n * 8);
+    for (int i = 0; i < nr; i++) {
+        for (int k = 0; k < K; k++)
+            wf[k] = pds_bf16_to_f32(pds_f32_to_bf16(
+                pds_model_synth_value(seed, tensor, (int64_t)rows[i] * K + k, wscale, 0)));
+        for (int r = 0; r < n; r++) {
+            double d = 0, a = 0;
+            const float *xr = xf + (size_t)r * K;
+            for (int k = 0; k < K; k++) {
+                d += (double)wf[k] * xr[k];
+                a += fabs((double)wf[k] * xr[k]);
+            }
+            ref[(size_t)i * n + r] = d, mag[(size_t)i * n + r] = a;
+        }
+    }
+    const size_t ny = (size_t)n * M;
+    float *y0 = malloc(ny * 4), *got = malloc(ny * 4), *got2 = malloc(ny * 4);
+    uint16_t *gb = malloc(ny * 2), *gb2 = malloc(ny * 2);
+    for (size_t i = 0; i < ny; i++) y0[i] = frand();
+    for (int of = 0; of < 2; of++) {
+        /* two runs into separately poisoned outputs (bf16) or copies of y0 (fp32 add) */
+        void *dy[2];
+        for (int run = 0; run < 2; run++) {
+            dy[run] = of ? dup_to_dev(y0, ny * 4) : dalloc(ny * 2);
+            cr_assert_eq(pds_cuda_splitk_gemm(dw, M, K, dx, n, dy[run], of, 0), PDS_OK, "%s",
+                         pds_err_detail());
+        }
+        if (of) {
+            to_host(got, dy[0], ny * 4);
+            to_host(got2, dy[1], ny * 4);
+            cr_assert(memcmp(got, got2, ny * 4) == 0, "splitk %dx%d n %d: runs differ", M, K, n);
+        } else {
+            to_host(gb, dy[0], ny * 2);
+            to_host(gb2, dy[1], ny * 2);
+            cr_assert(memcmp(gb, gb2, ny * 2) == 0, "splitk %dx%d n %d: runs differ", M, K, n);
+            for (size_t i = 0; i < ny; i++) got[i] = pds_bf16_to_f32(gb[i]);
+        }
+        size_t nan_at = ny; /* first unwritten (NaN) element, ny if none */
+        for (size_t i = 0; i < ny && nan_at == ny; i++)
+            if (isnan(got[i])) nan_at = i;
+        cr_assert(nan_at == ny, "splitk %dx%d n %d out_f32 %d: element %zu not written", M, K, n,
+                  of, nan_at);
+        int bad = 0, bad_i = 0, bad_r = 0; /* elements out of bounds, the first of them */
+        for (int i = 0; i < nr; i++)
+            for (int r = 0; r < n; r++) {
+                const size_t o = (size_t)r * M + rows[i];
+                const double want = ref[(size_t)i * n + r] + (of ? y0[o] : 0.0);
+                const double tol = 1e-3 * mag[(size_t)i * n + r] +
+                                   (of ? 1e-6 * fabs(want) : ldexp(fabs(want), -8));
+                if (!(fabs(got[o] - want) <= tol) && bad++ == 0) bad_i = i, bad_r = r;
+            }
+        const size_t bo = (size_t)bad_r * M + rows[bad_i];
+        cr_assert(bad == 0,
+                  "splitk %dx%d n %d out_f32 %d: %d elements off, first y[%d][%d] = %g, want %g", M,
+                  K, n, of, bad, bad_r, rows[bad_i], (double)got[bo],
+                  ref[(size_t)bad_i * n + bad_r] + (of ? y0[bo] : 0.0));
+        cudaFree(dy[0]), cudaFree(dy[1]);
+    }
+    free(x), free(xf), free(wf), free(rows), free(ref), free(mag), free(y0), free(got), free(got2),
+        free(gb), free(gb2);
+    cudaFree(dw), cudaFree(dx);
+}
+
+Test(engine_cuda, splitk_gemm_matches_cpu)
+{
+    need_gpu();
+    rng_seed(27);
+    const int shapes[6][3] = {{4096, 4096, 32}, {6144, 4096, 17}, {4096, 14336, 64},
+                              {256, 512, 5},    {28672, 4096, 8}, {128, 128, 1}};
+    for (int i = 0; i < 6; i++) splitk_case(shapes[i][0], shapes[i][1], shapes[i][2], 40 + i);
+    /* shapes it does not take: a status, not a launch */
+    uint16_t *dw = dalloc(128 * 128 * 2);
+    cr_assert(!pds_cuda_splitk_fits(100, 128, 8));
+    cr_assert(!pds_cuda_splitk_fits(128, 128, 65));
+    cr_assert_eq(pds_cuda_splitk_gemm(dw, 100, 128, dw, 8, NULL, 0, 0), PDS_ERR_UNSUPPORTED);
+    cr_assert_eq(pds_cuda_splitk_gemm(dw, 128, 128, dw, 65, NULL, 1, 0), PDS_ERR_UNSUPPORTED);
+    cr_assert_eq(pds_cuda_splitk_gemm(dw, 128, 100, dw, 8, NULL, 0, 0), PDS_ERR_UNSUPPORTED);
+    cudaFree(dw);
+}
+
 /* Reference attention for one batch over a bf16 pool, double precision. */
 static void attn_ref(const uint16_t *q, int q_stride, const uint16_t *kv, const pds_kv_layout_t *L,
                      const pds_cuda_seq_t *seqs, int n_seqs, const int32_t *bt, int H, double *out)
@@ -611,8 +713,9 @@ static void attention_case(int H, int KV, int hd, int n_seqs, const int *n_new, 
         for (int s = 0; s < n_seqs; s++) maxc = PDS_MAX(maxc, n_ctx[s]);
         int ms = PDS_DIV_UP(maxc, split) + 1; /* one spare chunk: must exit cleanly */
         float *part = dalloc(pds_cuda_attn_decode_part_floats(n_seqs, H, hd, ms) * 4);
+        /* with the engine's L2 hint, which must not change a result */
         st = pds_cuda_attn_decode(dq, qs, dkv, dseq, dbt, n_seqs, H, KV, hd, bs, split, ms, part,
-                                  dout, 0);
+                                  dout, PDS_CUDA_L2_KV_EVICT_FIRST, 0);
         cudaDeviceSynchronize();
         cudaFree(part);
     }

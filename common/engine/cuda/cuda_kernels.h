@@ -119,11 +119,14 @@ size_t pds_cuda_attn_decode_part_floats(int n_seqs, int n_heads, int head_dim, i
  * memory (cp.async, all in flight at once); longer splits use the register-staged kernel. 0 when
  * PDS_ENGINE_CUDA_DEC_STAGED=0. */
 int pds_cuda_attn_decode_max_staged_split(int head_dim);
+/* l2_hints: PDS_CUDA_L2_KV_EVICT_FIRST marks the K/V lines (each read once per step) first to go
+ * from L2, so that they do not push out lines that are read again (activations, partials). */
+#define PDS_CUDA_L2_KV_EVICT_FIRST 1
 pds_status_t pds_cuda_attn_decode(const uint16_t *q, int q_stride, const uint16_t *kv_layer,
                                   const pds_cuda_seq_t *seqs, const int32_t *block_tables,
                                   int n_seqs, int n_heads, int n_kv_heads, int head_dim,
                                   int block_size, int split_tokens, int max_splits, float *part,
-                                  uint16_t *out, cudaStream_t s);
+                                  uint16_t *out, int l2_hints, cudaStream_t s);
 
 /* Decode-step matrix-vector products for 1..pds_cuda_gemv_max_rows() activation rows (n), each
  * with the step that follows it fused (gemv.cu). Weights w [M, K] bf16 row-major, activations x
@@ -159,6 +162,15 @@ pds_status_t pds_cuda_skinny_qkv_rope(const uint16_t *wqkv, int K, const uint16_
                                       int n_kv_heads, int head_dim, const float *inv_freq,
                                       uint16_t *qkv, uint16_t *kv_layer, int block_size,
                                       cudaStream_t s);
+
+/* y[n, M] = x[n, K] . w[M, K]^T as bf16 (out_f32 == 0), or y fp32 += x . w^T (out_f32 == 1: the
+ * residual add), for 1..64 activation rows on tensor cores with K split over a thread-block
+ * cluster (splitk.cu): no fused epilogue, a replacement for the cuBLASLt call alone. Deterministic
+ * (two runs give the same bits). _fits: whether it takes the shape (M and K multiples of 64,
+ * 1 <= n <= 64); _gemm returns PDS_ERR_UNSUPPORTED for shapes it does not take. */
+int pds_cuda_splitk_fits(int M, int K, int n);
+pds_status_t pds_cuda_splitk_gemm(const uint16_t *w, int M, int K, const uint16_t *x, int n,
+                                  void *y, int out_f32, cudaStream_t s);
 
 /* tokens[S]: the token drawn for each row of logits [S, vocab] fp32 with the algorithm of
  * sample/sample.h (greedy when temperature == 0). */

@@ -22,7 +22,9 @@
  * 3-4 on an H100): matrix-vector kernels (gemv.cu) stream the weights
  * and fuse RoPE + the K/V write, SiLU*mul and the residual add (PDS_ENGINE_CUDA_GEMV=0: off);
  * steps of 5-64 can do the same on tensor cores (skinny.cu, PDS_ENGINE_CUDA_SKINNY=1; off by
- * default because it is still slower than cuBLASLt + the separate kernels, see skinny.cu). The
+ * default because it is still slower than cuBLASLt + the separate kernels, see skinny.cu).
+ * PDS_ENGINE_CUDA_SPLITK=1 replaces the cuBLASLt calls of decode steps of up to 64 rows that
+ * neither takes by a split-K tensor-core GEMM (splitk.cu; off: slower than cuBLASLt so far). The
  * kernels of cuda_kernels.h are launched with programmatic dependent launch (launch.cuh). With
  * PDS_ENGINE_CUDA_PROFILE=1, an event after each op gives per-op GPU times (decode then runs
  * without graphs); pds_engine_cuda_profile_report() prints them. A decode step
@@ -151,6 +153,8 @@ typedef struct {
     bool gemv;     /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
     int gemv_rows; /* ... up to this many rows (PDS_ENGINE_CUDA_GEMV_ROWS, <= the kernels' limit) */
     bool skinny; /* fused tensor-core kernels for decode of 5..64 rows (PDS_ENGINE_CUDA_SKINNY=1) */
+    bool splitk; /* split-K kernel instead of cuBLASLt for decode of <= 64 rows (_SPLITK=1) */
+    int l2_hints;        /* decode attention's L2 hints (PDS_ENGINE_CUDA_L2_HINTS, PDS_CUDA_L2_*) */
     prof_t *prof;        /* PDS_ENGINE_CUDA_PROFILE=1 */
     int dec_ctas_per_sm; /* decode attention splits the context to fill this many CTAs per SM */
     /* weights */
@@ -253,7 +257,9 @@ static int tune_bucket(int n)
  * the product may be written; contents are overwritten) and keeps the fastest in e->algo. The GPU
  * is first kept busy with the heuristic's choice (so that clocks ramping up from idle do not
  * favour the candidates timed last), then every candidate is timed in two rounds (3 products
- * each) and judged by its faster round. */
+ * each) and judged by its faster round. (Emptying L2 before each timed product, so that a
+ * matrix that fits in L2 is timed as a forward meets it, from DRAM, chose algorithms no faster:
+ * batch 32 8.05-8.11 vs 8.04-8.07 ms, 2026-11-25.) */
 static pds_status_t gemm_tune(cuda_impl_t *g, gemm_entry_t *e,
                               const cublasLtMatmulHeuristicResult_t *res, int got, const void *w,
                               const void *x, void *y)
@@ -403,6 +409,16 @@ static pds_status_t gemm(cuda_impl_t *g, int m, int n, int k, const uint16_t *w,
     LT_TRY(cublasLtMatmul(g->lt, e->op, &alpha, w, e->a, x, e->b, &beta, y, e->c, y, e->c, &e->algo,
                           g->lt_ws, LT_WORKSPACE, g->stream));
     return PDS_OK;
+}
+
+/* A linear layer of the forward, arguments as gemm(): the split-K kernel (splitk.cu) for decode
+ * steps where it is on and takes the shape (bf16 store, or fp32 residual add), else cuBLASLt. */
+static pds_status_t lin(cuda_impl_t *g, bool decode, int m, int n, int k, const uint16_t *w,
+                        const uint16_t *x, void *y, int out_f32, int acc)
+{
+    if (decode && g->splitk && out_f32 == acc && pds_cuda_splitk_fits(m, k, n))
+        return pds_cuda_splitk_gemm(w, m, k, x, n, y, out_f32, g->stream);
+    return gemm(g, m, n, k, w, x, y, out_f32, acc);
 }
 
 /* ---- weights
@@ -824,7 +840,7 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
                                              g->inv_freq, g->qkv, kvl, e->kv.block_size, st));
             prof_mark(g, OP_SK_QKV_ROPE);
         } else {
-            PDS_TRY(gemm(g, qkvw, T, hid, L->wqkv, g->xn, g->qkv, 0, 0));
+            PDS_TRY(lin(g, decode, qkvw, T, hid, L->wqkv, g->xn, g->qkv, 0, 0));
             prof_mark(g, OP_GEMM_QKV);
             PDS_TRY(pds_cuda_rope_kv_write(g->qkv, pos, slots, T, H, KV, hd, g->inv_freq, kvl,
                                            e->kv.block_size, st));
@@ -834,7 +850,8 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
         if (!decode) PDS_CUDA_TRY(cudaEventRecord(g->layer_ev[l], st));
         if (decode)
             PDS_TRY(pds_cuda_attn_decode(g->qkv, qkvw, kvl, seqs, bt, S, H, KV, hd,
-                                         e->kv.block_size, split, max_splits, g->part, g->att, st));
+                                         e->kv.block_size, split, max_splits, g->part, g->att,
+                                         g->l2_hints, st));
         else if (mma)
             PDS_TRY(pds_cuda_attn_prefill(g->qkv, qkvw, kvl, seqs, bt, tiles, n_tiles, H, KV, hd,
                                           e->kv.block_size, g->att, st));
@@ -849,7 +866,7 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             PDS_TRY(pds_cuda_skinny_f32(L->wo, hid, H * hd, g->att, T, g->x, 1, st));
             prof_mark(g, OP_SK_O);
         } else {
-            PDS_TRY(gemm(g, hid, T, H * hd, L->wo, g->att, g->x, 1, 1));
+            PDS_TRY(lin(g, decode, hid, T, H * hd, L->wo, g->att, g->x, 1, 1));
             prof_mark(g, OP_GEMM_O);
         }
         PDS_TRY(pds_cuda_rmsnorm(g->x, NULL, T, hid, L->ffn_norm, c->norm_eps, g->xn, st));
@@ -865,11 +882,11 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             PDS_TRY(pds_cuda_skinny_f32(L->w_down, hid, c->ffn, g->act, T, g->x, 1, st));
             prof_mark(g, OP_SK_DOWN);
         } else {
-            PDS_TRY(gemm(g, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0));
+            PDS_TRY(lin(g, decode, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0));
             prof_mark(g, OP_GEMM_GU);
             PDS_TRY(pds_cuda_silu_mul(g->gu, T, c->ffn, g->act, st));
             prof_mark(g, OP_SILU);
-            PDS_TRY(gemm(g, hid, T, c->ffn, L->w_down, g->act, g->x, 1, 1));
+            PDS_TRY(lin(g, decode, hid, T, c->ffn, L->w_down, g->act, g->x, 1, 1));
             prof_mark(g, OP_GEMM_DOWN);
         }
         if (on_layer) on_layer(ctx, l);
@@ -1225,8 +1242,12 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
     g->gemv_rows = PDS_MIN(gr && atoi(gr) > 0 ? atoi(gr) : 2, pds_cuda_gemv_max_rows());
     const char *sk = getenv("PDS_ENGINE_CUDA_SKINNY");
     g->skinny = sk && strcmp(sk, "1") == 0; /* off by default: slower than cuBLASLt so far */
+    const char *spk = getenv("PDS_ENGINE_CUDA_SPLITK");
+    g->splitk = spk && strcmp(spk, "1") == 0; /* off by default until measured */
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[0]));
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[1]));
+    const char *l2 = getenv("PDS_ENGINE_CUDA_L2_HINTS");
+    g->l2_hints = l2 && *l2 ? atoi(l2) : PDS_CUDA_L2_KV_EVICT_FIRST;
     const char *dc = getenv("PDS_ENGINE_CUDA_DECODE_CTAS");
     g->dec_ctas_per_sm = dc && atoi(dc) > 0 ? atoi(dc) : 8;
     const char *pr = getenv("PDS_ENGINE_CUDA_PROFILE");

@@ -37,22 +37,43 @@ static inline bool pds_pdl_enabled()
     return v == 1;
 }
 
-/* kernel<<<grid, block, smem, s>>>(args...), with the PDL attribute when enabled. */
+/* kernel<<<grid, block, smem, s>>>(args...) as a grid of thread-block clusters of cluster_x CTAs
+ * along x (gridDim.x a multiple of it; 0: no cluster attribute), with the PDL attribute when
+ * enabled. */
 template <typename... KArgs, typename... Args>
-static cudaError_t pds_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                              cudaStream_t s, Args... args)
+static cudaError_t pds_launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                      cudaStream_t s, unsigned cluster_x, Args... args)
 {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute attr[2];
+    unsigned na = 0;
+    if (cluster_x > 0) {
+        attr[na].id = cudaLaunchAttributeClusterDimension;
+        attr[na].val.clusterDim.x = cluster_x;
+        attr[na].val.clusterDim.y = 1;
+        attr[na].val.clusterDim.z = 1;
+        na++;
+    }
+    if (pds_pdl_enabled()) {
+        attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[na].val.programmaticStreamSerializationAllowed = 1;
+        na++;
+    }
     cfg.attrs = attr;
-    cfg.numAttrs = pds_pdl_enabled() ? 1 : 0;
+    cfg.numAttrs = na;
     return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+
+/* kernel<<<grid, block, smem, s>>>(args...), with the PDL attribute when enabled. */
+template <typename... KArgs, typename... Args>
+static cudaError_t pds_launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                              cudaStream_t s, Args... args)
+{
+    return pds_launch_cluster(kernel, grid, block, smem, s, 0u, args...);
 }
 
 #endif /* PDS_ENGINE_CUDA_LAUNCH_CUH */

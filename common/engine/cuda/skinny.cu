@@ -325,21 +325,9 @@ static cudaError_t sk_launch_nt(const bf16 *w, const bf16 *x, int K, int n, int 
         if (e != cudaSuccess) return e;
         raised = smem;
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)cs, (unsigned)((n_units + SK_WARPS - 1) / SK_WARPS));
-    cfg.blockDim = dim3(SK_WARPS * 32);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = (unsigned)cs;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pds_pdl_enabled() ? 2 : 1;
-    return cudaLaunchKernelEx(&cfg, skinny_kernel<NT, EPI>, w, x, K, n, n_units, ep);
+    return pds_launch_cluster(skinny_kernel<NT, EPI>,
+                              dim3((unsigned)cs, (unsigned)((n_units + SK_WARPS - 1) / SK_WARPS)),
+                              dim3(SK_WARPS * 32), smem, s, (unsigned)cs, w, x, K, n, n_units, ep);
 }
 
 template <int EPI>
