@@ -260,7 +260,7 @@ EOF
   calibrate)
     bgpids=()
     # the prefill node at info level: its `handoff` lines carry each prompt's own batch time
-    start_cluster calib "--slo.placement=least-loaded" prefill:p0:--log.level=info decode:d0
+    start_cluster calib "--slo.placement=least-loaded" prefill:p0:--log.level=debug decode:d0:--log.level=debug
     cal=(--ttft-ms 250 --tpot-ms 25 --no-progress --max-context 8192)
     # (A) isolated requests, three prompt lengths (2 s apart: each is done before the next)
     for len in 64 192 384; do

@@ -12,10 +12,14 @@ Inputs: the profile (isolated-engine coefficients) and the per-request CSVs of t
                           the profile does not land in this term.
   decode_step_overhead_ms median over isolated requests of TPOT - step(1, mean context)
                           (token streaming decode -> router -> client, the decode loop's own work)
-  decode_contention       TPOT of one long decode while the prefill node computes back to back,
-                          over its TPOT alone, minus 1 (two engines and their I/O threads on the
-                          same cores); the simulator runs the part of a decode step that overlaps
-                          a prefill batch at 1 / (1 + this) of its speed.
+  decode_contention       the decode node's one-sequence steps that ran wholly beside a prefill
+                          batch against those that ran beside none (both nodes' debug traces,
+                          timestamped: decode `step`, prefill `batch` lines; each step's forward time
+                          over the profile's step at its context), minus 1 (two engines and their
+                          I/O threads on the same cores); without the trace, the TPOT of one long
+                          decode while the prefill node computes back to back over its TPOT
+                          alone. The simulator runs the part of a decode step that overlaps a
+                          prefill batch at 1 / (1 + this) of its speed.
   prefill_contention      the prefill node's median batch time for 384-token prompts while the
                           decode node runs a batch, over its median for the isolated ones, minus 1
                           (without the node's log: the same from TTFTs): the mirror image, a
@@ -24,7 +28,7 @@ Inputs: the profile (isolated-engine coefficients) and the per-request CSVs of t
 A check, not a term: B = 1, 4, 8 long decodes at once; their token gap against the profile's step at
 that batch (does the in-cluster step grow faster with the batch than the profile's?).
 """
-import argparse, csv, json, statistics, sys
+import argparse, csv, datetime, json, statistics, sys
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--profile", required=True)
@@ -111,7 +115,54 @@ if measured:
 step_over = max(0.0, statistics.median(x["tpot_extra_ms"] for x in iso))  # noise can dip below 0
 alone, busy = rows("long-alone"), rows("long-busy")
 tpot_alone, tpot_busy = float(alone[0]["tpot_ms"]), float(busy[0]["tpot_ms"])
-contention = max(0.0, tpot_busy / tpot_alone - 1)
+contention_tpot = max(0.0, tpot_busy / tpot_alone - 1)
+contention = contention_tpot
+
+
+def log_ts(line):  # the log line's ts= field (UTC wall clock, ms) in seconds
+    t = line.split("ts=", 1)[1].split()[0].rstrip("Z")
+    return datetime.datetime.fromisoformat(t).replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+# The same term from the decode node's step trace (its log at debug level): every one-sequence
+# step's forward time against the profile's step for its context, the steps that ran entirely
+# beside a prefill batch (the prefill node's debug `batch` lines) against those that ran beside
+# none. Hundreds of steps instead of two TPOTs, and no token-streaming time in the ratio.
+step_trace = None
+try:
+    busy_iv = []
+    for line in open(f"{a.dir}/calib/p0.log"):
+        if "msg=batch " in line:
+            fld = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            end = log_ts(line) - float(fld["ended_ms_ago"]) / 1e3
+            busy_iv.append((end - float(fld["ms"]) / 1e3, end))
+    busy_iv.sort()
+    full, none = [], []
+    for line in open(f"{a.dir}/calib/d0.log"):
+        if "msg=step " not in line:
+            continue
+        fld = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        if int(fld["seqs"]) != 1:
+            continue
+        f_ms = float(fld["forward_ms"])
+        t1 = log_ts(line)
+        t0 = t1 - f_ms / 1e3
+        ov = sum(max(0.0, min(t1, e) - max(t0, b)) for b, e in busy_iv if b < t1 and e > t0)
+        frac = ov / (f_ms / 1e3) if f_ms > 0 else 0.0
+        r = f_ms / max(1e-6, step_ms(1, int(fld["context"])))
+        if frac >= 0.95:
+            full.append(r)
+        elif ov == 0.0:
+            none.append(r)
+    if len(full) >= 20 and len(none) >= 20:
+        step_trace = {"steps_beside_prefill": len(full), "steps_alone": len(none),
+                      "median_over_profile_beside": statistics.median(full),
+                      "median_over_profile_alone": statistics.median(none)}
+        contention = max(0.0, step_trace["median_over_profile_beside"] /
+                         step_trace["median_over_profile_alone"] - 1)
+        step_trace["contention"] = contention
+except (FileNotFoundError, KeyError, ValueError, IndexError):
+    step_trace = None
 pre = rows("pre-busy")
 comp384 = prefill_ms(384)
 ttft_pre = statistics.median(float(r["ttft_ms"]) for r in pre)
@@ -136,7 +187,12 @@ for n in sorted(by_len):
           f"{med('ttft_extra_ms'):.1f} | {med('tpot_ms'):.2f} | {med('step_model_ms'):.2f} | "
           f"{med('tpot_extra_ms'):.2f}")
 print(f"long decode (32 + 400): TPOT alone {tpot_alone:.2f} ms, beside busy prefill "
-      f"{tpot_busy:.2f} ms -> contention {contention:.3f}")
+      f"{tpot_busy:.2f} ms -> contention {contention_tpot:.3f}")
+if step_trace:
+    print(f"decode step trace: {step_trace['steps_beside_prefill']} one-sequence steps wholly beside "
+          f"a prefill batch, {step_trace['steps_alone']} beside none; forward / profile step "
+          f"{step_trace['median_over_profile_beside']:.3f} vs {step_trace['median_over_profile_alone']:.3f} "
+          f"-> contention {contention:.3f} (the term)")
 print(f"384-token prompts: TTFT isolated {iso384:.1f} ms, beside a decoding batch {ttft_pre:.1f} ms "
       f"-> prefill contention {pcont:.3f}")
 # (D) a check, not a term: the in-cluster token gap at batch B vs the profile's step
@@ -159,6 +215,7 @@ print("cluster section:", json.dumps(section))
 json.dump({"bench": "slo-cluster-calibration", "profile": a.profile, "loadavg_after": a.loadavg,
            "cluster": section, "isolated": iso, "control_from_node_log": measured,
            "node_batch_over_profile": speed,
+           "decode_step_trace": step_trace, "decode_contention_from_tpot": contention_tpot,
            "long_decode": {"tpot_alone_ms": tpot_alone, "tpot_beside_prefill_ms": tpot_busy,
                            "alone": alone[0], "busy": busy[0]},
            "background": rows("bg"), "batch_check": batch_check,

@@ -250,7 +250,13 @@ static void run_batch(pf_sched_t *s, batch_t *b, pds_engine_seq_t *seqs)
     s->load.recent_batch_ms =
         s->load.recent_batch_ms == 0.0f ? ms : 0.8f * s->load.recent_batch_ms + 0.2f * ms;
     pthread_mutex_unlock(&s->mu);
-    PDS_LOG_DEBUG(MOD, "batch seqs=%d ms=%.2f status=%s", b->n, (double)ms, pds_status_name(st));
+    if (pds_log_enabled(PDS_LOG_DEBUG)) { /* the trace the SLO calibration reads (ended: ms ago) */
+        int tokens = 0;
+        for (int i = 0; i < b->n; i++) tokens += b->chunk[i];
+        PDS_LOG_DEBUG(MOD, "batch seqs=%d tokens=%d ms=%.3f ended_ms_ago=%.3f status=%s", b->n,
+                      tokens, (double)ms, (double)(pds_time_now_ns() - t1) / 1e6,
+                      pds_status_name(st));
+    }
 }
 
 static void update_load(pf_sched_t *s)
