@@ -25,7 +25,8 @@
 #       CALIBRATE_RUNS times (default 3), each against an engine profile made just before it,
 #       take the median of each in-cluster term (OUT/cluster-terms.json), then predict one rate at
 #       a time (code at CODE_RATES, default 1,2,3,4,6; Azure at AZURE_RATES, default 1,2,3), each
-#       from a profile made just before its run plus those terms. For a machine
+#       from the average of two engine profiles made just before and just after its run, plus
+#       those terms (the run's own timings are not used). For a machine
 #       with cores to spare, PDS_BENCH_PIN=1 gives the router, each node and the load generator
 #       cores of their own (taskset), so that the nodes do not share cores (contention ~ 0).
 #       To split it over several runs: WORKLOADS="code" or "azure" (default both), and
@@ -126,24 +127,44 @@ start_cluster() {
   done
 }
 
-# fresh_profile PREFIX: profile the engine now (about 20 s on one thread) -> PREFIX-profile.json,
-# and with $CLUSTER_TERMS the same plus those in-cluster terms -> PREFIX-cluster.json. The engine's
-# speed on a shared VM drifts by 10-20% within an hour, so `evaluate` predicts each run from a
-# profile made a minute, not an hour, before it.
+# fresh_profile PREFIX: profile the engine now (about 20 s on one thread) -> PREFIX-profile.json.
+# The engine's speed on a shared VM drifts by 10-20% within an hour (and its prefill slope moved
+# 0.32-0.37 ms/token between profiles minutes apart), so `evaluate` brackets each measured run
+# with a profile made just before and one made just after it (bracket_profile).
 fresh_profile() {
   local pf=
   [ "${PDS_BENCH_PIN:-0}" = 1 ] && pf="taskset -c 1" # the core the prefill node gets
   $pf "$bin/pdserve-plan" profile --preset small --threads 1 --max-prompt 2048 \
     --batches 1,2,3,4,5,6,7,8,10,12,16 --contexts 64,128,256,512 --reps 5 \
     --out "$1-profile.json" >"$1-profile.txt"
-  if [ -n "${CLUSTER_TERMS:-}" ]; then
-    "${PYTHON:-/usr/bin/python3}" - "$1-profile.json" "$CLUSTER_TERMS" "$1-cluster.json" <<'EOF'
+}
+
+# bracket_profile PREFIX: PREFIX-before-profile.json and PREFIX-after-profile.json (the same sweep
+# on each side of a measured run) averaged number by number -> PREFIX-profile.json (each fit is
+# linear in its timings, so this is the fit of the averaged timings: a drift of the engine's speed
+# that is linear over the run cancels), plus $CLUSTER_TERMS -> PREFIX-cluster.json. Neither
+# profile sees the run itself: the engine runs alone in both.
+bracket_profile() {
+  "${PYTHON:-/usr/bin/python3}" - "$1" "${CLUSTER_TERMS:-}" <<'EOF'
 import json, sys
-p = json.load(open(sys.argv[1]))
-p["cluster"] = json.load(open(sys.argv[2]))
-json.dump(p, open(sys.argv[3], "w"), indent=2)
+pre, terms = sys.argv[1], sys.argv[2]
+a, b = (json.load(open(f"{pre}-{w}-profile.json")) for w in ("before", "after"))
+def num(v): return isinstance(v, (int, float)) and not isinstance(v, bool)
+def avg(x, y):
+    if isinstance(x, dict) and isinstance(y, dict):
+        return {k: avg(x[k], y[k]) if k in y else x[k] for k in x}
+    if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        return [avg(u, v) for u, v in zip(x, y)]
+    if num(x) and num(y):
+        return x if x == y else (x + y) / 2
+    return x
+p = avg(a, b)
+p["bracketed"] = {"before": f"{pre}-before-profile.json", "after": f"{pre}-after-profile.json"}
+json.dump(p, open(f"{pre}-profile.json", "w"), indent=2)
+if terms:
+    p["cluster"] = json.load(open(terms))
+    json.dump(p, open(f"{pre}-cluster.json", "w"), indent=2)
 EOF
-  fi
 }
 
 slo_status() { "$bin/pdserve-cli" status --router "$1" --json; }
@@ -176,16 +197,18 @@ case $what in
         # measured (the same requests as in a multi-rate run: the generator is per rate)
         parts=()
         for r in ${rates//,/ }; do
-          fresh_profile "$dir/$tag-r$r"
-          "$bin/pdserve-plan" simulate --profile "$dir/$tag-r$r-cluster.json" "${common[@]}" --rates "$r" \
-            --policy best-effort --link-gbps 20 --json "$dir/$tag-r$r-sim.json" >"$dir/$tag-r$r-sim.txt"
-          "$bin/pdserve-plan" simulate --profile "$dir/$tag-r$r-profile.json" "${common[@]}" --rates "$r" \
-            --policy best-effort --link-gbps 20 --json "$dir/$tag-r$r-sim0.json" >"$dir/$tag-r$r-sim0.txt"
+          fresh_profile "$dir/$tag-r$r-before"
           start_cluster "$tag-r$r" "--slo.placement=least-loaded" prefill:p0 decode:d0
           $loadgen "$bin/pdserve-bench" load --router "$router" "${common[@]}" --rates "$r" \
             --label "$tag" --json "$dir/$tag-r$r-measured.json" --csv "$dir/$tag-r$r-measured.csv" \
             --requests-csv "$dir/$tag-r$r-measured-req.csv" --no-progress | tee "$dir/$tag-r$r-measured.txt"
           stop_cluster
+          fresh_profile "$dir/$tag-r$r-after"
+          bracket_profile "$dir/$tag-r$r"
+          "$bin/pdserve-plan" simulate --profile "$dir/$tag-r$r-cluster.json" "${common[@]}" --rates "$r" \
+            --policy best-effort --link-gbps 20 --json "$dir/$tag-r$r-sim.json" >"$dir/$tag-r$r-sim.txt"
+          "$bin/pdserve-plan" simulate --profile "$dir/$tag-r$r-profile.json" "${common[@]}" --rates "$r" \
+            --policy best-effort --link-gbps 20 --json "$dir/$tag-r$r-sim0.json" >"$dir/$tag-r$r-sim0.txt"
           parts+=("$dir/$tag-r$r")
         done
         "${PYTHON:-/usr/bin/python3}" - "$dir/$tag" "${parts[@]}" <<'EOF'
