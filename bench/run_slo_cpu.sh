@@ -155,9 +155,9 @@ def avg(x, y):
         return {k: avg(x[k], y[k]) if k in y else x[k] for k in x}
     if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
         return [avg(u, v) for u, v in zip(x, y)]
-    if num(x) and num(y):
-        return x if x == y else (x + y) / 2
-    return x
+    if num(x) and num(y) and not (isinstance(x, int) and isinstance(y, int)):
+        return (x + y) / 2
+    return x  # integers (sizes, counts, a fit's split batch) stay the first profile's
 p = avg(a, b)
 p["bracketed"] = {"before": f"{pre}-before-profile.json", "after": f"{pre}-after-profile.json"}
 json.dump(p, open(f"{pre}-profile.json", "w"), indent=2)
