@@ -522,16 +522,22 @@ Test(engine_cuda, skinny_qkv_rope_matches_cpu_and_writes_the_pool)
         cudaFree(dq);
 }
 
-/* The split-K GEMM on the llama3-8b decode shapes (q|k|v, o, down, gate|up: clusters of 2 to 8
- * CTAs on an H100), a row count off the 8/16/32/64 tiles (17), and small shapes without a split.
+/* The split-K GEMM on the llama3-8b decode shapes (q|k|v, o, down, gate|up: clusters of 1 to 8
+ * CTAs on an H100), a row count off the 8/16/32/64 tiles (17), small shapes without a split, and
+ * two whose M takes only 64-row tiles (320 x 576 also only 64-k stages; 192 x 1024 at NT 64), each
+ * under every variant of splitk_cfgs (warps, k per stage, stages; 0 0 0: the public entry with
+ * its defaults, or with the PDS_ENGINE_CUDA_SPLITK_* variables where they are set).
  * Weights come from the GPU synthetic generator (bit-identical to the CPU one, see above) so that
- * 235 MB of them cost no host time; the reference covers whole 64-row tiles spread over M (every
- * rank's rows of the reduction, first and last tile) and every element is checked for NaN. Bound
- * per element: 1e-3 of sum_k |x w| (fp32 accumulation in any order is far inside it; one 64-k
- * stage missing or counted twice would not be), plus half a bf16 ulp for the bf16 output. */
+ * 235 MB of them cost no host time; the reference covers whole 128-row tiles (64 where M is not a
+ * multiple of 128) spread over M (every rank's rows of the reduction, first and last tile) and
+ * every element is checked for NaN. Bound per element: 1e-3 of sum_k |x w| (fp32 accumulation in
+ * any order is far inside it; one stage missing or counted twice would not be), plus half a bf16
+ * ulp for the bf16 output. */
+static const int splitk_cfgs[][3] = {{0, 0, 0},   {4, 64, 4},  {8, 128, 0}, {8, 64, 0},
+                                     {4, 128, 3}, {8, 256, 2}, {4, 256, 0}, {8, 128, 5}};
 static void splitk_case(int M, int K, int n, uint64_t seed)
 {
-    const int tiles = M / 64, ts = PDS_MAX(1, tiles / 4), tensor = 7;
+    const int tr = M % 128 == 0 ? 128 : 64, tiles = M / tr, ts = PDS_MAX(1, tiles / 4), tensor = 7;
     const float wscale = 0.05f;
     uint16_t *dw = dalloc((size_t)M * K * 2);
     cr_assert_eq(
@@ -543,7 +549,7 @@ static void splitk_case(int M, int K, int n, uint64_t seed)
     int *rows = malloc((size_t)M * sizeof(int)), nr = 0;
     for (int t = 0; t < tiles; t++)
         if (t % ts == 0 || t == tiles - 1)
-            for (int i = 0; i < 64; i++) rows[nr++] = t * 64 + i;
+            for (int i = 0; i < tr; i++) rows[nr++] = t * tr + i;
     double *ref = malloc((size_t)nr * n * 8), *mag = malloc((size_t)nr * n * 8);
     for (int i = 0; i < nr; i++) {
         for (int k = 0; k < K; k++)
@@ -563,44 +569,54 @@ static void splitk_case(int M, int K, int n, uint64_t seed)
     float *y0 = malloc(ny * 4), *got = malloc(ny * 4), *got2 = malloc(ny * 4);
     uint16_t *gb = malloc(ny * 2), *gb2 = malloc(ny * 2);
     for (size_t i = 0; i < ny; i++) y0[i] = frand();
-    for (int of = 0; of < 2; of++) {
-        /* two runs into separately poisoned outputs (bf16) or copies of y0 (fp32 add) */
-        void *dy[2];
-        for (int run = 0; run < 2; run++) {
-            dy[run] = of ? dup_to_dev(y0, ny * 4) : dalloc(ny * 2);
-            cr_assert_eq(pds_cuda_splitk_gemm(dw, M, K, dx, n, dy[run], of, 0), PDS_OK, "%s",
-                         pds_err_detail());
-        }
-        if (of) {
-            to_host(got, dy[0], ny * 4);
-            to_host(got2, dy[1], ny * 4);
-            cr_assert(memcmp(got, got2, ny * 4) == 0, "splitk %dx%d n %d: runs differ", M, K, n);
-        } else {
-            to_host(gb, dy[0], ny * 2);
-            to_host(gb2, dy[1], ny * 2);
-            cr_assert(memcmp(gb, gb2, ny * 2) == 0, "splitk %dx%d n %d: runs differ", M, K, n);
-            for (size_t i = 0; i < ny; i++) got[i] = pds_bf16_to_f32(gb[i]);
-        }
-        size_t nan_at = ny; /* first unwritten (NaN) element, ny if none */
-        for (size_t i = 0; i < ny && nan_at == ny; i++)
-            if (isnan(got[i])) nan_at = i;
-        cr_assert(nan_at == ny, "splitk %dx%d n %d out_f32 %d: element %zu not written", M, K, n,
-                  of, nan_at);
-        int bad = 0, bad_i = 0, bad_r = 0; /* elements out of bounds, the first of them */
-        for (int i = 0; i < nr; i++)
-            for (int r = 0; r < n; r++) {
-                const size_t o = (size_t)r * M + rows[i];
-                const double want = ref[(size_t)i * n + r] + (of ? y0[o] : 0.0);
-                const double tol = 1e-3 * mag[(size_t)i * n + r] +
-                                   (of ? 1e-6 * fabs(want) : ldexp(fabs(want), -8));
-                if (!(fabs(got[o] - want) <= tol) && bad++ == 0) bad_i = i, bad_r = r;
+    for (int c = 0; c < (int)(sizeof splitk_cfgs / sizeof splitk_cfgs[0]); c++) {
+        const int cw = splitk_cfgs[c][0], cb = splitk_cfgs[c][1], cst = splitk_cfgs[c][2];
+        char cfg[48];
+        snprintf(cfg, sizeof cfg, "(warps %d, bk %d, stages %d)", cw, cb, cst);
+        for (int of = 0; of < 2; of++) {
+            /* two runs into separately poisoned outputs (bf16) or copies of y0 (fp32 add) */
+            void *dy[2];
+            for (int run = 0; run < 2; run++) {
+                dy[run] = of ? dup_to_dev(y0, ny * 4) : dalloc(ny * 2);
+                const pds_status_t st =
+                    c == 0 ? pds_cuda_splitk_gemm(dw, M, K, dx, n, dy[run], of, 0)
+                           : pds_cuda_splitk_gemm_cfg(dw, M, K, dx, n, dy[run], of, cw, cb, cst, 0);
+                cr_assert_eq(st, PDS_OK, "%s", pds_err_detail());
             }
-        const size_t bo = (size_t)bad_r * M + rows[bad_i];
-        cr_assert(bad == 0,
-                  "splitk %dx%d n %d out_f32 %d: %d elements off, first y[%d][%d] = %g, want %g", M,
-                  K, n, of, bad, bad_r, rows[bad_i], (double)got[bo],
-                  ref[(size_t)bad_i * n + bad_r] + (of ? y0[bo] : 0.0));
-        cudaFree(dy[0]), cudaFree(dy[1]);
+            if (of) {
+                to_host(got, dy[0], ny * 4);
+                to_host(got2, dy[1], ny * 4);
+                cr_assert(memcmp(got, got2, ny * 4) == 0, "splitk %s %dx%d n %d: runs differ", cfg,
+                          M, K, n);
+            } else {
+                to_host(gb, dy[0], ny * 2);
+                to_host(gb2, dy[1], ny * 2);
+                cr_assert(memcmp(gb, gb2, ny * 2) == 0, "splitk %s %dx%d n %d: runs differ", cfg, M,
+                          K, n);
+                for (size_t i = 0; i < ny; i++) got[i] = pds_bf16_to_f32(gb[i]);
+            }
+            size_t nan_at = ny; /* first unwritten (NaN) element, ny if none */
+            for (size_t i = 0; i < ny && nan_at == ny; i++)
+                if (isnan(got[i])) nan_at = i;
+            cr_assert(nan_at == ny, "splitk %s %dx%d n %d out_f32 %d: element %zu not written", cfg,
+                      M, K, n, of, nan_at);
+            int bad = 0, bad_i = 0, bad_r = 0; /* elements out of bounds, the first of them */
+            for (int i = 0; i < nr; i++)
+                for (int r = 0; r < n; r++) {
+                    const size_t o = (size_t)r * M + rows[i];
+                    const double want = ref[(size_t)i * n + r] + (of ? y0[o] : 0.0);
+                    const double tol = 1e-3 * mag[(size_t)i * n + r] +
+                                       (of ? 1e-6 * fabs(want) : ldexp(fabs(want), -8));
+                    if (!(fabs(got[o] - want) <= tol) && bad++ == 0) bad_i = i, bad_r = r;
+                }
+            const size_t bo = (size_t)bad_r * M + rows[bad_i];
+            cr_assert(
+                bad == 0,
+                "splitk %s %dx%d n %d out_f32 %d: %d elements off, first y[%d][%d] = %g, want %g",
+                cfg, M, K, n, of, bad, bad_r, rows[bad_i], (double)got[bo],
+                ref[(size_t)bad_i * n + bad_r] + (of ? y0[bo] : 0.0));
+            cudaFree(dy[0]), cudaFree(dy[1]);
+        }
     }
     free(x), free(xf), free(wf), free(rows), free(ref), free(mag), free(y0), free(got), free(got2),
         free(gb), free(gb2);
@@ -611,9 +627,10 @@ Test(engine_cuda, splitk_gemm_matches_cpu)
 {
     need_gpu();
     rng_seed(27);
-    const int shapes[6][3] = {{4096, 4096, 32}, {6144, 4096, 17}, {4096, 14336, 64},
-                              {256, 512, 5},    {28672, 4096, 8}, {128, 128, 1}};
-    for (int i = 0; i < 6; i++) splitk_case(shapes[i][0], shapes[i][1], shapes[i][2], 40 + i);
+    const int shapes[8][3] = {{4096, 4096, 32}, {6144, 4096, 17}, {4096, 14336, 64},
+                              {256, 512, 5},    {28672, 4096, 8}, {128, 128, 1},
+                              {320, 576, 24},   {192, 1024, 40}};
+    for (int i = 0; i < 8; i++) splitk_case(shapes[i][0], shapes[i][1], shapes[i][2], 40 + i);
     /* shapes it does not take: a status, not a launch */
     uint16_t *dw = dalloc(128 * 128 * 2);
     cr_assert(!pds_cuda_splitk_fits(100, 128, 8));
@@ -621,6 +638,10 @@ Test(engine_cuda, splitk_gemm_matches_cpu)
     cr_assert_eq(pds_cuda_splitk_gemm(dw, 100, 128, dw, 8, NULL, 0, 0), PDS_ERR_UNSUPPORTED);
     cr_assert_eq(pds_cuda_splitk_gemm(dw, 128, 128, dw, 65, NULL, 1, 0), PDS_ERR_UNSUPPORTED);
     cr_assert_eq(pds_cuda_splitk_gemm(dw, 128, 100, dw, 8, NULL, 0, 0), PDS_ERR_UNSUPPORTED);
+    cr_assert_eq(pds_cuda_splitk_gemm_cfg(dw, 128, 128, dw, 8, NULL, 0, 6, 128, 0, 0),
+                 PDS_ERR_INVALID_ARG);
+    cr_assert_eq(pds_cuda_splitk_gemm_cfg(dw, 128, 128, dw, 8, NULL, 0, 8, 96, 0, 0),
+                 PDS_ERR_INVALID_ARG);
     cudaFree(dw);
 }
 

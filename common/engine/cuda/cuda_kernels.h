@@ -171,6 +171,15 @@ pds_status_t pds_cuda_skinny_qkv_rope(const uint16_t *wqkv, int K, const uint16_
 int pds_cuda_splitk_fits(int M, int K, int n);
 pds_status_t pds_cuda_splitk_gemm(const uint16_t *w, int M, int K, const uint16_t *x, int n,
                                   void *y, int out_f32, cudaStream_t s);
+/* The same with the kernel variant given rather than read from the environment (the test runs
+ * several): warps 4 or 8 (8: 128-row tiles, 4 where M is not a multiple of 128), bk 64, 128 or 256
+ * (k per stage; halved until it divides K), stages 2..8 (capped at what fits); 0 for any of them:
+ * its default (all three 0: the per-shape defaults of splitk.cu). PDS_ERR_INVALID_ARG for other
+ * values. pds_cuda_splitk_gemm passes PDS_ENGINE_CUDA_SPLITK_WARPS, _BK and _STAGES (0 where
+ * unset). */
+pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K, const uint16_t *x, int n,
+                                      void *y, int out_f32, int warps, int bk, int stages,
+                                      cudaStream_t s);
 
 /* tokens[S]: the token drawn for each row of logits [S, vocab] fp32 with the algorithm of
  * sample/sample.h (greedy when temperature == 0). */

@@ -23,8 +23,10 @@
  * and fuse RoPE + the K/V write, SiLU*mul and the residual add (PDS_ENGINE_CUDA_GEMV=0: off);
  * steps of 5-64 can do the same on tensor cores (skinny.cu, PDS_ENGINE_CUDA_SKINNY=1; off by
  * default because it is still slower than cuBLASLt + the separate kernels, see skinny.cu).
- * PDS_ENGINE_CUDA_SPLITK=1 replaces the cuBLASLt calls of decode steps of up to 64 rows that
- * neither takes by a split-K tensor-core GEMM (splitk.cu; off: slower than cuBLASLt so far). The
+ * Decode steps of 3-16 rows use a split-K tensor-core GEMM (splitk.cu) instead of cuBLASLt:
+ * 1-5% faster there on an H100 (llama3-8b, 1k context: batch 3 6.29-6.33 vs 6.61-6.64 ms, batch 8
+ * 6.63-6.73 vs 6.82-6.92, batch 16 7.15-7.17 vs 7.26-7.28), even at 24-32 and slower above
+ * (PDS_ENGINE_CUDA_SPLITK=0: never, =1: up to 64 rows; _SPLITK_ROWS=N: up to N). The
  * kernels of cuda_kernels.h are launched with programmatic dependent launch (launch.cuh). With
  * PDS_ENGINE_CUDA_PROFILE=1, an event after each op gives per-op GPU times (decode then runs
  * without graphs); pds_engine_cuda_profile_report() prints them. A decode step
@@ -153,7 +155,7 @@ typedef struct {
     bool gemv;     /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
     int gemv_rows; /* ... up to this many rows (PDS_ENGINE_CUDA_GEMV_ROWS, <= the kernels' limit) */
     bool skinny; /* fused tensor-core kernels for decode of 5..64 rows (PDS_ENGINE_CUDA_SKINNY=1) */
-    bool splitk; /* split-K kernel instead of cuBLASLt for decode of <= 64 rows (_SPLITK=1) */
+    int splitk_rows;     /* split-K kernel instead of cuBLASLt for decode up to this many rows */
     int l2_hints;        /* decode attention's L2 hints (PDS_ENGINE_CUDA_L2_HINTS, PDS_CUDA_L2_*) */
     prof_t *prof;        /* PDS_ENGINE_CUDA_PROFILE=1 */
     int dec_ctas_per_sm; /* decode attention splits the context to fill this many CTAs per SM */
@@ -416,7 +418,7 @@ static pds_status_t gemm(cuda_impl_t *g, int m, int n, int k, const uint16_t *w,
 static pds_status_t lin(cuda_impl_t *g, bool decode, int m, int n, int k, const uint16_t *w,
                         const uint16_t *x, void *y, int out_f32, int acc)
 {
-    if (decode && g->splitk && out_f32 == acc && pds_cuda_splitk_fits(m, k, n))
+    if (decode && n <= g->splitk_rows && out_f32 == acc && pds_cuda_splitk_fits(m, k, n))
         return pds_cuda_splitk_gemm(w, m, k, x, n, y, out_f32, g->stream);
     return gemm(g, m, n, k, w, x, y, out_f32, acc);
 }
@@ -1242,8 +1244,12 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
     g->gemv_rows = PDS_MIN(gr && atoi(gr) > 0 ? atoi(gr) : 2, pds_cuda_gemv_max_rows());
     const char *sk = getenv("PDS_ENGINE_CUDA_SKINNY");
     g->skinny = sk && strcmp(sk, "1") == 0; /* off by default: slower than cuBLASLt so far */
-    const char *spk = getenv("PDS_ENGINE_CUDA_SPLITK");
-    g->splitk = spk && strcmp(spk, "1") == 0; /* off by default until measured */
+    const char *spk = getenv("PDS_ENGINE_CUDA_SPLITK"),
+               *spr = getenv("PDS_ENGINE_CUDA_SPLITK_ROWS");
+    g->splitk_rows = spr && atoi(spr) >= 0 && *spr  ? atoi(spr)
+                     : spk && strcmp(spk, "0") == 0 ? 0
+                     : spk && strcmp(spk, "1") == 0 ? 64
+                                                    : 16;
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[0]));
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[1]));
     const char *l2 = getenv("PDS_ENGINE_CUDA_L2_HINTS");

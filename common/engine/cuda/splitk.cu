@@ -4,45 +4,85 @@
  * Why: at these batches a linear layer is a stream of its weights, and cuBLASLt's kernels for it
  * are latency-bound rather than bandwidth-bound (the o projection still takes 15 us with its 32 MB
  * of weights already in L2): M/64 tiles are too few CTAs for 132 SMs, and each runs a long serial
- * K loop. Here a CTA (4 warps) owns a tile of 64 weight rows x NT activation rows (NT = n rounded
- * up to 8, 16, 32 or 64; warp w owns rows 16w..16w+15 and all NT columns) over a K range, and a
- * cluster of CS CTAs splits K: rank r takes [r*K/CS, (r+1)*K/CS). The host picks CS so that the
- * grid holds about two CTAs per SM while each CTA's K range stays between 512 and 2048 (llama3-8b
- * on 132 SMs: q|k|v 6144x4096 and o 4096x4096 CS 4, gate|up 28672x4096 CS 2, down 4096x14336 CS 8).
+ * K loop. Here a CTA of WARPS warps (4 or 8) owns a tile of BM = 16 MT WARPS weight rows (64 or
+ * 128) x NT activation rows (NT = n rounded up to 8, 16, 32 or 64; warp w owns rows 16 MT w ..
+ * 16 MT (w + 1) - 1 and all NT columns, so the warps of a tile share one copy of the activations;
+ * MT, the 16-row tiles per warp, is 2 for 4 warps at NT 64 where M allows, else 1) over a K range,
+ * and a cluster of CS CTAs splits K: rank r takes [r*K/CS, (r+1)*K/CS). The host picks the largest
+ * CS (a power of two up to 8, at least 512 k per CTA) whose grid still fits on the GPU in one wave
+ * (cudaOccupancyMaxActiveClusters for the variant and its shared memory), so that every CTA
+ * streams at once and no partial second wave trails. On an H100 (132 SMs) with the default
+ * variants below that is, for llama3-8b, q|k|v 6144x4096 CS 4 (192 CTAs), o 4096x4096 CS 4 (256),
+ * down 4096x14336 CS 4 (256), gate|up 28672x4096 CS 1 (224). Measured there, clusters of 8 were
+ * slower than of 4 even where they fitted (o: CS 2 20.9 us, 4 19.0, 8 24.7).
+ * PDS_ENGINE_CUDA_SPLITK_GRID=1 restores the first version's rule (the smallest CS giving about
+ * 7/4 CTAs per SM and at most 2048 k per CTA), which with fewer resident CTAs per SM than that
+ * version had runs in 1.5 to 2 waves.
  *
- * Main loop, a conventional multistage GEMM: a stage is 64 k — the weight tile (64 rows x 128
- * bytes, 8 KB) and the activation tile (NT rows x 128 bytes) — copied by cp.async.cg into a ring
- * of `stages` slots in dynamic shared memory (PDS_ENGINE_CUDA_SPLITK_STAGES, 2..8, default 4; the
- * weights with an L2 evict-first hint, as they are read once), one __syncthreads per stage. Each
- * 16-byte chunk c of a 128-byte row R is stored at chunk c ^ (R & 7), so the eight row addresses
- * of an ldmatrix phase fall in eight different bank groups. Both operands are K-contiguous, which
- * is what non-transposed ldmatrix gives for mma.sync m16n8k16's A ("row", the weights) and B
- * ("col", the activations). Activation rows n..8*ceil(n/8)-1 are zero-filled (cp.async with source
- * size 0, never a read past x) and 8-row blocks past n are neither copied nor multiplied. The
- * first stages' weight copies are issued before pdl_wait() (they do not depend on the previous
- * kernel), the activations after it.
+ * Main loop, a conventional multistage GEMM: a stage is BK k (64, 128 or 256) — the weight tile
+ * (BM rows x 2 BK bytes: 8 to 64 KB) and the activation tile (NT rows x 2 BK bytes) — copied by
+ * cp.async.cg into a ring of `stages` slots in dynamic shared memory (the weights with an L2
+ * evict-first hint, as they are read once), one __syncthreads per stage. Each warp-wide copy
+ * instruction takes 512 contiguous bytes of weights: 4 rows x 128 (BK 64), 2 x 256 (BK 128) or one
+ * row's 512 (BK 256), so a longer BK reads each row in longer runs per stage. Each 16-byte chunk c
+ * of a row R is stored at chunk c ^ (R & 7) (only the low three bits of c change, so a row keeps
+ * its 2 BK bytes), so the eight row addresses of an ldmatrix phase fall in eight different bank
+ * groups. Both operands are K-contiguous, which is what non-transposed ldmatrix gives for
+ * mma.sync m16n8k16's A ("row", the weights) and B ("col", the activations); per k16 step a warp
+ * loads MT A fragments and one B fragment per pair of 8-row activation blocks. Activation rows
+ * n..8*ceil(n/8)-1 are zero-filled (cp.async with source size 0, never a read past x) and 8-row
+ * blocks past n are neither copied nor multiplied. The first stages' weight copies are issued
+ * before pdl_wait() (they do not depend on the previous kernel), the activations after it.
+ *
+ * Variants, chosen on the host without a rebuild (the environment is read once):
+ * PDS_ENGINE_CUDA_SPLITK_WARPS 4|8, PDS_ENGINE_CUDA_SPLITK_BK 64|128|256 and
+ * PDS_ENGINE_CUDA_SPLITK_STAGES 2..8. Where none is set, the default: for M <= 4096 (o, down) 4
+ * warps, BK 128 and 3 stages (72 KB at NT 32: three CTAs per SM; at NT 64 two 16-row tiles per
+ * warp and the stage rule below), else 8 warps, BK 128 and the most stages, up to 4, with which
+ * two CTAs fit on an SM (2 x 80 KB at NT 32). Where some are set, the others are 8 warps, BK 128
+ * and that stage rule. Whatever is asked, 4 warps where M is not a multiple of 128, BK halved
+ * until it divides K, and stages capped at what one CTA may have. PDS_ENGINE_CUDA_SPLITK_CLUSTER
+ * forces CS where the shape allows it, and PDS_ENGINE_CUDA_SPLITK_GRID picks the CS rule (above).
+ * pds_cuda_splitk_gemm_cfg() takes warps, BK and stages as arguments (the test runs several).
+ * Registers are bounded for 24 warps per SM up to NT 32 (54-80 used) and 16 at NT 64 (104-128);
+ * none of the 27 instantiations spills.
  *
  * Reduction, deterministic and without global scratch: each CTA leaves its fp32 partial tile in
  * its own shared memory (the ring, reused), cluster barrier, then rank r finishes rows
- * [r*64/CS, (r+1)*64/CS) of the tile for all n columns, adding the CS partials in rank order
+ * [r*BM/CS, (r+1)*BM/CS) of the tile for all n columns, adding the CS partials in rank order
  * through distributed shared memory, and writes them: bf16 (round to nearest even) or fp32 added
  * into y (the residual add; each element has one writer, no atomics). A second cluster barrier
  * keeps every CTA's shared memory alive until the others have read it. The summation order is
- * fixed by the shape alone, so two runs give bit-identical outputs.
+ * fixed by the shape and the variant alone, so two runs give bit-identical outputs.
  *
  * Trade-offs: no fused epilogues (RoPE, SiLU) — it replaces the cuBLASLt call only, next to the
- * separate kernels. Each of the M/64 row tiles reads the activations of its K range again, from L2:
- * tiles x n x K x 2 bytes, which is n/64 of the weight bytes (half at n = 32, as much at n = 64) —
- * L2 serves it faster than DRAM serves the weights, but a 128-row tile (8 warps) would halve it.
- * Padding n up to NT costs tensor-core work only where n is not a multiple of 8.
+ * separate kernels. Each of the M/BM row tiles reads the activations of its K range again, from
+ * L2: n/BM of the weight bytes (a quarter at n = 32 with 128-row tiles), and every warp reads the
+ * whole activation tile from shared memory (at NT 64 and 8 warps four times the weight bytes;
+ * halving that with two tiles per warp helped down but not o or q|k|v, so n = 64 loses mostly
+ * elsewhere). Padding n up to NT costs tensor-core work only where n is not a multiple of 8. The
+ * ring is the only thing in flight: a CTA has stages - 1 of them outstanding, so deeper rings cost
+ * resident CTAs, and longer runs per row (BK 128) measured better than more, shorter stages.
  *
- * Status: correct (its CPU-reference test and the whole GPU suite with it on pass on an H100) but
- * slower than cuBLASLt at every shape, so the engine uses it only with PDS_ENGINE_CUDA_SPLITK=1.
- * Measured 2026-11-25, llama3-8b, batch 32, per layer: q|k|v 28.5 us (cuBLASLt 25.9), o 23.4 (21),
- * gate|up 99 (88), down 69 (49.5); decode step 9.16-9.18 ms vs 8.05-8.07 (3 stages 9.15, 6 stages
- * 9.90). Even gate|up, with 896 CTAs, streams at only 2.4 TB/s, so the main loop itself falls
- * short, not the split: a stage reads 128 bytes of each of 64 rows 8 KB apart; longer runs per
- * row (BK 128-256) and fewer barriers per byte are the next thing to try.
+ * Status: the engine uses it for decode steps of up to 16 rows (engine_cuda.c; measured, alternating
+ * with cuBLASLt in one call: batch 3/4/8/16 1-5% faster, 24-32 even, larger slower). The first version (4 warps, BM 64, BK 64, 4 stages,
+ * 119 registers at NT 32) was slower than cuBLASLt at every shape (llama3-8b batch 32 per layer,
+ * Nsight Compute: q|k|v 27.7 us vs 25.9, o 22.4 vs 19-21, gate|up 100.6 vs 88, down 69 vs 49.5;
+ * DRAM at 48-71%). This version's defaults, timed 2026-11-25 on an H100 by a scratch harness (20
+ * calls back to back over 4 copies of the weights, so from DRAM; median of 9; PDL off; cuBLASLt
+ * the best of its 8 heuristic candidates timed the same way), us per call, ours (cuBLASLt):
+ *   batch  8: q|k|v 22.8 (21.8), o 16.8 (17.4), gate|up 84.8 (83.9), down 45.4 (46.7)
+ *   batch 16: q|k|v 23.6 (22.3), o 17.7 (15.7), gate|up 87.0 (84.8), down 46.7 (46.5)
+ *   batch 32: q|k|v 24.7 (22.2), o 19.2 (16.0), gate|up 85.0 (85.5), down 48.3 (47.2)
+ *   batch 64: q|k|v 28.3 (22.1), o 27.8 (16.1), gate|up 89.7 (87.3), down 62.0 (45.4)
+ * so about even for gate|up and down up to batch 32, behind on q|k|v and o, far behind at 64. With
+ * PDL on (consecutive calls overlap), batch 32, q|k|v / o / gate|up / down: this code with the
+ * first version's parameters (4 warps, BK 64, 4 stages, its CS rule) 22.9 / 21.2 / 94.8 / 63.2
+ * us, with the defaults 22.7 / 17.6 / 85.2 / 48.5. Decode step (pdserve-bench-cuda, llama3-8b,
+ * context 1024, two calls), cuBLASLt -> PDS_ENGINE_CUDA_SPLITK=1 with the defaults: batch 8 6.861
+ * -> 6.634 ms, 16 7.17-7.21 -> 7.130, 24 7.54-7.56 -> 7.634, 32 8.036-8.055 -> 8.121 (the first
+ * version: 9.16 vs 8.05), 48 8.85-8.89 -> 9.692, 64 9.638 -> 10.934; every other variant tried
+ * there (8 warps throughout, BK 256, 4 warps with the two-CTA stage rule) was slower.
  */
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -54,15 +94,26 @@
 namespace cg = cooperative_groups;
 typedef __nv_bfloat16 bf16;
 
-#define SPK_THREADS     128                   /* 4 warps */
-#define SPK_BM          64                    /* weight rows per CTA */
-#define SPK_BK          64                    /* k per stage */
-#define SPK_MAX_N       64                    /* activation rows */
-#define SPK_MAX_CLUSTER 8                     /* CTAs splitting K (the portable cluster limit) */
-#define SPK_MIN_KSPAN   512                   /* k per CTA, at least ... */
-#define SPK_MAX_KSPAN   2048                  /* ... and, where the cluster allows, at most */
-#define SPK_W_BYTES     (SPK_BM * SPK_BK * 2) /* a stage's weight tile, 8 KB */
-#define SPK_RED_LD      68 /* floats between columns of the partial tile: 64 + 4 against conflicts */
+#define SPK_MAX_N       64     /* activation rows */
+#define SPK_MAX_CLUSTER 8      /* CTAs splitting K (the portable cluster limit) */
+#define SPK_MIN_KSPAN   512    /* k per CTA, at least ... */
+#define SPK_MAX_KSPAN   2048   /* ... and, where the cluster allows, at most */
+#define SPK_SMEM_CTA    232448 /* dynamic shared memory one CTA may have (227 KB on sm_90) */
+#define SPK_SMEM_HALF   115712 /* ... and each of two CTAs on one SM (228 KB - 2 x 1 KB reserved) */
+
+/* Minimum CTAs per SM for the register bound: 24 warps per SM (80 registers a thread) up to NT 32,
+ * 16 (128 registers) at NT 64, whose 32 accumulators need more. Shared memory often allows fewer
+ * CTAs than this; the bound then only keeps ptxas from spending registers it does not need. */
+__host__ __device__ constexpr int spk_min_blocks(int nt, int warps)
+{
+    return (nt <= 32 ? 24 : 16) / warps;
+}
+
+/* a stage's bytes: BM weight rows and NT activation rows of BK k each */
+__host__ __device__ constexpr int spk_stage_bytes(int nt, int bm, int bk)
+{
+    return (bm + nt) * bk * 2;
+}
 
 __device__ __forceinline__ void spk_mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
 {
@@ -76,6 +127,13 @@ __device__ __forceinline__ void spk_ldsm_x4(uint32_t *r, uint32_t addr)
 {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void spk_ldsm_x2(uint32_t *r, uint32_t addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
                  : "r"(addr));
 }
 
@@ -107,55 +165,64 @@ __device__ __forceinline__ void spk_wait_group(int n)
     }
 }
 
-/* grid (M/64 * cs): CTA b is rank b % cs of the cluster for weight rows [64 (b / cs), +64).
- * w [M, K], x [n, K] bf16; y [n, M] bf16 (out_f32 0) or fp32 added into (out_f32 1).
- * K a multiple of 64 * cs; n <= NT. Dynamic shared memory: stages * (8 KB + NT * 128) (64 KB at
- * NT 64, 4 stages: 3 CTAs per SM, hence the register bound; without one, ptxas spilled at NT 64).
+/* grid (M/BM * cs), BM = 16 WARPS: CTA b is rank b % cs of the cluster for weight rows
+ * [BM (b / cs), +BM). w [M, K], x [n, K] bf16; y [n, M] bf16 (out_f32 0) or fp32 added into
+ * (out_f32 1). K a multiple of BK * cs; n <= NT. Dynamic shared memory: stages * (BM + NT) * BK
+ * * 2.
  */
-template <int NT>
-__global__ void __launch_bounds__(SPK_THREADS, 3)
+template <int NT, int WARPS, int BK, int MT>
+__global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
     splitk_kernel(const bf16 *__restrict__ w, const bf16 *__restrict__ x, void *y, int M, int K,
                   int n, int out_f32, int cs, int stages)
 {
-    constexpr int XB = NT * SPK_BK * 2; /* a stage's activation tile */
-    constexpr int SB = SPK_W_BYTES + XB;
-    static_assert(2 * SB >= NT * SPK_RED_LD * 4, "the partial tile fits in the ring");
+    constexpr int THREADS = WARPS * 32, BM = 16 * MT * WARPS;
+    constexpr int RB = BK * 2;  /* bytes of a row in a stage */
+    constexpr int CPR = BK / 8; /* its 16-byte chunks: 8, 16 or 32 */
+    constexpr int WB = BM * RB; /* a stage's weight tile */
+    constexpr int SB = spk_stage_bytes(NT, BM, BK);
+    constexpr int RPP = THREADS / CPR; /* weight rows one copy pass covers */
+    constexpr int PASSES = BM / RPP;   /* copies per thread per stage: BK / 16 */
+    constexpr int RED_LD = BM + 4;     /* floats between columns of the partial tile */
+    static_assert(BK == 64 || BK == 128 || BK == 256, "a stage is 64, 128 or 256 k");
+    static_assert(RPP % 4 == 0 && PASSES * RPP == BM, "copy passes keep the swizzle linear");
+    static_assert(2 * SB >= NT * RED_LD * 4, "the partial tile fits in the ring (>= 2 stages)");
     extern __shared__ __align__(128) unsigned char spk_smem[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int rank = (int)(blockIdx.x % (unsigned)cs),
-              m0 = (int)(blockIdx.x / (unsigned)cs) * SPK_BM;
-    const int kspan = K / cs, k0 = rank * kspan, nst = kspan / SPK_BK;
+    const int rank = (int)(blockIdx.x % (unsigned)cs), m0 = (int)(blockIdx.x / (unsigned)cs) * BM;
+    const int kspan = K / cs, k0 = rank * kspan, nst = kspan / BK;
     const int nblk = (n + 7) >> 3; /* 8-row blocks of x that hold rows */
     const uint32_t ring = (uint32_t)__cvta_generic_to_shared(spk_smem);
 
     uint64_t pol;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
 
-    /* copy plan: 16-byte chunk c = tid & 7 of weight rows tid/8 + 16q (q = 0..3): eight threads
-     * copy one row's 128 contiguous bytes */
-    const int cc = tid & 7;
-    const bf16 *wsrc = w + (int64_t)(m0 + (tid >> 3)) * K + k0 + cc * 8;
-    const uint32_t wdst = (uint32_t)((tid >> 3) * 128 + ((cc ^ ((tid >> 3) & 7)) * 16));
+    /* copy plan: 16-byte chunk c = tid % CPR of weight rows tid / CPR + RPP q (q < PASSES), so a
+     * warp instruction copies 512 contiguous bytes: 4 rows x 128 (BK 64), 2 x 256 (BK 128) or
+     * 1 x 512 (BK 256). Chunk c of row R lands at chunk c ^ (R & 7); RPP q is a multiple of 4, so
+     * (R + RPP q) & 7 = (R & 7) ^ (RPP q & 7) and the swizzle of pass q is a constant XOR. */
+    const int cc = tid % CPR, wr = tid / CPR, wsw = cc ^ (wr & 7);
+    const bf16 *wsrc = w + (int64_t)(m0 + wr) * K + k0 + cc * 8;
+    const int64_t wpass = (int64_t)RPP * K; /* elements between passes */
     auto issue_w = [&](int st) {
         if (st >= nst) return;
-        const uint32_t d = ring + (uint32_t)((st % stages) * SB) + wdst;
-        const bf16 *sp = wsrc + st * SPK_BK;
+        const uint32_t d = ring + (uint32_t)((st % stages) * SB + wr * RB);
+        const bf16 *sp = wsrc + st * BK;
 #pragma unroll
-        for (int q = 0; q < 4; q++)
+        for (int q = 0; q < PASSES; q++)
             asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, 16, %2;\n" ::"r"(
-                             d + q * 16 * 128),
-                         "l"(sp + (int64_t)q * 16 * K), "l"(pol)
+                             d + (uint32_t)(q * RPP * RB + ((wsw ^ ((q * RPP) & 7)) * 16))),
+                         "l"(sp + q * wpass), "l"(pol)
                          : "memory");
     };
     auto issue_x = [&](int st) {
         if (st >= nst) return;
-        const uint32_t d = ring + (uint32_t)((st % stages) * SB + SPK_W_BYTES);
-        for (int i = tid; i < nblk * 64; i += SPK_THREADS) {
-            const int r = i >> 3, c = i & 7;
+        const uint32_t d = ring + (uint32_t)((st % stages) * SB + WB);
+        for (int i = tid; i < nblk * 8 * CPR; i += THREADS) {
+            const int r = i / CPR, c = i % CPR;
             const bool ok = r < n;
-            const bf16 *sp = ok ? x + (int64_t)r * K + k0 + st * SPK_BK + c * 8 : x;
+            const bf16 *sp = ok ? x + (int64_t)r * K + k0 + st * BK + c * 8 : x;
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                             d + (uint32_t)(r * 128 + ((c ^ (r & 7)) * 16))),
+                             d + (uint32_t)(r * RB + ((c ^ (r & 7)) * 16))),
                          "l"(sp), "r"(ok ? 16 : 0)
                          : "memory");
         }
@@ -172,17 +239,24 @@ __global__ void __launch_bounds__(SPK_THREADS, 3)
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
 
-    float acc[NT / 8][4];
+    float acc[MT][NT / 8][4];
 #pragma unroll
-    for (int j = 0; j < NT / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < NT / 8; j++)
+            acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.0f;
 
-    /* ldmatrix addresses (byte offsets in a slot). A, k step kk: lanes 0-7 / 8-15 / 16-23 / 24-31
-     * give rows 0-7 / 8-15 / 0-7 / 8-15 of the warp's 16 at k 0-7 / 0-7 / 8-15 / 8-15 of the
-     * step = a0..a3. B, block j, half h: lanes 8i..8i+7 give rows 8j..8j+7 at k chunk 4h + i =
-     * b0, b1 of k step 2h, then b0, b1 of k step 2h + 1. (R & 7 == lane & 7 in both.) */
-    const int ar = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, sw = lane & 7;
-    const uint32_t a_off = (uint32_t)(ar * 128);
-    const uint32_t b_off = (uint32_t)(SPK_W_BYTES + (lane & 7) * 128);
+    /* ldmatrix addresses (byte offsets in a slot), per k16 step s. A: lanes 0-7 / 8-15 / 16-23 /
+     * 24-31 give rows 0-7 / 8-15 / 0-7 / 8-15 of the warp's 16 at chunk 2s / 2s / 2s+1 / 2s+1 =
+     * a0..a3. B, blocks 2p and 2p+1: lanes 0-7 / 8-15 / 16-23 / 24-31 give rows 0-7 of block 2p
+     * at chunk 2s / 2s+1, then of block 2p+1 = b0, b1 of block 2p, b0, b1 of block 2p+1 (NT 8:
+     * ldmatrix .x2, lanes 0-15). R & 7 == lane & 7 in both, and 2s + h ^ (R & 7) = 2s ^ (h ^ (R &
+     * 7)) for h < 2: one XOR with a constant per step. */
+    const int sw = lane & 7;
+    const uint32_t a_off = (uint32_t)((warp * 16 * MT + sw + ((lane >> 3) & 1) * 8) * RB);
+    const int a_sw = (lane >> 4) ^ sw;
+    const uint32_t b_off = (uint32_t)(WB + ((NT == 8 ? 0 : (lane >> 4)) * 8 + sw) * RB);
+    const int b_sw = ((lane >> 3) & 1) ^ sw;
 
     for (int st = 0; st < nst; st++) {
         spk_wait_group(stages - 2); /* this thread's copies of stage st have landed */
@@ -192,21 +266,30 @@ __global__ void __launch_bounds__(SPK_THREADS, 3)
         asm volatile("cp.async.commit_group;\n" ::: "memory"); /* empty groups keep the count */
         const uint32_t slot = ring + (uint32_t)((st % stages) * SB);
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            uint32_t a[2][4];
+        for (int s = 0; s < BK / 16; s++) {
+            uint32_t a[MT][4];
 #pragma unroll
-            for (int s2 = 0; s2 < 2; s2++) {
-                const int ch = 2 * (2 * h + s2) + (lane >> 4);
-                spk_ldsm_x4(a[s2], slot + a_off + (uint32_t)((ch ^ sw) * 16));
+            for (int mt = 0; mt < MT; mt++)
+                spk_ldsm_x4(a[mt], slot + a_off + (uint32_t)(mt * 16 * RB + ((2 * s) ^ a_sw) * 16));
+            const uint32_t bch = slot + b_off + (uint32_t)(((2 * s) ^ b_sw) * 16);
+            constexpr int NP = (NT + 15) / 16; /* pairs of 8-row blocks */
+            uint32_t b[NP][4];                 /* the step's B fragments, loaded before the mmas */
+#pragma unroll
+            for (int p = 0; p < NP; p++) {
+                if (2 * p < nblk) { /* CTA-uniform */
+                    if (NT == 8)
+                        spk_ldsm_x2(b[p], bch);
+                    else
+                        spk_ldsm_x4(b[p], bch + (uint32_t)(p * 16 * RB));
+                }
             }
-            const int bch = 4 * h + (lane >> 3);
 #pragma unroll
-            for (int j = 0; j < NT / 8; j++) {
-                if (j < nblk) { /* CTA-uniform */
-                    uint32_t b[4];
-                    spk_ldsm_x4(b, slot + b_off + (uint32_t)(j * 8 * 128 + ((bch ^ sw) * 16)));
-                    spk_mma(acc[j], a[0], b[0], b[1]);
-                    spk_mma(acc[j], a[1], b[2], b[3]);
+            for (int p = 0; p < NP; p++) {
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    if (2 * p < nblk) spk_mma(acc[mt][2 * p], a[mt], b[p][0], b[p][1]);
+                    if (2 * p + 1 < NT / 8 && 2 * p + 1 < nblk)
+                        spk_mma(acc[mt][(2 * p + 1) % (NT / 8)], a[mt], b[p][2], b[p][3]);
                 }
             }
         }
@@ -214,19 +297,23 @@ __global__ void __launch_bounds__(SPK_THREADS, 3)
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
     __syncthreads(); /* the ring is free: the partial tile reuses it */
 
-    /* partial tile red[col][row] (col < 8 nblk, row < 64, SPK_RED_LD apart); fragment: acc[j][h]
+    /* partial tile red[col][row] (col < 8 nblk, row < BM, RED_LD apart); fragment: acc[j][h]
      * = (row g, column 8j + 2t + h), acc[j][2 + h] = (row g + 8, same) */
     float *red = (float *)spk_smem;
     {
-        const int g = lane >> 2, t = lane & 3, r0 = warp * 16 + g;
+        const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-        for (int j = 0; j < NT / 8; j++) {
-            if (j < nblk) {
+        for (int mt = 0; mt < MT; mt++) {
+            const int r0 = (warp * MT + mt) * 16 + g;
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int col = 8 * j + 2 * t + h;
-                    red[col * SPK_RED_LD + r0] = acc[j][h];
-                    red[col * SPK_RED_LD + r0 + 8] = acc[j][2 + h];
+            for (int j = 0; j < NT / 8; j++) {
+                if (j < nblk) {
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const int col = 8 * j + 2 * t + h;
+                        red[col * RED_LD + r0] = acc[mt][j][h];
+                        red[col * RED_LD + r0 + 8] = acc[mt][j][2 + h];
+                    }
                 }
             }
         }
@@ -237,11 +324,11 @@ __global__ void __launch_bounds__(SPK_THREADS, 3)
     else
         __syncthreads();
 
-    /* rank r: rows [r*64/cs, (r+1)*64/cs) of the tile, every column; consecutive threads take
+    /* rank r: rows [r*BM/cs, (r+1)*BM/cs) of the tile, every column; consecutive threads take
      * consecutive rows (coalesced stores); partials added in rank order */
-    const int rb = rank * SPK_BM / cs, re = (rank + 1) * SPK_BM / cs, nr = re - rb;
-    for (int e = tid; e < nr * n; e += SPK_THREADS) {
-        const int col = e / nr, row = rb + e % nr, idx = col * SPK_RED_LD + row;
+    const int rb = rank * BM / cs, re = (rank + 1) * BM / cs, nr = re - rb;
+    for (int e = tid; e < nr * n; e += THREADS) {
+        const int col = e / nr, row = rb + e % nr, idx = col * RED_LD + row;
         float sum = red[idx];
         if (cs > 1) {
             sum = cl.map_shared_rank(red, 0)[idx];
@@ -262,51 +349,125 @@ static int spk_env(const char *name, int dflt)
     return e && *e ? atoi(e) : dflt;
 }
 
-template <int NT>
-static cudaError_t spk_launch_nt(const bf16 *w, int M, int K, const bf16 *x, int n, void *y,
-                                 int out_f32, int cs, int stages, cudaStream_t s)
+/* The cluster size for M x K in tiles of bm rows and stages of bk; resident(c): how many CTAs fit
+ * on the GPU at once in clusters of c (0 on error). K must split into whole stages and, for a
+ * split, into at least SPK_MIN_KSPAN k per CTA. policy 0 (default): the largest power of two whose
+ * grid still fits in one wave (the streams of all CTAs overlap and no partial second wave trails;
+ * 1 where even the tiles alone are more than a wave). policy 1 (the first version's rule): the
+ * smallest that gives the grid about two CTAs per SM (7/4 x SMs) and at most SPK_MAX_KSPAN k per
+ * CTA. forced (PDS_ENGINE_CUDA_SPLITK_CLUSTER) wins where the shape allows it. */
+template <typename Resident>
+static int spk_cluster(int M, int bm, int K, int bk, int sms, Resident resident, int forced,
+                       int policy)
 {
-    const size_t smem = (size_t)stages * (SPK_W_BYTES + NT * SPK_BK * 2);
-    static size_t raised = 48 * 1024; /* per instance: the dynamic shared memory allowed so far */
+    const int64_t tiles = M / bm;
+    auto ok = [&](int c) { return K % (bk * c) == 0 && (c == 1 || K / c >= SPK_MIN_KSPAN); };
+    if (forced >= 1 && forced <= SPK_MAX_CLUSTER && ok(forced)) return forced;
+    int cs = 1;
+    if (policy == 1) {
+        while (cs < SPK_MAX_CLUSTER && ok(2 * cs) &&
+               (4 * tiles * cs < 7 * (int64_t)sms || K / cs > SPK_MAX_KSPAN))
+            cs *= 2;
+    } else {
+        while (cs < SPK_MAX_CLUSTER && ok(2 * cs) && tiles * 2 * cs <= resident(2 * cs)) cs *= 2;
+    }
+    return cs;
+}
+
+template <int NT, int WARPS, int BK, int MT>
+static cudaError_t spk_launch(const bf16 *w, int M, int K, const bf16 *x, int n, void *y,
+                              int out_f32, int stages, int sms, int forced, int policy,
+                              cudaStream_t s)
+{
+    void (*kernel)(const bf16 *, const bf16 *, void *, int, int, int, int, int, int) =
+        splitk_kernel<NT, WARPS, BK, MT>;
+    constexpr int BM = 16 * MT * WARPS;
+    const int smem = stages * spk_stage_bytes(NT, BM, BK);
+    static int raised = 48 * 1024; /* per instance: the dynamic shared memory allowed so far */
+    static int occ_smem = -1;      /* ... and resident CTAs in clusters of 1, 2, 4, 8 at it */
+    static int64_t occ[4];
     if (smem > raised) {
-        cudaError_t e = cudaFuncSetAttribute(
-            splitk_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        cudaError_t e =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         if (e != cudaSuccess) return e;
         raised = smem;
     }
-    return pds_launch_cluster(splitk_kernel<NT>, dim3((unsigned)(M / SPK_BM * cs)),
-                              dim3(SPK_THREADS), smem, s, (unsigned)cs, w, x, y, M, K, n, out_f32,
-                              cs, stages);
+    if (smem != occ_smem) {
+        occ[0] = occ[1] = occ[2] = occ[3] = -1;
+        occ_smem = smem;
+    }
+    auto resident = [&](int c) -> int64_t {
+        const int i = c == 1 ? 0 : c == 2 ? 1 : c == 4 ? 2 : 3;
+        if (occ[i] < 0) {
+            cudaLaunchConfig_t cfg = {};
+            cudaLaunchAttribute attr;
+            attr.id = cudaLaunchAttributeClusterDimension;
+            attr.val.clusterDim.x = (unsigned)c;
+            attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+            cfg.gridDim = dim3((unsigned)c);
+            cfg.blockDim = dim3(WARPS * 32);
+            cfg.dynamicSmemBytes = (size_t)smem;
+            cfg.attrs = &attr;
+            cfg.numAttrs = 1;
+            int nc = 0;
+            if (cudaOccupancyMaxActiveClusters(&nc, kernel, &cfg) != cudaSuccess) {
+                (void)cudaGetLastError(); /* not sticky: count it as no room */
+                nc = 0;
+            }
+            occ[i] = (int64_t)nc * c;
+        }
+        return occ[i];
+    };
+    const int cs = spk_cluster(M, BM, K, BK, sms, resident, forced, policy);
+    return pds_launch_cluster(kernel, dim3((unsigned)(M / BM * cs)), dim3(WARPS * 32), (size_t)smem,
+                              s, (unsigned)cs, w, x, y, M, K, n, out_f32, cs, stages);
 }
 
-/* The cluster size for M x K: the smallest power of two that gives the grid about two CTAs per
- * SM (7/4 x SMs, so that 64 tiles x 4 on 132 SMs qualifies) and at most SPK_MAX_KSPAN k per CTA;
- * never below SPK_MIN_KSPAN k per CTA, and K must split into whole 64-k stages.
- * PDS_ENGINE_CUDA_SPLITK_CLUSTER forces a size where the shape allows it. */
-static int spk_cluster(int M, int K, int sms, int forced)
+/* NT 64 with 4 warps: two 16-row tiles per warp (BM 128) where M allows, so that every B fragment
+ * read from shared memory feeds two mmas */
+static bool spk_two_tiles(int M, int n, int warps)
 {
-    const int64_t tiles = M / SPK_BM;
-    auto ok = [&](int c) { return K % (SPK_BK * c) == 0 && (c == 1 || K / c >= SPK_MIN_KSPAN); };
-    if (forced >= 1 && forced <= SPK_MAX_CLUSTER && ok(forced)) return forced;
-    int cs = 1;
-    while (cs < SPK_MAX_CLUSTER && ok(2 * cs) &&
-           (4 * tiles * cs < 7 * (int64_t)sms || K / cs > SPK_MAX_KSPAN))
-        cs *= 2;
-    return cs;
+    return n > 32 && warps == 4 && M % 128 == 0;
+}
+
+template <int WARPS, int BK>
+static cudaError_t spk_launch_nt(const bf16 *w, int M, int K, const bf16 *x, int n, void *y,
+                                 int out_f32, int stages, int sms, int forced, int policy,
+                                 cudaStream_t s)
+{
+    if (n <= 8)
+        return spk_launch<8, WARPS, BK, 1>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy,
+                                           s);
+    if (n <= 16)
+        return spk_launch<16, WARPS, BK, 1>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy,
+                                            s);
+    if (n <= 32)
+        return spk_launch<32, WARPS, BK, 1>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy,
+                                            s);
+    if constexpr (WARPS == 4) {
+        if (spk_two_tiles(M, n, WARPS))
+            return spk_launch<64, 4, BK, 2>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy,
+                                            s);
+    }
+    return spk_launch<64, WARPS, BK, 1>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy, s);
 }
 
 extern "C" int pds_cuda_splitk_fits(int M, int K, int n)
 {
-    return M >= SPK_BM && M % SPK_BM == 0 && K >= SPK_BK && K % SPK_BK == 0 && n >= 1 &&
-           n <= SPK_MAX_N;
+    return M >= 64 && M % 64 == 0 && K >= 64 && K % 64 == 0 && n >= 1 && n <= SPK_MAX_N;
 }
 
-extern "C" pds_status_t pds_cuda_splitk_gemm(const uint16_t *w, int M, int K, const uint16_t *x,
-                                             int n, void *y, int out_f32, cudaStream_t s)
+extern "C" pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K, const uint16_t *x,
+                                                 int n, void *y, int out_f32, int warps, int bk,
+                                                 int stages, cudaStream_t s)
 {
     if (!pds_cuda_splitk_fits(M, K, n))
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "splitk gemm: M %d, K %d, %d rows", M, K, n);
-    static int sms = 0, stages = 0, forced = 0;
+    if ((warps != 0 && warps != 4 && warps != 8) ||
+        (bk != 0 && bk != 64 && bk != 128 && bk != 256) || stages < 0 || stages > 8 || stages == 1)
+        return PDS_ERR(PDS_ERR_INVALID_ARG, "splitk gemm: %d warps, BK %d, %d stages", warps, bk,
+                       stages);
+    static int sms = 0, forced = 0, policy = 0;
     if (sms == 0) {
         int dev = 0;
         cudaError_t e = cudaGetDevice(&dev);
@@ -315,23 +476,55 @@ extern "C" pds_status_t pds_cuda_splitk_gemm(const uint16_t *w, int M, int K, co
             sms = 0;
             return PDS_ERR(PDS_ERR_DEVICE, "splitk gemm: %s", cudaGetErrorString(e));
         }
-        stages = PDS_MIN(8, PDS_MAX(2, spk_env("PDS_ENGINE_CUDA_SPLITK_STAGES", 4)));
         forced = spk_env("PDS_ENGINE_CUDA_SPLITK_CLUSTER", 0);
+        policy = spk_env("PDS_ENGINE_CUDA_SPLITK_GRID", 0) == 1;
     }
-    const int cs = spk_cluster(M, K, sms, forced);
+    if (warps == 0 && bk == 0 && stages == 0 && M <= 4096) {
+        /* the default for the few-tile shapes (o, down; H100 batch 32, against 8 warps: o 19.0 vs
+         * 20.5 us, down 48.5 vs 52.4; batch 64: down 63.6 vs 73.3): 4 warps, BK 128, and 3 stages
+         * (three CTAs per SM) up to NT 32 */
+        warps = 4, bk = 128, stages = n <= 32 ? 3 : 0;
+    }
+    if (warps == 0) warps = 8;
+    if (bk == 0) bk = 128;
+    /* what the shape allows: 128-row tiles need M % 128, a stage of bk needs K % bk */
+    if (M % (16 * warps) != 0) warps = 4;
+    while (K % bk != 0) bk /= 2;
+    const int nt = n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 ? 32 : 64;
+    const int sb = spk_stage_bytes(nt, 16 * warps * (spk_two_tiles(M, n, warps) ? 2 : 1), bk);
+    if (stages == 0) /* the most, up to 4, with which two CTAs fit on an SM */
+        stages = PDS_MIN(4, SPK_SMEM_HALF / sb);
+    stages = PDS_MAX(2, PDS_MIN(stages, SPK_SMEM_CTA / sb)); /* sb <= 96 KB: 2 always fit */
     const bf16 *W = (const bf16 *)w, *X = (const bf16 *)x;
     const int of = out_f32 ? 1 : 0;
     cudaError_t e;
-    if (n <= 8)
-        e = spk_launch_nt<8>(W, M, K, X, n, y, of, cs, stages, s);
-    else if (n <= 16)
-        e = spk_launch_nt<16>(W, M, K, X, n, y, of, cs, stages, s);
-    else if (n <= 32)
-        e = spk_launch_nt<32>(W, M, K, X, n, y, of, cs, stages, s);
+    if (warps == 4)
+        e = bk == 64 ? spk_launch_nt<4, 64>(W, M, K, X, n, y, of, stages, sms, forced, policy, s)
+            : bk == 128
+                ? spk_launch_nt<4, 128>(W, M, K, X, n, y, of, stages, sms, forced, policy, s)
+                : spk_launch_nt<4, 256>(W, M, K, X, n, y, of, stages, sms, forced, policy, s);
     else
-        e = spk_launch_nt<64>(W, M, K, X, n, y, of, cs, stages, s);
+        e = bk == 64 ? spk_launch_nt<8, 64>(W, M, K, X, n, y, of, stages, sms, forced, policy, s)
+            : bk == 128
+                ? spk_launch_nt<8, 128>(W, M, K, X, n, y, of, stages, sms, forced, policy, s)
+                : spk_launch_nt<8, 256>(W, M, K, X, n, y, of, stages, sms, forced, policy, s);
     if (e == cudaSuccess) e = cudaGetLastError();
     if (e != cudaSuccess)
         return PDS_ERR(PDS_ERR_DEVICE, "launch of splitk_kernel: %s", cudaGetErrorString(e));
     return PDS_OK;
+}
+
+extern "C" pds_status_t pds_cuda_splitk_gemm(const uint16_t *w, int M, int K, const uint16_t *x,
+                                             int n, void *y, int out_f32, cudaStream_t s)
+{
+    static int warps = -1, bk = 0, stages = 0;
+    if (warps < 0) { /* the environment, read once; unset or values it does not take: auto (0) */
+        const int ew = spk_env("PDS_ENGINE_CUDA_SPLITK_WARPS", 0),
+                  eb = spk_env("PDS_ENGINE_CUDA_SPLITK_BK", 0),
+                  es = spk_env("PDS_ENGINE_CUDA_SPLITK_STAGES", 0);
+        bk = eb == 64 || eb == 128 || eb == 256 ? eb : 0;
+        stages = es <= 0 ? 0 : PDS_MIN(8, PDS_MAX(2, es));
+        warps = ew == 4 || ew == 8 ? ew : 0;
+    }
+    return pds_cuda_splitk_gemm_cfg(w, M, K, x, n, y, out_f32, warps, bk, stages, s);
 }
