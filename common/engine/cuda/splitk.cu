@@ -64,22 +64,23 @@
  * ring is the only thing in flight: a CTA has stages - 1 of them outstanding, so deeper rings cost
  * resident CTAs, and longer runs per row (BK 128) measured better than more, shorter stages.
  *
- * Status: the engine uses it for decode steps of up to 16 rows (engine_cuda.c; measured, alternating
- * with cuBLASLt in one call: batch 3/4/8/16 1-5% faster, 24-32 even, larger slower). The first version (4 warps, BM 64, BK 64, 4 stages,
- * 119 registers at NT 32) was slower than cuBLASLt at every shape (llama3-8b batch 32 per layer,
- * Nsight Compute: q|k|v 27.7 us vs 25.9, o 22.4 vs 19-21, gate|up 100.6 vs 88, down 69 vs 49.5;
- * DRAM at 48-71%). This version's defaults, timed 2026-11-25 on an H100 by a scratch harness (20
- * calls back to back over 4 copies of the weights, so from DRAM; median of 9; PDL off; cuBLASLt
- * the best of its 8 heuristic candidates timed the same way), us per call, ours (cuBLASLt):
- *   batch  8: q|k|v 22.8 (21.8), o 16.8 (17.4), gate|up 84.8 (83.9), down 45.4 (46.7)
- *   batch 16: q|k|v 23.6 (22.3), o 17.7 (15.7), gate|up 87.0 (84.8), down 46.7 (46.5)
- *   batch 32: q|k|v 24.7 (22.2), o 19.2 (16.0), gate|up 85.0 (85.5), down 48.3 (47.2)
- *   batch 64: q|k|v 28.3 (22.1), o 27.8 (16.1), gate|up 89.7 (87.3), down 62.0 (45.4)
- * so about even for gate|up and down up to batch 32, behind on q|k|v and o, far behind at 64. With
- * PDL on (consecutive calls overlap), batch 32, q|k|v / o / gate|up / down: this code with the
- * first version's parameters (4 warps, BK 64, 4 stages, its CS rule) 22.9 / 21.2 / 94.8 / 63.2
- * us, with the defaults 22.7 / 17.6 / 85.2 / 48.5. Decode step (pdserve-bench-cuda, llama3-8b,
- * context 1024, two calls), cuBLASLt -> PDS_ENGINE_CUDA_SPLITK=1 with the defaults: batch 8 6.861
+ * Status: the engine uses it for decode steps of up to 16 rows (engine_cuda.c; measured,
+ * alternating with cuBLASLt in one call: batch 3/4/8/16 1-5% faster, 24-32 even, larger slower).
+ * The first version (4 warps, BM 64, BK 64, 4 stages, 119 registers at NT 32) was slower than
+ * cuBLASLt at every shape (llama3-8b batch 32 per layer, Nsight Compute: q|k|v 27.7 us vs 25.9,
+ * o 22.4 vs 19-21, gate|up 100.6 vs 88, down 69 vs 49.5; DRAM at 48-71%). This version's defaults,
+ * timed 2026-11-25 on an H100 by a scratch harness (20 calls back to back over 4 copies of the
+ * weights, so from DRAM; median of 9; PDL off; cuBLASLt the best of its 8 heuristic candidates
+ * timed the same way), us per call, ours (cuBLASLt): batch  8: q|k|v 22.8 (21.8), o 16.8 (17.4),
+ * gate|up 84.8 (83.9), down 45.4 (46.7) batch 16: q|k|v 23.6 (22.3), o 17.7 (15.7), gate|up 87.0
+ * (84.8), down 46.7 (46.5) batch 32: q|k|v 24.7 (22.2), o 19.2 (16.0), gate|up 85.0 (85.5),
+ * down 48.3 (47.2) batch 64: q|k|v 28.3 (22.1), o 27.8 (16.1), gate|up 89.7 (87.3), down 62.0
+ * (45.4) so about even for gate|up and down up to batch 32, behind on q|k|v and o, far behind
+ * at 64. With PDL on (consecutive calls overlap), batch 32, q|k|v / o / gate|up / down: this code
+ * with the first version's parameters (4 warps, BK 64, 4 stages, its CS rule) 22.9 / 21.2 / 94.8
+ * / 63.2 us, with the defaults 22.7 / 17.6 / 85.2 / 48.5. Decode step (pdserve-bench-cuda,
+ * llama3-8b, context 1024, two calls), cuBLASLt -> PDS_ENGINE_CUDA_SPLITK=1 with the defaults:
+ * batch 8 6.861
  * -> 6.634 ms, 16 7.17-7.21 -> 7.130, 24 7.54-7.56 -> 7.634, 32 8.036-8.055 -> 8.121 (the first
  * version: 9.16 vs 8.05), 48 8.85-8.89 -> 9.692, 64 9.638 -> 10.934; every other variant tried
  * there (8 warps throughout, BK 256, 4 warps with the two-CTA stage rule) was slower.
