@@ -163,6 +163,43 @@ try:
         step_trace["contention"] = contention
 except (FileNotFoundError, KeyError, ValueError, IndexError):
     step_trace = None
+
+# A check, not (yet) a term: prefill contention the same way, from the prefill node's one-prompt
+# batches (forward time over the profile's prefill for its tokens) that ran with decode steps
+# covering >= 80% of them against those that ran beside no decode step. Reported next to the term
+# measured from four prompts (below) to see whether it is the steadier of the two.
+batch_trace = None
+try:
+    steps_iv = []
+    for line in open(f"{a.dir}/calib/d0.log"):
+        if "msg=step " in line:
+            fld = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            t1 = log_ts(line)
+            steps_iv.append((t1 - float(fld["forward_ms"]) / 1e3, t1))
+    beside, alone_b = [], []
+    for line in open(f"{a.dir}/calib/p0.log"):
+        if "msg=batch " not in line:
+            continue
+        fld = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        if int(fld["seqs"]) != 1:
+            continue
+        b_ms = float(fld["ms"])
+        t1 = log_ts(line) - float(fld["ended_ms_ago"]) / 1e3
+        t0 = t1 - b_ms / 1e3
+        ov = sum(max(0.0, min(t1, e) - max(t0, b)) for b, e in steps_iv if b < t1 and e > t0)
+        r = b_ms / max(1e-6, prefill_ms(int(fld["tokens"])))
+        if ov >= 0.8 * b_ms / 1e3:
+            beside.append(r)
+        elif ov == 0.0:
+            alone_b.append(r)
+    if len(beside) >= 5 and len(alone_b) >= 5:
+        batch_trace = {"batches_beside_decode": len(beside), "batches_alone": len(alone_b),
+                       "median_over_profile_beside": statistics.median(beside),
+                       "median_over_profile_alone": statistics.median(alone_b)}
+        batch_trace["contention"] = max(0.0, batch_trace["median_over_profile_beside"] /
+                                        batch_trace["median_over_profile_alone"] - 1)
+except (FileNotFoundError, KeyError, ValueError, IndexError):
+    batch_trace = None
 pre = rows("pre-busy")
 comp384 = prefill_ms(384)
 ttft_pre = statistics.median(float(r["ttft_ms"]) for r in pre)
@@ -195,6 +232,11 @@ if step_trace:
           f"-> contention {contention:.3f} (the term)")
 print(f"384-token prompts: TTFT isolated {iso384:.1f} ms, beside a decoding batch {ttft_pre:.1f} ms "
       f"-> prefill contention {pcont:.3f}")
+if batch_trace:
+    print(f"prefill batch trace (a check): {batch_trace['batches_beside_decode']} one-prompt batches "
+          f"beside decode steps, {batch_trace['batches_alone']} beside none; forward / profile "
+          f"{batch_trace['median_over_profile_beside']:.3f} vs {batch_trace['median_over_profile_alone']:.3f} "
+          f"-> {batch_trace['contention']:.3f}")
 # (D) a check, not a term: the in-cluster token gap at batch B vs the profile's step
 batch_check = []
 for b in (1, 4, 8):
@@ -216,6 +258,7 @@ json.dump({"bench": "slo-cluster-calibration", "profile": a.profile, "loadavg_af
            "cluster": section, "isolated": iso, "control_from_node_log": measured,
            "node_batch_over_profile": speed,
            "decode_step_trace": step_trace, "decode_contention_from_tpot": contention_tpot,
+           "prefill_batch_trace": batch_trace,
            "long_decode": {"tpot_alone_ms": tpot_alone, "tpot_beside_prefill_ms": tpot_busy,
                            "alone": alone[0], "busy": busy[0]},
            "background": rows("bg"), "batch_check": batch_check,
