@@ -305,9 +305,9 @@ EOF
       --rate 1 --requests 1 --seed 12 --label long-busy --requests-csv "$dir/long-busy.csv" \
       >"$dir/long-busy.txt"
     wait "$bgpid"
-    # (C) 384-token prompts (1 output token) while the decode node runs two long sequences
-    # (pdserve-cli, own request ids), to compare with the isolated 384-token TTFTs of (A) ->
-    # prefill contention
+    # (C) eight 384-token prompts (1 output token, each its own batch) while the decode node runs
+    # two long sequences (pdserve-cli, own request ids) -> prefill contention (from the nodes'
+    # traces; without them, against the isolated 384-token TTFTs of (A))
     for k in 1 2; do
       $loadgen "$bin/pdserve-cli" generate --router "$router" --tokens 5,6,7,8,9,10,11,$k --max-tokens 1000 \
         --ignore-eos --quiet --json --request-id "calib-decode-$k" >"$dir/dec-bg-$k.json" &
@@ -315,7 +315,7 @@ EOF
     done
     sleep 1
     $loadgen "$bin/pdserve-bench" load --router "$router" "${cal[@]}" --prompt-len 384 --output-len 1 \
-      --rate 0.5 --requests 4 --seed 15 --arrival gamma:0.01 --label pre-busy \
+      --rate 1.2 --requests 8 --seed 15 --arrival gamma:0.01 --label pre-busy \
       --requests-csv "$dir/pre-busy.csv" >"$dir/pre-busy.txt"
     wait "${bgpids[@]}"
     # (D) B long decodes at once (B = 1, 4, 8; 32 + 300 tokens): the in-cluster token gap vs batch

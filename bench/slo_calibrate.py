@@ -20,10 +20,11 @@ Inputs: the profile (isolated-engine coefficients) and the per-request CSVs of t
                           decode while the prefill node computes back to back over its TPOT
                           alone. The simulator runs the part of a decode step that overlaps a
                           prefill batch at 1 / (1 + this) of its speed.
-  prefill_contention      the prefill node's median batch time for 384-token prompts while the
-                          decode node runs a batch, over its median for the isolated ones, minus 1
-                          (without the node's log: the same from TTFTs): the mirror image, a
-                          prefill slowed by decoding. Both sides come from the same run, so a
+  prefill_contention      the mirror image, a prefill slowed by decoding: one-prompt prefill
+                          batches with decode steps running through them against those beside
+                          none (both traces), each over the profile's prefill; with fewer than 8
+                          beside decoding, the 384-token prompts' median TTFT beside a decoding
+                          batch against the isolated ones. Both sides come from the same run, so a
                           drift of the machine's speed since the profile cancels out.
 A check, not a term: B = 1, 4, 8 long decodes at once; their token gap against the profile's step at
 that batch (does the in-cluster step grow faster with the batch than the profile's?).
@@ -164,10 +165,10 @@ try:
 except (FileNotFoundError, KeyError, ValueError, IndexError):
     step_trace = None
 
-# A check, not (yet) a term: prefill contention the same way, from the prefill node's one-prompt
-# batches (forward time over the profile's prefill for its tokens) that ran with decode steps
-# covering >= 80% of them against those that ran beside no decode step. Reported next to the term
-# measured from four prompts (below) to see whether it is the steadier of the two.
+# Prefill contention the same way, from the prefill node's one-prompt batches (forward time over
+# the profile's prefill for its tokens) that ran with decode steps covering >= 80% of them against
+# those that ran beside no decode step; the term when at least 8 ran beside decoding (the eight
+# prompts of (C) and the background prompts of (B)), else the 384-token prompts' median below.
 batch_trace = None
 try:
     steps_iv = []
@@ -213,6 +214,9 @@ if measured and len(h384) >= n_iso384 + len(pre):
     # after the isolated ones) against the isolated ones
     pcont = max(0.0, statistics.median(h384[n_iso384:n_iso384 + len(pre)]) /
                 statistics.median(h384[:n_iso384]) - 1)
+pcont_prompts = pcont
+if batch_trace and batch_trace["batches_beside_decode"] >= 8:
+    pcont = batch_trace["contention"]  # the traces' many batches, as for decode contention
 by_len = {}
 for x in iso:
     by_len.setdefault(x["prompt"], []).append(x)
@@ -231,9 +235,9 @@ if step_trace:
           f"{step_trace['median_over_profile_beside']:.3f} vs {step_trace['median_over_profile_alone']:.3f} "
           f"-> contention {contention:.3f} (the term)")
 print(f"384-token prompts: TTFT isolated {iso384:.1f} ms, beside a decoding batch {ttft_pre:.1f} ms "
-      f"-> prefill contention {pcont:.3f}")
+      f"-> prefill contention {pcont_prompts:.3f}")
 if batch_trace:
-    print(f"prefill batch trace (a check): {batch_trace['batches_beside_decode']} one-prompt batches "
+    print(f"prefill batch trace ({'the term' if pcont != pcont_prompts else 'a check: < 8 beside'}): {batch_trace['batches_beside_decode']} one-prompt batches "
           f"beside decode steps, {batch_trace['batches_alone']} beside none; forward / profile "
           f"{batch_trace['median_over_profile_beside']:.3f} vs {batch_trace['median_over_profile_alone']:.3f} "
           f"-> {batch_trace['contention']:.3f}")
@@ -258,7 +262,7 @@ json.dump({"bench": "slo-cluster-calibration", "profile": a.profile, "loadavg_af
            "cluster": section, "isolated": iso, "control_from_node_log": measured,
            "node_batch_over_profile": speed,
            "decode_step_trace": step_trace, "decode_contention_from_tpot": contention_tpot,
-           "prefill_batch_trace": batch_trace,
+           "prefill_batch_trace": batch_trace, "prefill_contention_from_prompts": pcont_prompts,
            "long_decode": {"tpot_alone_ms": tpot_alone, "tpot_beside_prefill_ms": tpot_busy,
                            "alone": alone[0], "busy": busy[0]},
            "background": rows("bg"), "batch_check": batch_check,
