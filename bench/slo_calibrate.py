@@ -125,82 +125,67 @@ def log_ts(line):  # the log line's ts= field (UTC wall clock, ms) in seconds
     return datetime.datetime.fromisoformat(t).replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
-# The same term from the decode node's step trace (its log at debug level): every one-sequence
-# step's forward time against the profile's step for its context, the steps that ran entirely
-# beside a prefill batch (the prefill node's debug `batch` lines) against those that ran beside
-# none. Hundreds of steps instead of two TPOTs, and no token-streaming time in the ratio.
-step_trace = None
-try:
-    busy_iv = []
-    for line in open(f"{a.dir}/calib/p0.log"):
-        if "msg=batch " in line:
+def trace(node, msg, ms_key, ago_key=None):
+    """A node's debug trace lines of one kind (calib/NODE.log): [(fields, start s, end s, ms)],
+    the interval ending at the line's timestamp (less ago_key ms) and lasting ms = ms_key."""
+    out = []
+    for line in open(f"{a.dir}/calib/{node}.log"):
+        if f"msg={msg} " in line:
             fld = dict(w.split("=", 1) for w in line.split() if "=" in w)
-            end = log_ts(line) - float(fld["ended_ms_ago"]) / 1e3
-            busy_iv.append((end - float(fld["ms"]) / 1e3, end))
-    busy_iv.sort()
-    full, none = [], []
-    for line in open(f"{a.dir}/calib/d0.log"):
-        if "msg=step " not in line:
-            continue
-        fld = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            t1 = log_ts(line) - (float(fld[ago_key]) / 1e3 if ago_key else 0.0)
+            ms = float(fld[ms_key])
+            out.append((fld, t1 - ms / 1e3, t1, ms))
+    return out
+
+
+def beside_vs_alone(own, other, model, full_frac, min_n):
+    """One-sequence entries of `own` (forward time over `model`) that `other`'s intervals cover
+    by >= full_frac, against those they do not touch: their medians and the ratio minus 1, or
+    None with fewer than min_n on a side."""
+    beside, alone_ = [], []
+    for fld, t0, t1, ms in own:
         if int(fld["seqs"]) != 1:
             continue
-        f_ms = float(fld["forward_ms"])
-        t1 = log_ts(line)
-        t0 = t1 - f_ms / 1e3
-        ov = sum(max(0.0, min(t1, e) - max(t0, b)) for b, e in busy_iv if b < t1 and e > t0)
-        frac = ov / (f_ms / 1e3) if f_ms > 0 else 0.0
-        r = f_ms / max(1e-6, step_ms(1, int(fld["context"])))
-        if frac >= 0.95:
-            full.append(r)
+        ov = sum(max(0.0, min(t1, e) - max(t0, b)) for _, b, e, _ in other if b < t1 and e > t0)
+        r = ms / max(1e-6, model(fld))
+        if ov >= full_frac * ms / 1e3:
+            beside.append(r)
         elif ov == 0.0:
-            none.append(r)
-    if len(full) >= 20 and len(none) >= 20:
-        step_trace = {"steps_beside_prefill": len(full), "steps_alone": len(none),
-                      "median_over_profile_beside": statistics.median(full),
-                      "median_over_profile_alone": statistics.median(none)}
-        contention = max(0.0, step_trace["median_over_profile_beside"] /
-                         step_trace["median_over_profile_alone"] - 1)
-        step_trace["contention"] = contention
-except (FileNotFoundError, KeyError, ValueError, IndexError):
-    step_trace = None
+            alone_.append(r)
+    if len(beside) < min_n or len(alone_) < min_n:
+        return None
+    mb, ma = statistics.median(beside), statistics.median(alone_)
+    return {"beside": len(beside), "alone": len(alone_), "median_over_profile_beside": mb,
+            "median_over_profile_alone": ma, "contention": max(0.0, mb / ma - 1)}
 
+
+# The same term from the nodes' traces (their logs at debug level): every one-sequence decode
+# step's forward time against the profile's step for its context, the steps that ran entirely
+# beside a prefill batch (the prefill node's `batch` lines) against those that ran beside none.
+# Hundreds of steps instead of two TPOTs, and no token-streaming time in the ratio.
 # Prefill contention the same way, from the prefill node's one-prompt batches (forward time over
 # the profile's prefill for its tokens) that ran with decode steps covering >= 80% of them against
 # those that ran beside no decode step; the term when at least 8 ran beside decoding (the eight
 # prompts of (C) and the background prompts of (B)), else the 384-token prompts' median below.
-batch_trace = None
+step_trace = batch_trace = None
 try:
-    steps_iv = []
-    for line in open(f"{a.dir}/calib/d0.log"):
-        if "msg=step " in line:
-            fld = dict(w.split("=", 1) for w in line.split() if "=" in w)
-            t1 = log_ts(line)
-            steps_iv.append((t1 - float(fld["forward_ms"]) / 1e3, t1))
-    beside, alone_b = [], []
-    for line in open(f"{a.dir}/calib/p0.log"):
-        if "msg=batch " not in line:
-            continue
-        fld = dict(w.split("=", 1) for w in line.split() if "=" in w)
-        if int(fld["seqs"]) != 1:
-            continue
-        b_ms = float(fld["ms"])
-        t1 = log_ts(line) - float(fld["ended_ms_ago"]) / 1e3
-        t0 = t1 - b_ms / 1e3
-        ov = sum(max(0.0, min(t1, e) - max(t0, b)) for b, e in steps_iv if b < t1 and e > t0)
-        r = b_ms / max(1e-6, prefill_ms(int(fld["tokens"])))
-        if ov >= 0.8 * b_ms / 1e3:
-            beside.append(r)
-        elif ov == 0.0:
-            alone_b.append(r)
-    if len(beside) >= 5 and len(alone_b) >= 5:
-        batch_trace = {"batches_beside_decode": len(beside), "batches_alone": len(alone_b),
-                       "median_over_profile_beside": statistics.median(beside),
-                       "median_over_profile_alone": statistics.median(alone_b)}
-        batch_trace["contention"] = max(0.0, batch_trace["median_over_profile_beside"] /
-                                        batch_trace["median_over_profile_alone"] - 1)
+    steps = trace("d0", "step", "forward_ms")
+    batches = trace("p0", "batch", "ms", "ended_ms_ago")
+    st = beside_vs_alone(steps, batches, lambda f: step_ms(1, int(f["context"])), 0.95, 20)
+    if st:
+        step_trace = {"steps_beside_prefill": st["beside"], "steps_alone": st["alone"],
+                      "median_over_profile_beside": st["median_over_profile_beside"],
+                      "median_over_profile_alone": st["median_over_profile_alone"],
+                      "contention": st["contention"]}
+        contention = st["contention"]
+    bt = beside_vs_alone(batches, steps, lambda f: prefill_ms(int(f["tokens"])), 0.8, 5)
+    if bt:
+        batch_trace = {"batches_beside_decode": bt["beside"], "batches_alone": bt["alone"],
+                       "median_over_profile_beside": bt["median_over_profile_beside"],
+                       "median_over_profile_alone": bt["median_over_profile_alone"],
+                       "contention": bt["contention"]}
 except (FileNotFoundError, KeyError, ValueError, IndexError):
-    batch_trace = None
+    step_trace = batch_trace = None
 pre = rows("pre-busy")
 comp384 = prefill_ms(384)
 ttft_pre = statistics.median(float(r["ttft_ms"]) for r in pre)
