@@ -645,6 +645,132 @@ Test(engine_cuda, splitk_gemm_matches_cpu)
     cudaFree(dw);
 }
 
+/* The split-K GEMM with the RMSNorm fused in front (and, silu, the SiLU*mul behind: w = [gate;
+ * up]) against a CPU reference of its definition (cuda_kernels.h): r = 1 / sqrt(mean(x^2) + eps)
+ * in double from the fp32 rows, xg = bf16(x * norm_w) as the kernel rounds it, the products in
+ * double. Output rows checked: whole 64-row tiles spread over the output (first and last), every
+ * element for NaN (poisoned outputs), two runs bit-identical, under every variant of
+ * splitk_cfgs. Bound: 1e-3 of r sum |xg w| per product (as splitk_case), carried through SiLU*mul
+ * by its derivatives, plus half a bf16 ulp of the output. */
+static void splitk_norm_case(int M, int K, int n, int silu, uint64_t seed)
+{
+    const int mo = silu ? M / 2 : M, tr = 64, tiles = mo / tr, ts = PDS_MAX(1, tiles / 4),
+              tensor = 9;
+    const float wscale = 0.05f, eps = 1e-5f;
+    uint16_t *dw = dalloc((size_t)M * K * 2);
+    cr_assert_eq(
+        pds_cuda_synth_fill(dw, NULL, (int64_t)M * K, seed, tensor, wscale, 0, PDS_DTYPE_BF16, 0),
+        PDS_OK, "%s", pds_err_detail());
+    float *x = malloc((size_t)n * K * 4), *nw = malloc((size_t)K * 4);
+    for (size_t i = 0; i < (size_t)n * K; i++) x[i] = 3.0f * frand();
+    for (int k = 0; k < K; k++) nw[k] = 1.0f + 0.5f * frand();
+    float *dx = dup_to_dev(x, (size_t)n * K * 4), *dnw = dup_to_dev(nw, (size_t)K * 4);
+    double *rin = malloc((size_t)n * 8), *xg = malloc((size_t)n * K * 8);
+    for (int r = 0; r < n; r++) {
+        double ss = 0;
+        for (int k = 0; k < K; k++) {
+            const float v = x[(size_t)r * K + k];
+            ss += (double)v * v;
+            xg[(size_t)r * K + k] = pds_bf16_to_f32(pds_f32_to_bf16(v * nw[k]));
+        }
+        rin[r] = 1.0 / sqrt(ss / K + eps);
+    }
+    int *rows = malloc((size_t)mo * sizeof(int)), nr = 0;
+    for (int t = 0; t < tiles; t++)
+        if (t % ts == 0 || t == tiles - 1)
+            for (int i = 0; i < tr; i++) rows[nr++] = t * tr + i;
+    /* per checked output row and activation row: the value and its bound */
+    double *want = malloc((size_t)nr * n * 8), *tol = malloc((size_t)nr * n * 8);
+    float *wf = malloc((size_t)2 * K * 4);
+    for (int i = 0; i < nr; i++) {
+        const int nm = silu ? 2 : 1; /* gate row rows[i] and up row M/2 + rows[i] */
+        for (int h = 0; h < nm; h++)
+            for (int k = 0; k < K; k++)
+                wf[h * K + k] = pds_bf16_to_f32(
+                    pds_f32_to_bf16(pds_model_synth_value(seed, tensor,
+                                                          (int64_t)(rows[i] + h * M / 2) * K + k,
+                                                          wscale, 0)));
+        for (int r = 0; r < n; r++) {
+            double d[2] = {0, 0}, a[2] = {0, 0};
+            for (int h = 0; h < nm; h++)
+                for (int k = 0; k < K; k++) {
+                    const double p = xg[(size_t)r * K + k] * wf[h * K + k];
+                    d[h] += p, a[h] += fabs(p);
+                }
+            const double g = rin[r] * d[0], dg = 1e-3 * rin[r] * a[0];
+            double v = g, e = dg;
+            if (silu) {
+                const double u = rin[r] * d[1], du = 1e-3 * rin[r] * a[1], sg = g / (1 + exp(-g));
+                v = sg * u;
+                e = 1.1 * fabs(u) * dg + fabs(sg) * du;
+            }
+            want[(size_t)i * n + r] = v, tol[(size_t)i * n + r] = e + ldexp(fabs(v), -8);
+        }
+    }
+    const size_t ny = (size_t)n * mo;
+    uint16_t *gb = malloc(ny * 2), *gb2 = malloc(ny * 2);
+    for (int c = 0; c < (int)(sizeof splitk_cfgs / sizeof splitk_cfgs[0]); c++) {
+        const int cw = splitk_cfgs[c][0], cb = splitk_cfgs[c][1], cst = splitk_cfgs[c][2];
+        char cfg[64];
+        snprintf(cfg, sizeof cfg, "(warps %d, bk %d, stages %d, silu %d)", cw, cb, cst, silu);
+        uint16_t *dy[2];
+        for (int run = 0; run < 2; run++) {
+            dy[run] = dalloc(ny * 2);
+            const pds_status_t st =
+                c == 0 ? pds_cuda_splitk_norm_gemm(dw, M, K, dx, dnw, eps, n, dy[run], silu, 0)
+                       : pds_cuda_splitk_norm_gemm_cfg(dw, M, K, dx, dnw, eps, n, dy[run], silu,
+                                                       cw, cb, cst, 0);
+            cr_assert_eq(st, PDS_OK, "%s", pds_err_detail());
+        }
+        to_host(gb, dy[0], ny * 2);
+        to_host(gb2, dy[1], ny * 2);
+        cr_assert(memcmp(gb, gb2, ny * 2) == 0, "splitk norm %s %dx%d n %d: runs differ", cfg, M,
+                  K, n);
+        size_t nan_at = ny;
+        for (size_t i = 0; i < ny && nan_at == ny; i++)
+            if (isnan(pds_bf16_to_f32(gb[i]))) nan_at = i;
+        cr_assert(nan_at == ny, "splitk norm %s %dx%d n %d: element %zu not written", cfg, M, K, n,
+                  nan_at);
+        int bad = 0, bad_i = 0, bad_r = 0;
+        for (int i = 0; i < nr; i++)
+            for (int r = 0; r < n; r++) {
+                const double got = pds_bf16_to_f32(gb[(size_t)r * mo + rows[i]]);
+                if (!(fabs(got - want[(size_t)i * n + r]) <= tol[(size_t)i * n + r]) && bad++ == 0)
+                    bad_i = i, bad_r = r;
+            }
+        cr_assert(bad == 0, "splitk norm %s %dx%d n %d: %d elements off, first y[%d][%d] = %g, want %g",
+                  cfg, M, K, n, bad, bad_r, rows[bad_i],
+                  (double)pds_bf16_to_f32(gb[(size_t)bad_r * mo + rows[bad_i]]),
+                  want[(size_t)bad_i * n + bad_r]);
+        cudaFree(dy[0]), cudaFree(dy[1]);
+    }
+    free(x), free(nw), free(rin), free(xg), free(rows), free(want), free(tol), free(wf), free(gb),
+        free(gb2);
+    cudaFree(dw), cudaFree(dx), cudaFree(dnw);
+}
+
+Test(engine_cuda, splitk_norm_gemm_matches_cpu)
+{
+    need_gpu();
+    rng_seed(29);
+    /* llama3-8b's q|k|v and gate|up at decode batches (up to 32 rows: its limit), odd row counts,
+     * small shapes with 64-row tiles only (4 warps) and without a split */
+    const int shapes[8][4] = {{6144, 4096, 32, 0}, {28672, 4096, 17, 1}, {6144, 4096, 9, 0},
+                              {28672, 4096, 3, 1},  {256, 512, 5, 1},    {128, 128, 1, 0},
+                              {320, 576, 24, 1},    {192, 1024, 32, 1}};
+    for (int i = 0; i < 8; i++)
+        splitk_norm_case(shapes[i][0], shapes[i][1], shapes[i][2], shapes[i][3], 60 + i);
+    float *dnw = dalloc(128 * 4);
+    uint16_t *dw = dalloc(128 * 128 * 2);
+    cr_assert_eq(pds_cuda_splitk_norm_gemm(dw, 128, 128, dnw, NULL, 1e-5f, 8, dw, 0, 0),
+                 PDS_ERR_INVALID_ARG);
+    cr_assert_eq(pds_cuda_splitk_norm_gemm(dw, 100, 128, dnw, dnw, 1e-5f, 8, dw, 0, 0),
+                 PDS_ERR_UNSUPPORTED);
+    cr_assert_eq(pds_cuda_splitk_norm_gemm(dw, 128, 128, dnw, dnw, 1e-5f, 33, dw, 1, 0),
+                 PDS_ERR_UNSUPPORTED); /* 1..32 rows */
+    cudaFree(dnw), cudaFree(dw);
+}
+
 /* Reference attention for one batch over a bf16 pool, double precision. */
 static void attn_ref(const uint16_t *q, int q_stride, const uint16_t *kv, const pds_kv_layout_t *L,
                      const pds_cuda_seq_t *seqs, int n_seqs, const int32_t *bt, int H, double *out)

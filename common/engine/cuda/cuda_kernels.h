@@ -165,7 +165,8 @@ pds_status_t pds_cuda_skinny_qkv_rope(const uint16_t *wqkv, int K, const uint16_
 
 /* y[n, M] = x[n, K] . w[M, K]^T as bf16 (out_f32 == 0), or y fp32 += x . w^T (out_f32 == 1: the
  * residual add), for 1..64 activation rows on tensor cores with K split over a thread-block
- * cluster (splitk.cu): no fused epilogue, a replacement for the cuBLASLt call alone. Deterministic
+ * cluster (splitk.cu): a replacement for the cuBLASLt call alone (the fused RMSNorm and SiLU
+ * variant follows). Deterministic
  * (two runs give the same bits). _fits: whether it takes the shape (M and K multiples of 64,
  * 1 <= n <= 64); _gemm returns PDS_ERR_UNSUPPORTED for shapes it does not take. */
 int pds_cuda_splitk_fits(int M, int K, int n);
@@ -180,6 +181,24 @@ pds_status_t pds_cuda_splitk_gemm(const uint16_t *w, int M, int K, const uint16_
 pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K, const uint16_t *x, int n,
                                       void *y, int out_f32, int warps, int bk, int stages,
                                       cudaStream_t s);
+
+/* The same product with the RMSNorm before it fused in (one kernel instead of rmsnorm + GEMM, and
+ * with silu also the SiLU*mul after it): x [n, K] fp32 (the residual stream), norm_w [K], and
+ *   silu 0: y [n, M] = bf16(r * (bf16(x * norm_w) . w^T)),
+ *   silu 1: w = [gate; up] (M/2 rows each), y [n, M/2] = bf16(silu(r * xg . gate^T) * (r * xg .
+ *           up^T)) with xg = bf16(x * norm_w),
+ * r = 1 / sqrt(mean(x^2) + eps) per row, computed inside from the cluster's partial sums of
+ * squares (rmsnorm_kernel applies r before rounding to bf16; this applies it after the product, so
+ * the two agree to bf16 rounding, not bit for bit). Shapes as pds_cuda_splitk_gemm but 1..32 rows
+ * (PDS_ERR_UNSUPPORTED above), deterministic; PDS_ERR_INVALID_ARG without norm_w. _cfg: the variant as
+ * pds_cuda_splitk_gemm_cfg (bk 256 runs as 128). */
+pds_status_t pds_cuda_splitk_norm_gemm(const uint16_t *w, int M, int K, const float *x,
+                                       const float *norm_w, float eps, int n, uint16_t *y, int silu,
+                                       cudaStream_t s);
+pds_status_t pds_cuda_splitk_norm_gemm_cfg(const uint16_t *w, int M, int K, const float *x,
+                                           const float *norm_w, float eps, int n, uint16_t *y,
+                                           int silu, int warps, int bk, int stages,
+                                           cudaStream_t s);
 
 /* tokens[S]: the token drawn for each row of logits [S, vocab] fp32 with the algorithm of
  * sample/sample.h (greedy when temperature == 0). */

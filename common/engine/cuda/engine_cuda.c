@@ -114,13 +114,16 @@ enum {
     OP_SK_O,
     OP_SK_GU_SILU,
     OP_SK_DOWN,
+    OP_SPK_NORM_QKV,
+    OP_SPK_NORM_GU_SILU,
     OP_COUNT
 };
 static const char *const op_names[OP_COUNT] = {
     "embed",           "rmsnorm",          "gemm qkv",      "rope+kv write",    "attention",
     "gemm o (+res)",   "gemm g|u",         "silu*mul",      "gemm down (+res)", "lm head",
     "sample",          "gemv qkv+rope+kv", "gemv o (+res)", "gemv g|u+silu",    "gemv down (+res)",
-    "mma qkv+rope+kv", "mma o (+res)",     "mma g|u+silu",  "mma down (+res)"};
+    "mma qkv+rope+kv", "mma o (+res)",     "mma g|u+silu",  "mma down (+res)",  "norm+qkv",
+    "norm+g|u+silu"};
 #define PROF_MAX 4096
 typedef struct {
     cudaEvent_t ev[PROF_MAX + 1];
@@ -156,6 +159,7 @@ typedef struct {
     int gemv_rows; /* ... up to this many rows (PDS_ENGINE_CUDA_GEMV_ROWS, <= the kernels' limit) */
     bool skinny; /* fused tensor-core kernels for decode of 5..64 rows (PDS_ENGINE_CUDA_SKINNY=1) */
     int splitk_rows;     /* split-K kernel instead of cuBLASLt for decode up to this many rows */
+    int splitk_norm_rows; /* ... with the RMSNorms (and SiLU) fused into q|k|v and gate|up */
     int l2_hints;        /* decode attention's L2 hints (PDS_ENGINE_CUDA_L2_HINTS, PDS_CUDA_L2_*) */
     prof_t *prof;        /* PDS_ENGINE_CUDA_PROFILE=1 */
     int dec_ctas_per_sm; /* decode attention splits the context to fill this many CTAs per SM */
@@ -824,6 +828,10 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
                     (H * hd) % 8 == 0;
     /* decode of more rows, up to 64: the same fusions on tensor cores (skinny.cu) */
     const bool sk = decode && !gv && skinny_fits(g, c, T);
+    /* otherwise, up to splitk_norm_rows: each RMSNorm fused into the product after it, and the
+     * SiLU*mul into gate|up (splitk.cu) */
+    const bool fn = decode && !gv && !sk && T <= g->splitk_norm_rows &&
+                    pds_cuda_splitk_fits(qkvw, hid, T) && pds_cuda_splitk_fits(2 * c->ffn, hid, T);
 
     prof_begin(g);
     PDS_TRY(pds_cuda_embed(tokens, T, g->embed, hid, g->x, st));
@@ -831,8 +839,10 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
     for (int l = 0; l < c->n_layers; l++) {
         cuda_layer_t *L = &g->layers[l];
         uint16_t *kvl = kv_layer_ptr(g, l);
-        PDS_TRY(pds_cuda_rmsnorm(g->x, NULL, T, hid, L->attn_norm, c->norm_eps, g->xn, st));
-        prof_mark(g, OP_NORM);
+        if (!fn) {
+            PDS_TRY(pds_cuda_rmsnorm(g->x, NULL, T, hid, L->attn_norm, c->norm_eps, g->xn, st));
+            prof_mark(g, OP_NORM);
+        }
         if (gv) {
             PDS_TRY(pds_cuda_gemv_qkv_rope(L->wqkv, hid, g->xn, T, pos, slots, H, KV, hd,
                                            g->inv_freq, g->qkv, kvl, e->kv.block_size, st));
@@ -842,8 +852,14 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
                                              g->inv_freq, g->qkv, kvl, e->kv.block_size, st));
             prof_mark(g, OP_SK_QKV_ROPE);
         } else {
-            PDS_TRY(lin(g, decode, qkvw, T, hid, L->wqkv, g->xn, g->qkv, 0, 0));
-            prof_mark(g, OP_GEMM_QKV);
+            if (fn) {
+                PDS_TRY(pds_cuda_splitk_norm_gemm(L->wqkv, qkvw, hid, g->x, L->attn_norm,
+                                                  c->norm_eps, T, g->qkv, 0, st));
+                prof_mark(g, OP_SPK_NORM_QKV);
+            } else {
+                PDS_TRY(lin(g, decode, qkvw, T, hid, L->wqkv, g->xn, g->qkv, 0, 0));
+                prof_mark(g, OP_GEMM_QKV);
+            }
             PDS_TRY(pds_cuda_rope_kv_write(g->qkv, pos, slots, T, H, KV, hd, g->inv_freq, kvl,
                                            e->kv.block_size, st));
             prof_mark(g, OP_ROPE_KV);
@@ -871,8 +887,10 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             PDS_TRY(lin(g, decode, hid, T, H * hd, L->wo, g->att, g->x, 1, 1));
             prof_mark(g, OP_GEMM_O);
         }
-        PDS_TRY(pds_cuda_rmsnorm(g->x, NULL, T, hid, L->ffn_norm, c->norm_eps, g->xn, st));
-        prof_mark(g, OP_NORM);
+        if (!fn) {
+            PDS_TRY(pds_cuda_rmsnorm(g->x, NULL, T, hid, L->ffn_norm, c->norm_eps, g->xn, st));
+            prof_mark(g, OP_NORM);
+        }
         if (gv) {
             PDS_TRY(pds_cuda_gemv_silu(L->w_gu, c->ffn, hid, g->xn, T, g->act, st));
             prof_mark(g, OP_GEMV_GU_SILU);
@@ -884,10 +902,16 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             PDS_TRY(pds_cuda_skinny_f32(L->w_down, hid, c->ffn, g->act, T, g->x, 1, st));
             prof_mark(g, OP_SK_DOWN);
         } else {
-            PDS_TRY(lin(g, decode, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0));
-            prof_mark(g, OP_GEMM_GU);
-            PDS_TRY(pds_cuda_silu_mul(g->gu, T, c->ffn, g->act, st));
-            prof_mark(g, OP_SILU);
+            if (fn) {
+                PDS_TRY(pds_cuda_splitk_norm_gemm(L->w_gu, 2 * c->ffn, hid, g->x, L->ffn_norm,
+                                                  c->norm_eps, T, g->act, 1, st));
+                prof_mark(g, OP_SPK_NORM_GU_SILU);
+            } else {
+                PDS_TRY(lin(g, decode, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0));
+                prof_mark(g, OP_GEMM_GU);
+                PDS_TRY(pds_cuda_silu_mul(g->gu, T, c->ffn, g->act, st));
+                prof_mark(g, OP_SILU);
+            }
             PDS_TRY(lin(g, decode, hid, T, c->ffn, L->w_down, g->act, g->x, 1, 1));
             prof_mark(g, OP_GEMM_DOWN);
         }
@@ -1250,6 +1274,8 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
                      : spk && strcmp(spk, "0") == 0 ? 0
                      : spk && strcmp(spk, "1") == 0 ? 64
                                                     : 16;
+    const char *snr = getenv("PDS_ENGINE_CUDA_SPLITK_NORM_ROWS");
+    g->splitk_norm_rows = PDS_MIN(32, snr && *snr ? PDS_MAX(0, atoi(snr)) : 32); /* its limit */
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[0]));
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[1]));
     const char *l2 = getenv("PDS_ENGINE_CUDA_L2_HINTS");

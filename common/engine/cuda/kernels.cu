@@ -385,12 +385,24 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     int r = blockIdx.x;
     const float *l = logits + (int64_t)r * V;
     pds_cuda_sample_t p = params[r];
-    /* argmax, lowest id on ties, NaN as -inf */
+    /* argmax, lowest id on ties, NaN as -inf (a total order: any traversal gives the same) */
     float best = -INFINITY;
     int arg = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        float v = clean_logit(l[i]);
+    auto take = [&](float v, int i) {
+        v = clean_logit(v);
         if (v > best || (v == best && i < arg)) best = v, arg = i;
+    };
+    if (V % 4 == 0 && (uintptr_t)l % 16 == 0) {
+        /* 16-byte loads, four in flight per thread: one block reads its row at several times
+         * the scalar loop's rate (llama3-8b's 128k logits: ~60 us per step at batch 32 before) */
+        const float4 *l4 = (const float4 *)l;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
+            const float4 q = l4[i];
+            take(q.x, 4 * i), take(q.y, 4 * i + 1), take(q.z, 4 * i + 2), take(q.w, 4 * i + 3);
+        }
+    } else {
+        for (int i = threadIdx.x; i < V; i += blockDim.x) take(l[i], i);
     }
     for (int o = 16; o > 0; o >>= 1) {
         float ob = __shfl_xor_sync(0xffffffffu, best, o);

@@ -45,7 +45,8 @@
  * forces CS where the shape allows it, and PDS_ENGINE_CUDA_SPLITK_GRID picks the CS rule (above).
  * pds_cuda_splitk_gemm_cfg() takes warps, BK and stages as arguments (the test runs several).
  * Registers are bounded for 24 warps per SM up to NT 32 (54-80 used) and 16 at NT 64 (104-128);
- * none of the 27 instantiations spills.
+ * of the 39 instantiations only a variant no default picks (NT 64, 4 warps, BK 256, two tiles) spills
+ * (44 bytes, since the SPK_SILU addressing came in).
  *
  * Reduction, deterministic and without global scratch: each CTA leaves its fp32 partial tile in
  * its own shared memory (the ring, reused), cluster barrier, then rank r finishes rows
@@ -55,9 +56,25 @@
  * keeps every CTA's shared memory alive until the others have read it. The summation order is
  * fixed by the shape and the variant alone, so two runs give bit-identical outputs.
  *
- * Trade-offs: no fused epilogues (RoPE, SiLU) — it replaces the cuBLASLt call only, next to the
- * separate kernels. Each of the M/BM row tiles reads the activations of its K range again, from
- * L2: n/BM of the weight bytes (a quarter at n = 32 with 128-row tiles), and every warp reads the
+ * The RMSNorm and SiLU*mul fused in (NORM, SPK_SILU; pds_cuda_splitk_norm_gemm): a decode step
+ * at batch 32 spends ~0.2 ms in its 65 RMSNorm launches and ~0.13 ms in the 32 SiLU*mul ones
+ * (measured by leaving them out, H100, 2026-11-25), mostly launch and drain, not bytes. Here the
+ * activations arrive as the fp32 residual stream (up to 32 rows): each thread loads its 16-byte
+ * chunks of the next stage's rows, and the norm weights' chunk, into registers while the current
+ * stage is multiplied, then converts them (x times the norm weight, rounded to bf16) into that
+ * stage's activation tile, laid out as the bf16 copies would be, so the product itself is the
+ * plain kernel's; it also adds up x^2 of its chunks. (A first version built the B fragments from
+ * an fp32 tile in every warp: 8 warps repeating the same conversion made q|k|v 35 us and gate|up
+ * 105 us per layer at batch 32, slower than the unfused pair.) After the K loop each row's sum
+ * goes to shared memory beside the partial tile (a row's threads are lanes of one warp), the
+ * cluster barrier before the reduction makes it visible, and the finishing rank sums the CTAs'
+ * in rank order: r = 1 / sqrt(sum / K + eps) per activation row scales the reduced product
+ * (linear, so applying r after the product is exact up to where bf16 rounding happens).
+ * SPK_SILU takes each tile's weight rows half from gate and half from up (the same output
+ * columns), so the finishing rank has both and writes silu(g) * u.
+ *
+ * Trade-offs: no RoPE epilogue (q|k|v still goes through rope_kv_kernel). Each of the M/BM row
+ * tiles reads the activations of its K range again, from L2: n/BM of the weight bytes (a quarter at n = 32 with 128-row tiles), and every warp reads the
  * whole activation tile from shared memory (at NT 64 and 8 warps four times the weight bytes;
  * halving that with two tiles per warp helped down but not o or q|k|v, so n = 64 loses mostly
  * elsewhere). Padding n up to NT costs tensor-core work only where n is not a multiple of 8. The
@@ -96,6 +113,7 @@ namespace cg = cooperative_groups;
 typedef __nv_bfloat16 bf16;
 
 #define SPK_MAX_N       64     /* activation rows */
+#define SPK_NORM_MAX_N  32     /* ... with the RMSNorm fused (its registers) */
 #define SPK_MAX_CLUSTER 8      /* CTAs splitting K (the portable cluster limit) */
 #define SPK_MIN_KSPAN   512    /* k per CTA, at least ... */
 #define SPK_MAX_KSPAN   2048   /* ... and, where the cluster allows, at most */
@@ -110,10 +128,16 @@ __host__ __device__ constexpr int spk_min_blocks(int nt, int warps)
     return (nt <= 32 ? 24 : 16) / warps;
 }
 
-/* a stage's bytes: BM weight rows and NT activation rows of BK k each */
+/* a stage's bytes: BM weight rows and NT activation rows of BK k each (bf16) */
 __host__ __device__ constexpr int spk_stage_bytes(int nt, int bm, int bk)
 {
     return (bm + nt) * bk * 2;
+}
+
+__device__ __forceinline__ uint32_t spk_pack(float lo, float hi)
+{
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi); /* lo in the low half */
+    return *(const uint32_t *)&v;
 }
 
 __device__ __forceinline__ void spk_mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
@@ -166,18 +190,23 @@ __device__ __forceinline__ void spk_wait_group(int n)
     }
 }
 
-/* grid (M/BM * cs), BM = 16 WARPS: CTA b is rank b % cs of the cluster for weight rows
- * [BM (b / cs), +BM). w [M, K], x [n, K] bf16; y [n, M] bf16 (out_f32 0) or fp32 added into
- * (out_f32 1). K a multiple of BK * cs; n <= NT. Dynamic shared memory: stages * (BM + NT) * BK
- * * 2.
+/* grid (M/BM * cs), BM = 16 MT WARPS: CTA b is rank b % cs of the cluster for row tile tl = b /
+ * cs. w [M, K] bf16. x: [n, K] bf16, or with NORM fp32, the product then taken of RMSNorm(x)
+ * with weights nw [K] and eps (see pds_cuda_splitk_norm_gemm). epi SPK_STORE: y [n, M] bf16,
+ * tile rows = weight rows [BM tl, +BM); SPK_ADD_F32: y [n, M] fp32 += the product; SPK_SILU:
+ * y [n, M/2] bf16 = silu(columns [0, M/2)) * (columns [M/2, M)), tile rows = weight rows
+ * [BM/2 tl, +BM/2) then the same + M/2. K a multiple of BK * cs; n <= NT. Dynamic shared memory:
+ * stages * spk_stage_bytes(NT, BM, BK).
  */
-template <int NT, int WARPS, int BK, int MT>
+enum { SPK_STORE = 0, SPK_ADD_F32 = 1, SPK_SILU = 2 };
+template <int NT, int WARPS, int BK, int MT, bool NORM>
 __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
-    splitk_kernel(const bf16 *__restrict__ w, const bf16 *__restrict__ x, void *y, int M, int K,
-                  int n, int out_f32, int cs, int stages)
+    splitk_kernel(const bf16 *__restrict__ w, const void *__restrict__ x,
+                  const float *__restrict__ nw, float eps, void *y, int M, int K, int n, int epi,
+                  int cs, int stages)
 {
     constexpr int THREADS = WARPS * 32, BM = 16 * MT * WARPS;
-    constexpr int RB = BK * 2;  /* bytes of a row in a stage */
+    constexpr int RB = BK * 2;  /* bytes of a weight row (and a bf16 activation row) in a stage */
     constexpr int CPR = BK / 8; /* its 16-byte chunks: 8, 16 or 32 */
     constexpr int WB = BM * RB; /* a stage's weight tile */
     constexpr int SB = spk_stage_bytes(NT, BM, BK);
@@ -186,10 +215,16 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
     constexpr int RED_LD = BM + 4;     /* floats between columns of the partial tile */
     static_assert(BK == 64 || BK == 128 || BK == 256, "a stage is 64, 128 or 256 k");
     static_assert(RPP % 4 == 0 && PASSES * RPP == BM, "copy passes keep the swizzle linear");
-    static_assert(2 * SB >= NT * RED_LD * 4, "the partial tile fits in the ring (>= 2 stages)");
+    static_assert((BM / 2) % RPP == 0, "SPK_SILU: a copy pass lies in one half of the tile");
+    static_assert(!NORM || (NT <= SPK_NORM_MAX_N && BK <= 128),
+                  "NORM: up to 32 activation rows (registers); a row's chunks in one warp");
+    static_assert(2 * SB >= (NT * RED_LD + 2 * NT) * 4,
+                  "the partial tile (and NORM's sums of squares) fit in the ring (>= 2 stages)");
     extern __shared__ __align__(128) unsigned char spk_smem[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int rank = (int)(blockIdx.x % (unsigned)cs), m0 = (int)(blockIdx.x / (unsigned)cs) * BM;
+    const int rank = (int)(blockIdx.x % (unsigned)cs), tl = (int)(blockIdx.x / (unsigned)cs);
+    /* tile rows [0, half) are weight rows m0.., [half, BM) (SPK_SILU) m0 + M/2.. */
+    const int half = epi == SPK_SILU ? BM / 2 : BM, m0 = tl * half;
     const int kspan = K / cs, k0 = rank * kspan, nst = kspan / BK;
     const int nblk = (n + 7) >> 3; /* 8-row blocks of x that hold rows */
     const uint32_t ring = (uint32_t)__cvta_generic_to_shared(spk_smem);
@@ -204,6 +239,7 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
     const int cc = tid % CPR, wr = tid / CPR, wsw = cc ^ (wr & 7);
     const bf16 *wsrc = w + (int64_t)(m0 + wr) * K + k0 + cc * 8;
     const int64_t wpass = (int64_t)RPP * K; /* elements between passes */
+    const int64_t whalf = (int64_t)(M / 2 - half) * K; /* SPK_SILU: passes in the second half */
     auto issue_w = [&](int st) {
         if (st >= nst) return;
         const uint32_t d = ring + (uint32_t)((st % stages) * SB + wr * RB);
@@ -212,33 +248,84 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
         for (int q = 0; q < PASSES; q++)
             asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, 16, %2;\n" ::"r"(
                              d + (uint32_t)(q * RPP * RB + ((wsw ^ ((q * RPP) & 7)) * 16))),
-                         "l"(sp + q * wpass), "l"(pol)
+                         "l"(sp + q * wpass + (q * RPP >= half ? whalf : 0)), "l"(pol)
                          : "memory");
     };
     auto issue_x = [&](int st) {
         if (st >= nst) return;
         const uint32_t d = ring + (uint32_t)((st % stages) * SB + WB);
-        for (int i = tid; i < nblk * 8 * CPR; i += THREADS) {
-            const int r = i / CPR, c = i % CPR;
-            const bool ok = r < n;
-            const bf16 *sp = ok ? x + (int64_t)r * K + k0 + st * BK + c * 8 : x;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                             d + (uint32_t)(r * RB + ((c ^ (r & 7)) * 16))),
-                         "l"(sp), "r"(ok ? 16 : 0)
+        if constexpr (!NORM) { /* NORM: ldx / cvt_x below */
+            const bf16 *xb = (const bf16 *)x;
+            for (int i = tid; i < nblk * 8 * CPR; i += THREADS) {
+                const int r = i / CPR, c = i % CPR;
+                const bool ok = r < n;
+                const bf16 *sp = ok ? xb + (int64_t)r * K + k0 + st * BK + c * 8 : xb;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                                 d + (uint32_t)(r * RB + ((c ^ (r & 7)) * 16))),
+                             "l"(sp), "r"(ok ? 16 : 0)
+                             : "memory");
+            }
+        }
+    };
+
+    /* NORM: thread t converts the 4 floats at column chunk xc = t % C4 of activation rows
+     * xr0 + j XRS (xr0 = t / C4, j < XRPT) of every stage: loaded into registers (xv, with the
+     * norm weights' chunk in gv) one stage before they are converted and stored as bf16 into the
+     * stage's activation tile (swizzled as issue_x stores it), squares summed into ss[j]. The C4
+     * threads of a row are consecutive lanes of one warp. */
+    constexpr int C4 = BK / 4, XRS = THREADS / C4;
+    constexpr int XRPT = NORM ? (NT * C4 + THREADS - 1) / THREADS : 1;
+    const int xc = tid % C4, xr0 = tid / C4;
+    float4 xv[XRPT], gv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float ss[XRPT];
+#pragma unroll
+    for (int j = 0; j < XRPT; j++) ss[j] = 0.0f, xv[j] = gv;
+    auto ldx = [&](int st) {
+        if (st >= nst) return;
+        const int k = k0 + st * BK + xc * 4;
+        gv = __ldg((const float4 *)(nw + k));
+#pragma unroll
+        for (int j = 0; j < XRPT; j++) {
+            const int r = xr0 + j * XRS;
+            xv[j] = r < n ? __ldg((const float4 *)((const float *)x + (int64_t)r * K + k))
+                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+    };
+    auto cvt_x = [&](int st) {
+        if (st >= nst) return;
+        const uint32_t d = ring + (uint32_t)((st % stages) * SB + WB);
+#pragma unroll
+        for (int j = 0; j < XRPT; j++) {
+            const int r = xr0 + j * XRS;
+            if (r >= nblk * 8) break;
+            const float4 v = xv[j];
+            ss[j] += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            const uint32_t lo = spk_pack(v.x * gv.x, v.y * gv.y),
+                           hi = spk_pack(v.z * gv.z, v.w * gv.w);
+            asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(
+                             d + (uint32_t)(r * RB + (((xc >> 1) ^ (r & 7)) * 16) + (xc & 1) * 8)),
+                         "r"(lo), "r"(hi)
                          : "memory");
         }
     };
 
     /* prologue: the weights of stages 0..stages-2 (independent of the previous kernel), then,
      * once its writes are visible, the activations; group s holds stage s's activations (and
-     * group 0 all the prologue's weights) */
+     * group 0 all the prologue's weights). NORM: stages 0..stages-2 converted here, stage
+     * stages-1 loaded */
     for (int st = 0; st < stages - 1; st++) issue_w(st);
     pdl_wait();
     pdl_trigger();
     for (int st = 0; st < stages - 1; st++) {
-        issue_x(st);
+        if constexpr (NORM) {
+            ldx(st);
+            cvt_x(st);
+        } else {
+            issue_x(st);
+        }
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
+    if constexpr (NORM) ldx(stages - 1);
 
     float acc[MT][NT / 8][4];
 #pragma unroll
@@ -256,14 +343,21 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
     const int sw = lane & 7;
     const uint32_t a_off = (uint32_t)((warp * 16 * MT + sw + ((lane >> 3) & 1) * 8) * RB);
     const int a_sw = (lane >> 4) ^ sw;
-    const uint32_t b_off = (uint32_t)(WB + ((NT == 8 ? 0 : (lane >> 4)) * 8 + sw) * RB);
-    const int b_sw = ((lane >> 3) & 1) ^ sw;
+    [[maybe_unused]] const uint32_t b_off = (uint32_t)(WB + ((NT == 8 ? 0 : (lane >> 4)) * 8 + sw) * RB);
+    [[maybe_unused]] const int b_sw = ((lane >> 3) & 1) ^ sw;
 
     for (int st = 0; st < nst; st++) {
         spk_wait_group(stages - 2); /* this thread's copies of stage st have landed */
         __syncthreads();            /* everyone's, and slot (st - 1) % stages is read */
         issue_w(st + stages - 1);
-        issue_x(st + stages - 1);
+        if constexpr (NORM) {
+            /* slot (st - 1) % stages is free (the barrier above); its activations are read at
+             * iteration st + stages - 1 > st, after that iteration's barrier */
+            cvt_x(st + stages - 1);
+            ldx(st + stages);
+        } else {
+            issue_x(st + stages - 1);
+        }
         asm volatile("cp.async.commit_group;\n" ::: "memory"); /* empty groups keep the count */
         const uint32_t slot = ring + (uint32_t)((st % stages) * SB);
 #pragma unroll
@@ -272,16 +366,18 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
                 spk_ldsm_x4(a[mt], slot + a_off + (uint32_t)(mt * 16 * RB + ((2 * s) ^ a_sw) * 16));
-            const uint32_t bch = slot + b_off + (uint32_t)(((2 * s) ^ b_sw) * 16);
             constexpr int NP = (NT + 15) / 16; /* pairs of 8-row blocks */
             uint32_t b[NP][4];                 /* the step's B fragments, loaded before the mmas */
+            {
+                const uint32_t bch = slot + b_off + (uint32_t)(((2 * s) ^ b_sw) * 16);
 #pragma unroll
-            for (int p = 0; p < NP; p++) {
-                if (2 * p < nblk) { /* CTA-uniform */
-                    if (NT == 8)
-                        spk_ldsm_x2(b[p], bch);
-                    else
-                        spk_ldsm_x4(b[p], bch + (uint32_t)(p * 16 * RB));
+                for (int p = 0; p < NP; p++) {
+                    if (2 * p < nblk) { /* CTA-uniform */
+                        if (NT == 8)
+                            spk_ldsm_x2(b[p], bch);
+                        else
+                            spk_ldsm_x4(b[p], bch + (uint32_t)(p * 16 * RB));
+                    }
                 }
             }
 #pragma unroll
@@ -319,27 +415,53 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
             }
         }
     }
+    /* NORM: this CTA's sums of squares per activation row after the tile (the row's C4 lanes
+     * summed in a fixed order), then 1 / rms */
+    float *ssq = red + NT * RED_LD, *rinv = ssq + NT;
+    if constexpr (NORM) {
+#pragma unroll
+        for (int j = 0; j < XRPT; j++) {
+            float v = ss[j];
+#pragma unroll
+            for (int o = 1; o < C4; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            const int r = xr0 + j * XRS;
+            if (xc == 0 && r < n) ssq[r] = v;
+        }
+    }
     cg::cluster_group cl = cg::this_cluster();
     if (cs > 1)
         cl.sync();
     else
         __syncthreads();
+    /* the sum over the cluster's CTAs, in rank order */
+    auto gather = [&](float *a, int idx) {
+        if (cs == 1) return a[idx];
+        float v = cl.map_shared_rank(a, 0)[idx];
+        for (int q = 1; q < cs; q++) v += cl.map_shared_rank(a, q)[idx];
+        return v;
+    };
+    if constexpr (NORM) {
+        for (int c = tid; c < n; c += THREADS)
+            rinv[c] = 1.0f / sqrtf(gather(ssq, c) / (float)K + eps); /* as rmsnorm_kernel */
+        __syncthreads();
+    }
 
-    /* rank r: rows [r*BM/cs, (r+1)*BM/cs) of the tile, every column; consecutive threads take
-     * consecutive rows (coalesced stores); partials added in rank order */
-    const int rb = rank * BM / cs, re = (rank + 1) * BM / cs, nr = re - rb;
+    /* rank r: rows [r*R/cs, (r+1)*R/cs) of the tile's R output rows (BM, or BM/2 for SPK_SILU),
+     * every column; consecutive threads take consecutive rows (coalesced stores) */
+    const int rb = rank * half / cs, re = (rank + 1) * half / cs, nr = re - rb;
     for (int e = tid; e < nr * n; e += THREADS) {
         const int col = e / nr, row = rb + e % nr, idx = col * RED_LD + row;
-        float sum = red[idx];
-        if (cs > 1) {
-            sum = cl.map_shared_rank(red, 0)[idx];
-            for (int q = 1; q < cs; q++) sum += cl.map_shared_rank(red, q)[idx];
+        const float scale = NORM ? rinv[col] : 1.0f;
+        const float sum = gather(red, idx) * scale;
+        if (epi == SPK_SILU) {
+            const float u = gather(red, idx + half) * scale;
+            ((bf16 *)y)[(int64_t)col * (M / 2) + m0 + row] =
+                __float2bfloat16_rn(sum / (1.0f + expf(-sum)) * u); /* as silu_mul_kernel */
+        } else if (epi == SPK_ADD_F32) {
+            ((float *)y)[(int64_t)col * M + m0 + row] += sum;
+        } else {
+            ((bf16 *)y)[(int64_t)col * M + m0 + row] = __float2bfloat16_rn(sum);
         }
-        const int64_t o = (int64_t)col * M + m0 + row;
-        if (out_f32)
-            ((float *)y)[o] += sum;
-        else
-            ((bf16 *)y)[o] = __float2bfloat16_rn(sum);
     }
     if (cs > 1) cl.sync(); /* no CTA leaves while another reads its shared memory */
 }
@@ -375,14 +497,26 @@ static int spk_cluster(int M, int bm, int K, int bk, int sms, Resident resident,
     return cs;
 }
 
-template <int NT, int WARPS, int BK, int MT>
-static cudaError_t spk_launch(const bf16 *w, int M, int K, const bf16 *x, int n, void *y,
-                              int out_f32, int stages, int sms, int forced, int policy,
-                              cudaStream_t s)
+/* One call's operands and choices, from the public entries to the launch. */
+struct spk_call {
+    const bf16 *w;
+    int M, K;
+    const void *x;   /* bf16, or fp32 with nw (the RMSNorm fused) */
+    const float *nw; /* NULL: plain */
+    float eps;
+    int n;
+    void *y;
+    int epi; /* SPK_STORE, SPK_ADD_F32, SPK_SILU */
+    int stages, sms, forced, policy;
+};
+
+template <int NT, int WARPS, int BK, int MT, bool NORM>
+static cudaError_t spk_launch(const spk_call &a, cudaStream_t s)
 {
-    void (*kernel)(const bf16 *, const bf16 *, void *, int, int, int, int, int, int) =
-        splitk_kernel<NT, WARPS, BK, MT>;
+    void (*kernel)(const bf16 *, const void *, const float *, float, void *, int, int, int, int,
+                   int, int) = splitk_kernel<NT, WARPS, BK, MT, NORM>;
     constexpr int BM = 16 * MT * WARPS;
+    const int M = a.M, K = a.K, stages = a.stages;
     const int smem = stages * spk_stage_bytes(NT, BM, BK);
     static int raised = 48 * 1024; /* per instance: the dynamic shared memory allowed so far */
     static int occ_smem = -1;      /* ... and resident CTAs in clusters of 1, 2, 4, 8 at it */
@@ -419,9 +553,10 @@ static cudaError_t spk_launch(const bf16 *w, int M, int K, const bf16 *x, int n,
         }
         return occ[i];
     };
-    const int cs = spk_cluster(M, BM, K, BK, sms, resident, forced, policy);
+    const int cs = spk_cluster(M, BM, K, BK, a.sms, resident, a.forced, a.policy);
     return pds_launch_cluster(kernel, dim3((unsigned)(M / BM * cs)), dim3(WARPS * 32), (size_t)smem,
-                              s, (unsigned)cs, w, x, y, M, K, n, out_f32, cs, stages);
+                              s, (unsigned)cs, a.w, a.x, a.nw, a.eps, a.y, M, K, a.n, a.epi, cs,
+                              stages);
 }
 
 /* NT 64 with 4 warps: two 16-row tiles per warp (BM 128) where M allows, so that every B fragment
@@ -431,26 +566,33 @@ static bool spk_two_tiles(int M, int n, int warps)
     return n > 32 && warps == 4 && M % 128 == 0;
 }
 
-template <int WARPS, int BK>
-static cudaError_t spk_launch_nt(const bf16 *w, int M, int K, const bf16 *x, int n, void *y,
-                                 int out_f32, int stages, int sms, int forced, int policy,
-                                 cudaStream_t s)
+template <int WARPS, int BK, bool NORM>
+static cudaError_t spk_launch_nt(const spk_call &a, cudaStream_t s)
 {
-    if (n <= 8)
-        return spk_launch<8, WARPS, BK, 1>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy,
-                                           s);
-    if (n <= 16)
-        return spk_launch<16, WARPS, BK, 1>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy,
-                                            s);
-    if (n <= 32)
-        return spk_launch<32, WARPS, BK, 1>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy,
-                                            s);
-    if constexpr (WARPS == 4) {
-        if (spk_two_tiles(M, n, WARPS))
-            return spk_launch<64, 4, BK, 2>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy,
-                                            s);
+    if (a.n <= 8) return spk_launch<8, WARPS, BK, 1, NORM>(a, s);
+    if (a.n <= 16) return spk_launch<16, WARPS, BK, 1, NORM>(a, s);
+    if (a.n <= 32) return spk_launch<32, WARPS, BK, 1, NORM>(a, s);
+    if constexpr (NORM) {
+        return cudaErrorInvalidValue; /* the caller keeps NORM to 32 rows */
+    } else {
+        if constexpr (WARPS == 4) {
+            if (spk_two_tiles(a.M, a.n, WARPS)) return spk_launch<64, 4, BK, 2, false>(a, s);
+        }
+        return spk_launch<64, WARPS, BK, 1, false>(a, s);
     }
-    return spk_launch<64, WARPS, BK, 1>(w, M, K, x, n, y, out_f32, stages, sms, forced, policy, s);
+}
+
+/* the variant's instantiation: NORM only with BK 64 or 128 (the caller halves 256) */
+template <bool NORM>
+static cudaError_t spk_launch_cfg(int warps, int bk, const spk_call &a, cudaStream_t s)
+{
+    if (warps == 4)
+        return bk == 64    ? spk_launch_nt<4, 64, NORM>(a, s)
+               : bk == 128 ? spk_launch_nt<4, 128, NORM>(a, s)
+                           : spk_launch_nt<4, NORM ? 128 : 256, NORM>(a, s);
+    return bk == 64    ? spk_launch_nt<8, 64, NORM>(a, s)
+           : bk == 128 ? spk_launch_nt<8, 128, NORM>(a, s)
+                       : spk_launch_nt<8, NORM ? 128 : 256, NORM>(a, s);
 }
 
 extern "C" int pds_cuda_splitk_fits(int M, int K, int n)
@@ -458,9 +600,11 @@ extern "C" int pds_cuda_splitk_fits(int M, int K, int n)
     return M >= 64 && M % 64 == 0 && K >= 64 && K % 64 == 0 && n >= 1 && n <= SPK_MAX_N;
 }
 
-extern "C" pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K, const uint16_t *x,
-                                                 int n, void *y, int out_f32, int warps, int bk,
-                                                 int stages, cudaStream_t s)
+/* Checks, the variant's defaults and the launch for every public entry. x bf16, or fp32 with nw
+ * (the RMSNorm fused); epi SPK_*. */
+static pds_status_t spk_run(const uint16_t *w, int M, int K, const void *x, const float *nw,
+                            float eps, int n, void *y, int epi, int warps, int bk, int stages,
+                            cudaStream_t s)
 {
     if (!pds_cuda_splitk_fits(M, K, n))
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "splitk gemm: M %d, K %d, %d rows", M, K, n);
@@ -480,6 +624,7 @@ extern "C" pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K
         forced = spk_env("PDS_ENGINE_CUDA_SPLITK_CLUSTER", 0);
         policy = spk_env("PDS_ENGINE_CUDA_SPLITK_GRID", 0) == 1;
     }
+    const bool norm = nw != NULL;
     if (warps == 0 && bk == 0 && stages == 0 && M <= 4096) {
         /* the default for the few-tile shapes (o, down; H100 batch 32, against 8 warps: o 19.0 vs
          * 20.5 us, down 48.5 vs 52.4; batch 64: down 63.6 vs 73.3): 4 warps, BK 128, and 3 stages
@@ -487,7 +632,7 @@ extern "C" pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K
         warps = 4, bk = 128, stages = n <= 32 ? 3 : 0;
     }
     if (warps == 0) warps = 8;
-    if (bk == 0) bk = 128;
+    if (bk == 0 || (norm && bk == 256)) bk = 128;
     /* what the shape allows: 128-row tiles need M % 128, a stage of bk needs K % bk */
     if (M % (16 * warps) != 0) warps = 4;
     while (K % bk != 0) bk /= 2;
@@ -495,37 +640,67 @@ extern "C" pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K
     const int sb = spk_stage_bytes(nt, 16 * warps * (spk_two_tiles(M, n, warps) ? 2 : 1), bk);
     if (stages == 0) /* the most, up to 4, with which two CTAs fit on an SM */
         stages = PDS_MIN(4, SPK_SMEM_HALF / sb);
-    stages = PDS_MAX(2, PDS_MIN(stages, SPK_SMEM_CTA / sb)); /* sb <= 96 KB: 2 always fit */
-    const bf16 *W = (const bf16 *)w, *X = (const bf16 *)x;
-    const int of = out_f32 ? 1 : 0;
-    cudaError_t e;
-    if (warps == 4)
-        e = bk == 64 ? spk_launch_nt<4, 64>(W, M, K, X, n, y, of, stages, sms, forced, policy, s)
-            : bk == 128
-                ? spk_launch_nt<4, 128>(W, M, K, X, n, y, of, stages, sms, forced, policy, s)
-                : spk_launch_nt<4, 256>(W, M, K, X, n, y, of, stages, sms, forced, policy, s);
-    else
-        e = bk == 64 ? spk_launch_nt<8, 64>(W, M, K, X, n, y, of, stages, sms, forced, policy, s)
-            : bk == 128
-                ? spk_launch_nt<8, 128>(W, M, K, X, n, y, of, stages, sms, forced, policy, s)
-                : spk_launch_nt<8, 256>(W, M, K, X, n, y, of, stages, sms, forced, policy, s);
+    stages = PDS_MAX(2, PDS_MIN(stages, SPK_SMEM_CTA / sb)); /* sb < 114 KB: 2 always fit */
+    const spk_call a = {(const bf16 *)w, M, K, x, nw, eps, n, y, epi, stages, sms, forced, policy};
+    cudaError_t e = norm ? spk_launch_cfg<true>(warps, bk, a, s) : spk_launch_cfg<false>(warps, bk, a, s);
     if (e == cudaSuccess) e = cudaGetLastError();
     if (e != cudaSuccess)
         return PDS_ERR(PDS_ERR_DEVICE, "launch of splitk_kernel: %s", cudaGetErrorString(e));
     return PDS_OK;
 }
 
+extern "C" pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K, const uint16_t *x,
+                                                 int n, void *y, int out_f32, int warps, int bk,
+                                                 int stages, cudaStream_t s)
+{
+    return spk_run(w, M, K, x, NULL, 0.0f, n, y, out_f32 ? SPK_ADD_F32 : SPK_STORE, warps, bk,
+                   stages, s);
+}
+
+extern "C" pds_status_t pds_cuda_splitk_norm_gemm_cfg(const uint16_t *w, int M, int K,
+                                                      const float *x, const float *norm_w,
+                                                      float eps, int n, uint16_t *y, int silu,
+                                                      int warps, int bk, int stages,
+                                                      cudaStream_t s)
+{
+    if (norm_w == NULL) return PDS_ERR(PDS_ERR_INVALID_ARG, "splitk norm gemm: no norm weights");
+    if (n > SPK_NORM_MAX_N)
+        return PDS_ERR(PDS_ERR_UNSUPPORTED, "splitk norm gemm: %d rows (at most %d)", n,
+                       SPK_NORM_MAX_N);
+    return spk_run(w, M, K, x, norm_w, eps, n, y, silu ? SPK_SILU : SPK_STORE, warps, bk, stages,
+                   s);
+}
+
+/* PDS_ENGINE_CUDA_SPLITK_WARPS, _BK and _STAGES, read once; unset or values it does not take: 0
+ * (the default) */
+static void spk_env_variant(int *warps, int *bk, int *stages)
+{
+    static int ew = -1, eb = 0, es = 0;
+    if (ew < 0) {
+        const int w = spk_env("PDS_ENGINE_CUDA_SPLITK_WARPS", 0),
+                  b = spk_env("PDS_ENGINE_CUDA_SPLITK_BK", 0),
+                  st = spk_env("PDS_ENGINE_CUDA_SPLITK_STAGES", 0);
+        eb = b == 64 || b == 128 || b == 256 ? b : 0;
+        es = st <= 0 ? 0 : PDS_MIN(8, PDS_MAX(2, st));
+        ew = w == 4 || w == 8 ? w : 0;
+    }
+    *warps = ew, *bk = eb, *stages = es;
+}
+
+extern "C" pds_status_t pds_cuda_splitk_norm_gemm(const uint16_t *w, int M, int K, const float *x,
+                                                  const float *norm_w, float eps, int n,
+                                                  uint16_t *y, int silu, cudaStream_t s)
+{
+    int warps, bk, stages;
+    spk_env_variant(&warps, &bk, &stages);
+    return pds_cuda_splitk_norm_gemm_cfg(w, M, K, x, norm_w, eps, n, y, silu, warps, bk, stages,
+                                         s);
+}
+
 extern "C" pds_status_t pds_cuda_splitk_gemm(const uint16_t *w, int M, int K, const uint16_t *x,
                                              int n, void *y, int out_f32, cudaStream_t s)
 {
-    static int warps = -1, bk = 0, stages = 0;
-    if (warps < 0) { /* the environment, read once; unset or values it does not take: auto (0) */
-        const int ew = spk_env("PDS_ENGINE_CUDA_SPLITK_WARPS", 0),
-                  eb = spk_env("PDS_ENGINE_CUDA_SPLITK_BK", 0),
-                  es = spk_env("PDS_ENGINE_CUDA_SPLITK_STAGES", 0);
-        bk = eb == 64 || eb == 128 || eb == 256 ? eb : 0;
-        stages = es <= 0 ? 0 : PDS_MIN(8, PDS_MAX(2, es));
-        warps = ew == 4 || ew == 8 ? ew : 0;
-    }
+    int warps, bk, stages;
+    spk_env_variant(&warps, &bk, &stages);
     return pds_cuda_splitk_gemm_cfg(w, M, K, x, n, y, out_f32, warps, bk, stages, s);
 }
