@@ -771,6 +771,83 @@ Test(engine_cuda, splitk_norm_gemm_matches_cpu)
     cudaFree(dnw), cudaFree(dw);
 }
 
+/* q|k|v with RMSNorm, RoPE and the K/V write all in the split-K kernel: against the CPU (norm as
+ * splitk_norm_case, the product in double, rotated in double), every element of q|k|v and every
+ * written pool element (bit-equal to the q|k|v row it came from), no NaN left in the output. */
+Test(engine_cuda, splitk_qkv_rope_matches_cpu_and_writes_the_pool)
+{
+    need_gpu();
+    rng_seed(30);
+    const int H = 8, KV = 2, hd = 128, K = 512, n = 19, bs = 16, nblocks = 4;
+    const int W = (H + 2 * KV) * hd;
+    const float eps = 1e-5f;
+    pds_model_config_t c;
+    cr_assert_eq(pds_model_preset("llama3-8b", &c), PDS_OK);
+    float invf[64];
+    for (int i = 0; i < hd / 2; i++) invf[i] = 1.0f / powf(c.rope_theta, (float)(2 * i) / hd);
+    uint16_t *w = rand_bf((size_t)W * K, 0.1f);
+    float *x = malloc((size_t)n * K * 4), *nw = malloc((size_t)K * 4);
+    for (size_t i = 0; i < (size_t)n * K; i++) x[i] = 2.0f * frand();
+    for (int k = 0; k < K; k++) nw[k] = 1.0f + 0.5f * frand();
+    int32_t pos[19], slots[19];
+    for (int t = 0; t < n; t++) pos[t] = t * 2711 + 3, slots[t] = (t * 5 + 1) % (nblocks * bs);
+    uint16_t *dw = dup_to_dev(w, (size_t)W * K * 2);
+    float *dx = dup_to_dev(x, (size_t)n * K * 4), *dnw = dup_to_dev(nw, (size_t)K * 4);
+    int32_t *dpos = dup_to_dev(pos, sizeof pos), *dsl = dup_to_dev(slots, sizeof slots);
+    float *dinv = dup_to_dev(invf, sizeof invf);
+    pds_kv_layout_t L = {1, nblocks, bs, KV, hd, 2};
+    size_t kvn = (size_t)pds_kv_block_elems(&L) * nblocks;
+    uint16_t *dkv = dalloc(kvn * 2), *dq = dalloc((size_t)n * W * 2);
+    cr_assert_eq(pds_cuda_splitk_norm_qkv_rope(dw, K, dx, dnw, eps, n, dpos, dsl, H, KV, hd, dinv,
+                                               dq, dkv, bs, 0),
+                 PDS_OK, "%s", pds_err_detail());
+    uint16_t *qo = malloc((size_t)n * W * 2), *kv = malloc(kvn * 2);
+    to_host(qo, dq, (size_t)n * W * 2);
+    to_host(kv, dkv, kvn * 2);
+    double *y = malloc((size_t)n * W * 8), *ref = malloc((size_t)n * W * 8);
+    for (int t = 0; t < n; t++) {
+        double ss = 0;
+        for (int k = 0; k < K; k++) ss += (double)x[(size_t)t * K + k] * x[(size_t)t * K + k];
+        const double r = 1.0 / sqrt(ss / K + eps);
+        for (int m = 0; m < W; m++) {
+            double d = 0;
+            for (int k = 0; k < K; k++)
+                d += (double)pds_bf16_to_f32(pds_f32_to_bf16(x[(size_t)t * K + k] * nw[k])) *
+                     pds_bf16_to_f32(w[(size_t)m * K + k]);
+            y[(size_t)t * W + m] = r * d;
+        }
+    }
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < H + 2 * KV; h++)
+            for (int i = 0; i < hd; i++) {
+                const size_t o = (size_t)t * W + h * hd + i;
+                double v = y[o];
+                if (h < H + KV) {
+                    const int j = i % (hd / 2);
+                    const double ang = (double)(float)((float)pos[t] * invf[j]);
+                    const double x0 = y[(size_t)t * W + h * hd + j],
+                                 x1 = y[(size_t)t * W + h * hd + j + hd / 2];
+                    v = i < hd / 2 ? x0 * cos(ang) - x1 * sin(ang) : x1 * cos(ang) + x0 * sin(ang);
+                }
+                ref[o] = v;
+                if (h >= H) {
+                    const int v_sel = h >= H + KV, head = (h - H) % KV;
+                    const int64_t off =
+                        pds_kv_layout_offset(&L, slots[t] / bs, v_sel, slots[t] % bs, head, i);
+                    cr_assert_eq(kv[off], qo[o], "t %d h %d i %d", t, h, i);
+                }
+            }
+    float *got = f_from_bf(qo, (size_t)n * W);
+    const double err = rel_err(got, ref, (size_t)n * W);
+    cr_assert(err < 1e-2, "splitk qkv+rope rel err %g", err);
+    cr_assert_eq(pds_cuda_splitk_norm_qkv_rope(dw, K, dx, dnw, eps, n, dpos, dsl, H, KV, 64, dinv,
+                                               dq, dkv, bs, 0),
+                 PDS_ERR_UNSUPPORTED); /* head_dim 128 only */
+    free(w), free(x), free(nw), free(qo), free(kv), free(y), free(ref), free(got);
+    cudaFree(dw), cudaFree(dx), cudaFree(dnw), cudaFree(dpos), cudaFree(dsl), cudaFree(dinv),
+        cudaFree(dkv), cudaFree(dq);
+}
+
 /* Reference attention for one batch over a bf16 pool, double precision. */
 static void attn_ref(const uint16_t *q, int q_stride, const uint16_t *kv, const pds_kv_layout_t *L,
                      const pds_cuda_seq_t *seqs, int n_seqs, const int32_t *bt, int H, double *out)

@@ -200,6 +200,18 @@ pds_status_t pds_cuda_splitk_norm_gemm_cfg(const uint16_t *w, int M, int K, cons
                                            int silu, int warps, int bk, int stages,
                                            cudaStream_t s);
 
+/* q|k|v for a decode step with both neighbours fused in: RMSNorm(x) as above, the product with
+ * wqkv [(n_heads + 2 n_kv_heads) * 128, K], then RoPE and the K/V write of
+ * pds_cuda_rope_kv_write (q and k heads rotated, k and v also written into kv_layer at slots[t])
+ * — one kernel for the three. head_dim 128 only (a tile is a head), 1..32 rows; otherwise
+ * PDS_ERR_UNSUPPORTED. The product is rounded to bf16 before the rotation, as the unfused path. */
+pds_status_t pds_cuda_splitk_norm_qkv_rope(const uint16_t *wqkv, int K, const float *x,
+                                           const float *norm_w, float eps, int n,
+                                           const int32_t *pos, const int32_t *slots, int n_heads,
+                                           int n_kv_heads, int head_dim, const float *inv_freq,
+                                           uint16_t *qkv, uint16_t *kv_layer, int block_size,
+                                           cudaStream_t s);
+
 /* tokens[S]: the token drawn for each row of logits [S, vocab] fp32 with the algorithm of
  * sample/sample.h (greedy when temperature == 0). */
 pds_status_t pds_cuda_sample(const float *logits, int S, int vocab, const pds_cuda_sample_t *p,

@@ -116,6 +116,7 @@ enum {
     OP_SK_DOWN,
     OP_SPK_NORM_QKV,
     OP_SPK_NORM_GU_SILU,
+    OP_SPK_NORM_QKV_ROPE,
     OP_COUNT
 };
 static const char *const op_names[OP_COUNT] = {
@@ -123,7 +124,7 @@ static const char *const op_names[OP_COUNT] = {
     "gemm o (+res)",   "gemm g|u",         "silu*mul",      "gemm down (+res)", "lm head",
     "sample",          "gemv qkv+rope+kv", "gemv o (+res)", "gemv g|u+silu",    "gemv down (+res)",
     "mma qkv+rope+kv", "mma o (+res)",     "mma g|u+silu",  "mma down (+res)",  "norm+qkv",
-    "norm+g|u+silu"};
+    "norm+g|u+silu",   "norm+qkv+rope+kv"};
 #define PROF_MAX 4096
 typedef struct {
     cudaEvent_t ev[PROF_MAX + 1];
@@ -851,6 +852,11 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             PDS_TRY(pds_cuda_skinny_qkv_rope(L->wqkv, hid, g->xn, T, pos, slots, H, KV, hd,
                                              g->inv_freq, g->qkv, kvl, e->kv.block_size, st));
             prof_mark(g, OP_SK_QKV_ROPE);
+        } else if (fn && hd == 128) {
+            PDS_TRY(pds_cuda_splitk_norm_qkv_rope(L->wqkv, hid, g->x, L->attn_norm, c->norm_eps, T,
+                                                  pos, slots, H, KV, hd, g->inv_freq, g->qkv, kvl,
+                                                  e->kv.block_size, st));
+            prof_mark(g, OP_SPK_NORM_QKV_ROPE);
         } else {
             if (fn) {
                 PDS_TRY(pds_cuda_splitk_norm_gemm(L->wqkv, qkvw, hid, g->x, L->attn_norm,

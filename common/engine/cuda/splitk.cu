@@ -195,15 +195,25 @@ __device__ __forceinline__ void spk_wait_group(int n)
  * with weights nw [K] and eps (see pds_cuda_splitk_norm_gemm). epi SPK_STORE: y [n, M] bf16,
  * tile rows = weight rows [BM tl, +BM); SPK_ADD_F32: y [n, M] fp32 += the product; SPK_SILU:
  * y [n, M/2] bf16 = silu(columns [0, M/2)) * (columns [M/2, M)), tile rows = weight rows
- * [BM/2 tl, +BM/2) then the same + M/2. K a multiple of BK * cs; n <= NT. Dynamic shared memory:
+ * [BM/2 tl, +BM/2) then the same + M/2; SPK_ROPE (BM = head_dim = 128): y [n, M] bf16 as
+ * SPK_STORE with each q and k head rotated (pairs i, i + 64, as rope_kv_kernel) and the k and v
+ * heads also written into the pool. K a multiple of BK * cs; n <= NT. Dynamic shared memory:
  * stages * spk_stage_bytes(NT, BM, BK).
  */
-enum { SPK_STORE = 0, SPK_ADD_F32 = 1, SPK_SILU = 2 };
+enum { SPK_STORE = 0, SPK_ADD_F32 = 1, SPK_SILU = 2, SPK_ROPE = 3 };
+/* SPK_ROPE's operands: w = [q heads; k heads; v heads] of 128 rows each (= BM, so tile tl is head
+ * tl); per activation row its position and pool slot; the layer's pool (shared layout) */
+struct spk_rope {
+    const int32_t *pos, *slots;
+    const float *inv_freq; /* [64] */
+    bf16 *kv;
+    int block_size, n_heads, n_kv_heads;
+};
 template <int NT, int WARPS, int BK, int MT, bool NORM>
 __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
     splitk_kernel(const bf16 *__restrict__ w, const void *__restrict__ x,
                   const float *__restrict__ nw, float eps, void *y, int M, int K, int n, int epi,
-                  int cs, int stages)
+                  int cs, int stages, spk_rope rope)
 {
     constexpr int THREADS = WARPS * 32, BM = 16 * MT * WARPS;
     constexpr int RB = BK * 2;  /* bytes of a weight row (and a bf16 activation row) in a stage */
@@ -446,9 +456,11 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
         __syncthreads();
     }
 
-    /* rank r: rows [r*R/cs, (r+1)*R/cs) of the tile's R output rows (BM, or BM/2 for SPK_SILU),
-     * every column; consecutive threads take consecutive rows (coalesced stores) */
-    const int rb = rank * half / cs, re = (rank + 1) * half / cs, nr = re - rb;
+    /* rank r: rows [r*R/cs, (r+1)*R/cs) of the tile's R output rows (BM; pairs of rows, BM/2,
+     * for SPK_SILU and SPK_ROPE), every column; consecutive threads take consecutive rows
+     * (coalesced stores) */
+    const int R = epi == SPK_SILU || epi == SPK_ROPE ? BM / 2 : BM;
+    const int rb = rank * R / cs, re = (rank + 1) * R / cs, nr = re - rb;
     for (int e = tid; e < nr * n; e += THREADS) {
         const int col = e / nr, row = rb + e % nr, idx = col * RED_LD + row;
         const float scale = NORM ? rinv[col] : 1.0f;
@@ -457,6 +469,29 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
             const float u = gather(red, idx + half) * scale;
             ((bf16 *)y)[(int64_t)col * (M / 2) + m0 + row] =
                 __float2bfloat16_rn(sum / (1.0f + expf(-sum)) * u); /* as silu_mul_kernel */
+        } else if (epi == SPK_ROPE) {
+            /* rounded to bf16 first, as the GEMM output rope_kv_kernel reads */
+            const float x0 = __bfloat162float(__float2bfloat16_rn(sum)),
+                        x1 = __bfloat162float(__float2bfloat16_rn(gather(red, idx + R) * scale));
+            float o0 = x0, o1 = x1;
+            if (tl < rope.n_heads + rope.n_kv_heads) { /* q and k heads; v as it is */
+                float sn, cn;
+                sincosf((float)rope.pos[col] * rope.inv_freq[row], &sn, &cn);
+                o0 = x0 * cn - x1 * sn, o1 = x1 * cn + x0 * sn;
+            }
+            const bf16 b0 = __float2bfloat16_rn(o0), b1 = __float2bfloat16_rn(o1);
+            bf16 *q = (bf16 *)y + (int64_t)col * M + m0 + row;
+            q[0] = b0, q[R] = b1;
+            if (tl >= rope.n_heads) { /* [blocks][2][block_size][kv_heads][128] */
+                const int v = tl >= rope.n_heads + rope.n_kv_heads, slot = rope.slots[col];
+                const int kvh = tl - rope.n_heads - v * rope.n_kv_heads;
+                bf16 *d = rope.kv +
+                          (((int64_t)(slot / rope.block_size) * 2 + v) * rope.block_size +
+                           slot % rope.block_size) *
+                              rope.n_kv_heads * BM +
+                          kvh * BM + row;
+                d[0] = b0, d[R] = b1;
+            }
         } else if (epi == SPK_ADD_F32) {
             ((float *)y)[(int64_t)col * M + m0 + row] += sum;
         } else {
@@ -506,15 +541,16 @@ struct spk_call {
     float eps;
     int n;
     void *y;
-    int epi; /* SPK_STORE, SPK_ADD_F32, SPK_SILU */
+    int epi; /* SPK_STORE, SPK_ADD_F32, SPK_SILU, SPK_ROPE */
     int stages, sms, forced, policy;
+    spk_rope rope;
 };
 
 template <int NT, int WARPS, int BK, int MT, bool NORM>
 static cudaError_t spk_launch(const spk_call &a, cudaStream_t s)
 {
     void (*kernel)(const bf16 *, const void *, const float *, float, void *, int, int, int, int,
-                   int, int) = splitk_kernel<NT, WARPS, BK, MT, NORM>;
+                   int, int, spk_rope) = splitk_kernel<NT, WARPS, BK, MT, NORM>;
     constexpr int BM = 16 * MT * WARPS;
     const int M = a.M, K = a.K, stages = a.stages;
     const int smem = stages * spk_stage_bytes(NT, BM, BK);
@@ -556,7 +592,7 @@ static cudaError_t spk_launch(const spk_call &a, cudaStream_t s)
     const int cs = spk_cluster(M, BM, K, BK, a.sms, resident, a.forced, a.policy);
     return pds_launch_cluster(kernel, dim3((unsigned)(M / BM * cs)), dim3(WARPS * 32), (size_t)smem,
                               s, (unsigned)cs, a.w, a.x, a.nw, a.eps, a.y, M, K, a.n, a.epi, cs,
-                              stages);
+                              stages, a.rope);
 }
 
 /* NT 64 with 4 warps: two 16-row tiles per warp (BM 128) where M allows, so that every B fragment
@@ -602,9 +638,11 @@ extern "C" int pds_cuda_splitk_fits(int M, int K, int n)
 
 /* Checks, the variant's defaults and the launch for every public entry. x bf16, or fp32 with nw
  * (the RMSNorm fused); epi SPK_*. */
+static void spk_env_variant(int *warps, int *bk, int *stages);
+
 static pds_status_t spk_run(const uint16_t *w, int M, int K, const void *x, const float *nw,
                             float eps, int n, void *y, int epi, int warps, int bk, int stages,
-                            cudaStream_t s)
+                            const spk_rope &rope, cudaStream_t s)
 {
     if (!pds_cuda_splitk_fits(M, K, n))
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "splitk gemm: M %d, K %d, %d rows", M, K, n);
@@ -631,7 +669,7 @@ static pds_status_t spk_run(const uint16_t *w, int M, int K, const void *x, cons
          * (three CTAs per SM) up to NT 32 */
         warps = 4, bk = 128, stages = n <= 32 ? 3 : 0;
     }
-    if (warps == 0) warps = 8;
+    if (warps == 0 || epi == SPK_ROPE) warps = 8; /* SPK_ROPE: a tile is a 128-row head */
     if (bk == 0 || (norm && bk == 256)) bk = 128;
     /* what the shape allows: 128-row tiles need M % 128, a stage of bk needs K % bk */
     if (M % (16 * warps) != 0) warps = 4;
@@ -641,7 +679,8 @@ static pds_status_t spk_run(const uint16_t *w, int M, int K, const void *x, cons
     if (stages == 0) /* the most, up to 4, with which two CTAs fit on an SM */
         stages = PDS_MIN(4, SPK_SMEM_HALF / sb);
     stages = PDS_MAX(2, PDS_MIN(stages, SPK_SMEM_CTA / sb)); /* sb < 114 KB: 2 always fit */
-    const spk_call a = {(const bf16 *)w, M, K, x, nw, eps, n, y, epi, stages, sms, forced, policy};
+    const spk_call a = {(const bf16 *)w, M,      K,  x,      nw,     eps,   n,
+                        y,               epi,    stages, sms, forced, policy, rope};
     cudaError_t e = norm ? spk_launch_cfg<true>(warps, bk, a, s) : spk_launch_cfg<false>(warps, bk, a, s);
     if (e == cudaSuccess) e = cudaGetLastError();
     if (e != cudaSuccess)
@@ -654,7 +693,7 @@ extern "C" pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K
                                                  int stages, cudaStream_t s)
 {
     return spk_run(w, M, K, x, NULL, 0.0f, n, y, out_f32 ? SPK_ADD_F32 : SPK_STORE, warps, bk,
-                   stages, s);
+                   stages, spk_rope{}, s);
 }
 
 extern "C" pds_status_t pds_cuda_splitk_norm_gemm_cfg(const uint16_t *w, int M, int K,
@@ -668,7 +707,23 @@ extern "C" pds_status_t pds_cuda_splitk_norm_gemm_cfg(const uint16_t *w, int M, 
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "splitk norm gemm: %d rows (at most %d)", n,
                        SPK_NORM_MAX_N);
     return spk_run(w, M, K, x, norm_w, eps, n, y, silu ? SPK_SILU : SPK_STORE, warps, bk, stages,
-                   s);
+                   spk_rope{}, s);
+}
+
+extern "C" pds_status_t pds_cuda_splitk_norm_qkv_rope(
+    const uint16_t *wqkv, int K, const float *x, const float *norm_w, float eps, int n,
+    const int32_t *pos, const int32_t *slots, int n_heads, int n_kv_heads, int head_dim,
+    const float *inv_freq, uint16_t *qkv, uint16_t *kv_layer, int block_size, cudaStream_t s)
+{
+    if (norm_w == NULL) return PDS_ERR(PDS_ERR_INVALID_ARG, "splitk qkv rope: no norm weights");
+    if (head_dim != 128 || n < 1 || n > SPK_NORM_MAX_N || n_heads < 1 || n_kv_heads < 1 ||
+        block_size < 1)
+        return PDS_ERR(PDS_ERR_UNSUPPORTED, "splitk qkv rope: head_dim %d, %d rows", head_dim, n);
+    int warps, bk, stages;
+    spk_env_variant(&warps, &bk, &stages);
+    const spk_rope rope = {pos, slots, inv_freq, (bf16 *)kv_layer, block_size, n_heads, n_kv_heads};
+    return spk_run(wqkv, (n_heads + 2 * n_kv_heads) * head_dim, K, x, norm_w, eps, n, qkv,
+                   SPK_ROPE, warps, bk, stages, rope, s);
 }
 
 /* PDS_ENGINE_CUDA_SPLITK_WARPS, _BK and _STAGES, read once; unset or values it does not take: 0
