@@ -402,126 +402,6 @@ Test(engine_cuda, gemv_qkv_rope_matches_cpu_and_writes_the_pool)
         cudaFree(dq);
 }
 
-/* The tensor-core kernels for 5..64 rows: odd M (a last warp with rows past the end), K with a
- * partial step (96) and K split over a cluster of 8 CTAs (2048), row counts off the 8-row tiles. */
-Test(engine_cuda, skinny_store_and_residual_add_match_cpu)
-{
-    need_gpu();
-    rng_seed(24);
-    const int M = 515, Ks[2] = {96, 2048}, ns[5] = {5, 8, 13, 32, 64};
-    for (int ki = 0; ki < 2; ki++) {
-        const int K = Ks[ki];
-        uint16_t *w = rand_bf((size_t)M * K, 1.0f), *dw = dup_to_dev(w, (size_t)M * K * 2);
-        for (int ni = 0; ni < 5; ni++) {
-            const int n = ns[ni];
-            uint16_t *x = rand_bf((size_t)n * K, 1.0f), *dx = dup_to_dev(x, (size_t)n * K * 2);
-            double *ref = malloc((size_t)n * M * 8);
-            matvec_ref(w, M, K, x, n, ref);
-            float *y0 = malloc((size_t)n * M * 4), *got = malloc((size_t)n * M * 4);
-            for (int i = 0; i < n * M; i++) y0[i] = 10.0f * frand();
-            for (int acc = 0; acc < 2; acc++) {
-                float *dy = acc ? dup_to_dev(y0, (size_t)n * M * 4) : dalloc((size_t)n * M * 4);
-                cr_assert_eq(pds_cuda_skinny_f32(dw, M, K, dx, n, dy, acc, 0), PDS_OK, "%s",
-                             pds_err_detail());
-                to_host(got, dy, (size_t)n * M * 4);
-                double *r = malloc((size_t)n * M * 8);
-                for (int i = 0; i < n * M; i++) r[i] = ref[i] + (acc ? y0[i] : 0.0);
-                double err = rel_err(got, r, (size_t)n * M);
-                cr_assert(err < 1e-5, "skinny K %d n %d acc %d rel err %g", K, n, acc, err);
-                free(r);
-                cudaFree(dy);
-            }
-            free(x), free(ref), free(y0), free(got);
-            cudaFree(dx);
-        }
-        free(w);
-        cudaFree(dw);
-    }
-    uint16_t *dw = dalloc(64 * 100 * 2);
-    cr_assert_eq(pds_cuda_skinny_f32(dw, 64, 100, dw, 8, NULL, 0, 0), PDS_ERR_UNSUPPORTED);
-    cr_assert_eq(pds_cuda_skinny_f32(dw, 64, 96, dw, pds_cuda_skinny_max_rows() + 1, NULL, 0, 0),
-                 PDS_ERR_UNSUPPORTED);
-    cudaFree(dw);
-}
-
-Test(engine_cuda, skinny_silu_matches_cpu)
-{
-    need_gpu();
-    rng_seed(25);
-    const int F = 300, K = 1024, n = 24; /* F off the 8-row units: the last one clamps */
-    uint16_t *w = rand_bf((size_t)2 * F * K, 0.1f), *x = rand_bf((size_t)n * K, 1.0f);
-    uint16_t *dw = dup_to_dev(w, (size_t)2 * F * K * 2), *dx = dup_to_dev(x, (size_t)n * K * 2);
-    uint16_t *dact = dalloc((size_t)n * F * 2), *act = malloc((size_t)n * F * 2);
-    cr_assert_eq(pds_cuda_skinny_silu(dw, F, K, dx, n, dact, 0), PDS_OK, "%s", pds_err_detail());
-    to_host(act, dact, (size_t)n * F * 2);
-    double *gu = malloc((size_t)n * 2 * F * 8), *ref = malloc((size_t)n * F * 8);
-    matvec_ref(w, 2 * F, K, x, n, gu);
-    for (int r = 0; r < n; r++)
-        for (int j = 0; j < F; j++) {
-            double g = gu[(size_t)r * 2 * F + j], u = gu[(size_t)r * 2 * F + F + j];
-            ref[(size_t)r * F + j] = g / (1.0 + exp(-g)) * u;
-        }
-    float *got = f_from_bf(act, (size_t)n * F);
-    double err = rel_err(got, ref, (size_t)n * F);
-    cr_assert(err < 1e-2, "skinny silu rel err %g", err);
-    free(w), free(x), free(act), free(gu), free(ref), free(got);
-    cudaFree(dw), cudaFree(dx), cudaFree(dact);
-}
-
-Test(engine_cuda, skinny_qkv_rope_matches_cpu_and_writes_the_pool)
-{
-    need_gpu();
-    rng_seed(26);
-    const int H = 8, KV = 2, hd = 128, K = 512, n = 37, bs = 16, nblocks = 8;
-    const int W = (H + 2 * KV) * hd;
-    pds_model_config_t c;
-    cr_assert_eq(pds_model_preset("llama3-8b", &c), PDS_OK);
-    float invf[64];
-    for (int i = 0; i < hd / 2; i++) invf[i] = 1.0f / powf(c.rope_theta, (float)(2 * i) / hd);
-    uint16_t *w = rand_bf((size_t)W * K, 0.1f), *x = rand_bf((size_t)n * K, 1.0f);
-    int32_t pos[37], slots[37];
-    for (int t = 0; t < n; t++) pos[t] = t * 1931 + 5, slots[t] = t * 3 % (nblocks * bs);
-    uint16_t *dw = dup_to_dev(w, (size_t)W * K * 2), *dx = dup_to_dev(x, (size_t)n * K * 2);
-    int32_t *dpos = dup_to_dev(pos, sizeof pos), *dsl = dup_to_dev(slots, sizeof slots);
-    float *dinv = dup_to_dev(invf, sizeof invf);
-    pds_kv_layout_t L = {1, nblocks, bs, KV, hd, 2};
-    size_t kvn = (size_t)pds_kv_block_elems(&L) * nblocks;
-    uint16_t *dkv = dalloc(kvn * 2), *dq = dalloc((size_t)n * W * 2);
-    cr_assert_eq(pds_cuda_skinny_qkv_rope(dw, K, dx, n, dpos, dsl, H, KV, hd, dinv, dq, dkv, bs, 0),
-                 PDS_OK, "%s", pds_err_detail());
-    uint16_t *qo = malloc((size_t)n * W * 2), *kv = malloc(kvn * 2);
-    to_host(qo, dq, (size_t)n * W * 2);
-    to_host(kv, dkv, kvn * 2);
-    double *y = malloc((size_t)n * W * 8), *ref = malloc((size_t)n * W * 8);
-    matvec_ref(w, W, K, x, n, y);
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < H + 2 * KV; h++)
-            for (int i = 0; i < hd; i++) {
-                size_t o = (size_t)t * W + h * hd + i;
-                double v = y[o];
-                if (h < H + KV) {
-                    int j = i % (hd / 2);
-                    double ang = (double)(float)((float)pos[t] * invf[j]);
-                    double x0 = y[(size_t)t * W + h * hd + j],
-                           x1 = y[(size_t)t * W + h * hd + j + hd / 2];
-                    v = i < hd / 2 ? x0 * cos(ang) - x1 * sin(ang) : x1 * cos(ang) + x0 * sin(ang);
-                }
-                ref[o] = v;
-                if (h >= H) {
-                    int kvsel = h >= H + KV, head = (h - H) % KV;
-                    int64_t off =
-                        pds_kv_layout_offset(&L, slots[t] / bs, kvsel, slots[t] % bs, head, i);
-                    cr_assert_eq(kv[off], qo[o], "t %d h %d i %d", t, h, i);
-                }
-            }
-    float *got = f_from_bf(qo, (size_t)n * W);
-    double err = rel_err(got, ref, (size_t)n * W);
-    cr_assert(err < 1e-2, "skinny qkv+rope rel err %g", err);
-    free(w), free(x), free(qo), free(kv), free(y), free(ref), free(got);
-    cudaFree(dw), cudaFree(dx), cudaFree(dpos), cudaFree(dsl), cudaFree(dinv), cudaFree(dkv),
-        cudaFree(dq);
-}
-
 /* The split-K GEMM on the llama3-8b decode shapes (q|k|v, o, down, gate|up: clusters of 1 to 8
  * CTAs on an H100), a row count off the 8/16/32/64 tiles (17), small shapes without a split, and
  * two whose M takes only 64-row tiles (320 x 576 also only 64-k stages; 192 x 1024 at NT 64), each
@@ -686,10 +566,8 @@ static void splitk_norm_case(int M, int K, int n, int silu, uint64_t seed)
         const int nm = silu ? 2 : 1; /* gate row rows[i] and up row M/2 + rows[i] */
         for (int h = 0; h < nm; h++)
             for (int k = 0; k < K; k++)
-                wf[h * K + k] = pds_bf16_to_f32(
-                    pds_f32_to_bf16(pds_model_synth_value(seed, tensor,
-                                                          (int64_t)(rows[i] + h * M / 2) * K + k,
-                                                          wscale, 0)));
+                wf[h * K + k] = pds_bf16_to_f32(pds_f32_to_bf16(pds_model_synth_value(
+                    seed, tensor, (int64_t)(rows[i] + h * M / 2) * K + k, wscale, 0)));
         for (int r = 0; r < n; r++) {
             double d[2] = {0, 0}, a[2] = {0, 0};
             for (int h = 0; h < nm; h++)
@@ -718,14 +596,14 @@ static void splitk_norm_case(int M, int K, int n, int silu, uint64_t seed)
             dy[run] = dalloc(ny * 2);
             const pds_status_t st =
                 c == 0 ? pds_cuda_splitk_norm_gemm(dw, M, K, dx, dnw, eps, n, dy[run], silu, 0)
-                       : pds_cuda_splitk_norm_gemm_cfg(dw, M, K, dx, dnw, eps, n, dy[run], silu,
-                                                       cw, cb, cst, 0);
+                       : pds_cuda_splitk_norm_gemm_cfg(dw, M, K, dx, dnw, eps, n, dy[run], silu, cw,
+                                                       cb, cst, 0);
             cr_assert_eq(st, PDS_OK, "%s", pds_err_detail());
         }
         to_host(gb, dy[0], ny * 2);
         to_host(gb2, dy[1], ny * 2);
-        cr_assert(memcmp(gb, gb2, ny * 2) == 0, "splitk norm %s %dx%d n %d: runs differ", cfg, M,
-                  K, n);
+        cr_assert(memcmp(gb, gb2, ny * 2) == 0, "splitk norm %s %dx%d n %d: runs differ", cfg, M, K,
+                  n);
         size_t nan_at = ny;
         for (size_t i = 0; i < ny && nan_at == ny; i++)
             if (isnan(pds_bf16_to_f32(gb[i]))) nan_at = i;
@@ -738,8 +616,9 @@ static void splitk_norm_case(int M, int K, int n, int silu, uint64_t seed)
                 if (!(fabs(got - want[(size_t)i * n + r]) <= tol[(size_t)i * n + r]) && bad++ == 0)
                     bad_i = i, bad_r = r;
             }
-        cr_assert(bad == 0, "splitk norm %s %dx%d n %d: %d elements off, first y[%d][%d] = %g, want %g",
-                  cfg, M, K, n, bad, bad_r, rows[bad_i],
+        cr_assert(bad == 0,
+                  "splitk norm %s %dx%d n %d: %d elements off, first y[%d][%d] = %g, want %g", cfg,
+                  M, K, n, bad, bad_r, rows[bad_i],
                   (double)pds_bf16_to_f32(gb[(size_t)bad_r * mo + rows[bad_i]]),
                   want[(size_t)bad_i * n + bad_r]);
         cudaFree(dy[0]), cudaFree(dy[1]);
@@ -756,8 +635,8 @@ Test(engine_cuda, splitk_norm_gemm_matches_cpu)
     /* llama3-8b's q|k|v and gate|up at decode batches (up to 32 rows: its limit), odd row counts,
      * small shapes with 64-row tiles only (4 warps) and without a split */
     const int shapes[8][4] = {{6144, 4096, 32, 0}, {28672, 4096, 17, 1}, {6144, 4096, 9, 0},
-                              {28672, 4096, 3, 1},  {256, 512, 5, 1},    {128, 128, 1, 0},
-                              {320, 576, 24, 1},    {192, 1024, 32, 1}};
+                              {28672, 4096, 3, 1}, {256, 512, 5, 1},     {128, 128, 1, 0},
+                              {320, 576, 24, 1},   {192, 1024, 32, 1}};
     for (int i = 0; i < 8; i++)
         splitk_norm_case(shapes[i][0], shapes[i][1], shapes[i][2], shapes[i][3], 60 + i);
     float *dnw = dalloc(128 * 4);

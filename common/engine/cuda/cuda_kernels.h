@@ -147,22 +147,6 @@ pds_status_t pds_cuda_gemv_qkv_rope(const uint16_t *wqkv, int K, const uint16_t 
                                     uint16_t *qkv, uint16_t *kv_layer, int block_size,
                                     cudaStream_t s);
 
-/* The same three products for 1..pds_cuda_skinny_max_rows() activation rows on tensor cores
- * (skinny.cu: mma.sync, the K split over a thread-block cluster where the rows alone do not fill
- * the GPU), for decode steps of more sequences than the gemv kernels take. Same shapes and
- * contracts as the gemv functions above, except: K a multiple of 32, and _qkv_rope needs
- * head_dim a multiple of 16. */
-int pds_cuda_skinny_max_rows(void);
-pds_status_t pds_cuda_skinny_f32(const uint16_t *w, int M, int K, const uint16_t *x, int n,
-                                 float *y, int accumulate, cudaStream_t s);
-pds_status_t pds_cuda_skinny_silu(const uint16_t *w_gu, int ffn, int K, const uint16_t *x, int n,
-                                  uint16_t *act, cudaStream_t s);
-pds_status_t pds_cuda_skinny_qkv_rope(const uint16_t *wqkv, int K, const uint16_t *x, int n,
-                                      const int32_t *pos, const int32_t *slots, int n_heads,
-                                      int n_kv_heads, int head_dim, const float *inv_freq,
-                                      uint16_t *qkv, uint16_t *kv_layer, int block_size,
-                                      cudaStream_t s);
-
 /* y[n, M] = x[n, K] . w[M, K]^T as bf16 (out_f32 == 0), or y fp32 += x . w^T (out_f32 == 1: the
  * residual add), for 1..64 activation rows on tensor cores with K split over a thread-block
  * cluster (splitk.cu): a replacement for the cuBLASLt call alone (the fused RMSNorm and SiLU
@@ -190,15 +174,14 @@ pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K, const uin
  * r = 1 / sqrt(mean(x^2) + eps) per row, computed inside from the cluster's partial sums of
  * squares (rmsnorm_kernel applies r before rounding to bf16; this applies it after the product, so
  * the two agree to bf16 rounding, not bit for bit). Shapes as pds_cuda_splitk_gemm but 1..32 rows
- * (PDS_ERR_UNSUPPORTED above), deterministic; PDS_ERR_INVALID_ARG without norm_w. _cfg: the variant as
- * pds_cuda_splitk_gemm_cfg (bk 256 runs as 128). */
+ * (PDS_ERR_UNSUPPORTED above), deterministic; PDS_ERR_INVALID_ARG without norm_w. _cfg: the variant
+ * as pds_cuda_splitk_gemm_cfg (bk 256 runs as 128). */
 pds_status_t pds_cuda_splitk_norm_gemm(const uint16_t *w, int M, int K, const float *x,
                                        const float *norm_w, float eps, int n, uint16_t *y, int silu,
                                        cudaStream_t s);
 pds_status_t pds_cuda_splitk_norm_gemm_cfg(const uint16_t *w, int M, int K, const float *x,
                                            const float *norm_w, float eps, int n, uint16_t *y,
-                                           int silu, int warps, int bk, int stages,
-                                           cudaStream_t s);
+                                           int silu, int warps, int bk, int stages, cudaStream_t s);
 
 /* q|k|v for a decode step with both neighbours fused in: RMSNorm(x) as above, the product with
  * wqkv [(n_heads + 2 n_kv_heads) * 128, K], then RoPE and the K/V write of

@@ -20,13 +20,16 @@
  * not offered.
  * Decode steps of 1-2 sequences skip cuBLAS (up to 4 with PDS_ENGINE_CUDA_GEMV_ROWS; slower at
  * 3-4 on an H100): matrix-vector kernels (gemv.cu) stream the weights
- * and fuse RoPE + the K/V write, SiLU*mul and the residual add (PDS_ENGINE_CUDA_GEMV=0: off);
- * steps of 5-64 can do the same on tensor cores (skinny.cu, PDS_ENGINE_CUDA_SKINNY=1; off by
- * default because it is still slower than cuBLASLt + the separate kernels, see skinny.cu).
+ * and fuse RoPE + the K/V write, SiLU*mul and the residual add (PDS_ENGINE_CUDA_GEMV=0: off).
  * Decode steps of 3-16 rows use a split-K tensor-core GEMM (splitk.cu) instead of cuBLASLt:
  * 1-5% faster there on an H100 (llama3-8b, 1k context: batch 3 6.29-6.33 vs 6.61-6.64 ms, batch 8
  * 6.63-6.73 vs 6.82-6.92, batch 16 7.15-7.17 vs 7.26-7.28), even at 24-32 and slower above
- * (PDS_ENGINE_CUDA_SPLITK=0: never, =1: up to 64 rows; _SPLITK_ROWS=N: up to N). The
+ * (PDS_ENGINE_CUDA_SPLITK=0: never, =1: up to 64 rows; _SPLITK_ROWS=N: up to N). Steps of 3-32
+ * rows also fuse into it the RMSNorm before q|k|v and gate|up, RoPE + the K/V write after q|k|v
+ * and SiLU*mul after gate|up (batch 32: 7.79-7.96 ms against 8.03-8.05 unfused, batch 16 ~5%;
+ * PDS_ENGINE_CUDA_SPLITK_NORM_ROWS=N: up to N rows, 0 off). (A tensor-core kernel with the gemv
+ * fusions for 5-64 rows, skinny.cu, was slower than cuBLASLt + the separate kernels at every
+ * batch and was removed when the split-K kernel took its fusions.) The
  * kernels of cuda_kernels.h are launched with programmatic dependent launch (launch.cuh). With
  * PDS_ENGINE_CUDA_PROFILE=1, an event after each op gives per-op GPU times (decode then runs
  * without graphs); pds_engine_cuda_profile_report() prints them. A decode step
@@ -110,21 +113,16 @@ enum {
     OP_GEMV_O,
     OP_GEMV_GU_SILU,
     OP_GEMV_DOWN,
-    OP_SK_QKV_ROPE,
-    OP_SK_O,
-    OP_SK_GU_SILU,
-    OP_SK_DOWN,
     OP_SPK_NORM_QKV,
     OP_SPK_NORM_GU_SILU,
     OP_SPK_NORM_QKV_ROPE,
     OP_COUNT
 };
 static const char *const op_names[OP_COUNT] = {
-    "embed",           "rmsnorm",          "gemm qkv",      "rope+kv write",    "attention",
-    "gemm o (+res)",   "gemm g|u",         "silu*mul",      "gemm down (+res)", "lm head",
-    "sample",          "gemv qkv+rope+kv", "gemv o (+res)", "gemv g|u+silu",    "gemv down (+res)",
-    "mma qkv+rope+kv", "mma o (+res)",     "mma g|u+silu",  "mma down (+res)",  "norm+qkv",
-    "norm+g|u+silu",   "norm+qkv+rope+kv"};
+    "embed",         "rmsnorm",          "gemm qkv",        "rope+kv write",    "attention",
+    "gemm o (+res)", "gemm g|u",         "silu*mul",        "gemm down (+res)", "lm head",
+    "sample",        "gemv qkv+rope+kv", "gemv o (+res)",   "gemv g|u+silu",    "gemv down (+res)",
+    "norm+qkv",      "norm+g|u+silu",    "norm+qkv+rope+kv"};
 #define PROF_MAX 4096
 typedef struct {
     cudaEvent_t ev[PROF_MAX + 1];
@@ -158,8 +156,7 @@ typedef struct {
     cudaEvent_t tev[2]; /* tuning timers */
     bool gemv;     /* fused matrix-vector kernels for decode of <= 4 rows (PDS_ENGINE_CUDA_GEMV) */
     int gemv_rows; /* ... up to this many rows (PDS_ENGINE_CUDA_GEMV_ROWS, <= the kernels' limit) */
-    bool skinny; /* fused tensor-core kernels for decode of 5..64 rows (PDS_ENGINE_CUDA_SKINNY=1) */
-    int splitk_rows;     /* split-K kernel instead of cuBLASLt for decode up to this many rows */
+    int splitk_rows;      /* split-K kernel instead of cuBLASLt for decode up to this many rows */
     int splitk_norm_rows; /* ... with the RMSNorms (and SiLU) fused into q|k|v and gate|up */
     int l2_hints;        /* decode attention's L2 hints (PDS_ENGINE_CUDA_L2_HINTS, PDS_CUDA_L2_*) */
     prof_t *prof;        /* PDS_ENGINE_CUDA_PROFILE=1 */
@@ -795,13 +792,6 @@ void pds_engine_cuda_profile_report(pds_engine_t *e, const char *label, FILE *f)
     p->forwards = 0;
 }
 
-/* Whether a decode step of T rows runs its linear layers on the skinny tensor-core kernels. */
-static bool skinny_fits(const cuda_impl_t *g, const pds_model_config_t *c, int T)
-{
-    return g->skinny && T <= pds_cuda_skinny_max_rows() && c->hidden % 32 == 0 &&
-           c->ffn % 32 == 0 && (c->n_heads * c->head_dim) % 32 == 0 && c->head_dim % 16 == 0;
-}
-
 /* Enqueues the whole forward for T rows / S sequences whose inputs are in d_pack. decode: every
  * sequence has one new token (attention by the split kernel with the given split). */
 static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int S, int n_tiles,
@@ -827,11 +817,9 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
      * fused in (gemv.cu); otherwise cuBLASLt and the separate kernels */
     const bool gv = decode && g->gemv && T <= g->gemv_rows && hid % 8 == 0 && c->ffn % 8 == 0 &&
                     (H * hd) % 8 == 0;
-    /* decode of more rows, up to 64: the same fusions on tensor cores (skinny.cu) */
-    const bool sk = decode && !gv && skinny_fits(g, c, T);
     /* otherwise, up to splitk_norm_rows: each RMSNorm fused into the product after it, and the
      * SiLU*mul into gate|up (splitk.cu) */
-    const bool fn = decode && !gv && !sk && T <= g->splitk_norm_rows &&
+    const bool fn = decode && !gv && T <= g->splitk_norm_rows &&
                     pds_cuda_splitk_fits(qkvw, hid, T) && pds_cuda_splitk_fits(2 * c->ffn, hid, T);
 
     prof_begin(g);
@@ -848,10 +836,6 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             PDS_TRY(pds_cuda_gemv_qkv_rope(L->wqkv, hid, g->xn, T, pos, slots, H, KV, hd,
                                            g->inv_freq, g->qkv, kvl, e->kv.block_size, st));
             prof_mark(g, OP_GEMV_QKV_ROPE);
-        } else if (sk) {
-            PDS_TRY(pds_cuda_skinny_qkv_rope(L->wqkv, hid, g->xn, T, pos, slots, H, KV, hd,
-                                             g->inv_freq, g->qkv, kvl, e->kv.block_size, st));
-            prof_mark(g, OP_SK_QKV_ROPE);
         } else if (fn && hd == 128) {
             PDS_TRY(pds_cuda_splitk_norm_qkv_rope(L->wqkv, hid, g->x, L->attn_norm, c->norm_eps, T,
                                                   pos, slots, H, KV, hd, g->inv_freq, g->qkv, kvl,
@@ -886,9 +870,6 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
         if (gv) {
             PDS_TRY(pds_cuda_gemv_f32(L->wo, hid, H * hd, g->att, T, g->x, 1, st));
             prof_mark(g, OP_GEMV_O);
-        } else if (sk) {
-            PDS_TRY(pds_cuda_skinny_f32(L->wo, hid, H * hd, g->att, T, g->x, 1, st));
-            prof_mark(g, OP_SK_O);
         } else {
             PDS_TRY(lin(g, decode, hid, T, H * hd, L->wo, g->att, g->x, 1, 1));
             prof_mark(g, OP_GEMM_O);
@@ -902,11 +883,6 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
             prof_mark(g, OP_GEMV_GU_SILU);
             PDS_TRY(pds_cuda_gemv_f32(L->w_down, hid, c->ffn, g->act, T, g->x, 1, st));
             prof_mark(g, OP_GEMV_DOWN);
-        } else if (sk) {
-            PDS_TRY(pds_cuda_skinny_silu(L->w_gu, c->ffn, hid, g->xn, T, g->act, st));
-            prof_mark(g, OP_SK_GU_SILU);
-            PDS_TRY(pds_cuda_skinny_f32(L->w_down, hid, c->ffn, g->act, T, g->x, 1, st));
-            prof_mark(g, OP_SK_DOWN);
         } else {
             if (fn) {
                 PDS_TRY(pds_cuda_splitk_norm_gemm(L->w_gu, 2 * c->ffn, hid, g->x, L->ffn_norm,
@@ -928,8 +904,6 @@ static pds_status_t enqueue_forward(pds_engine_t *e, cuda_impl_t *g, int T, int 
         prof_mark(g, OP_NORM);
         if (gv && S <= g->gemv_rows)
             PDS_TRY(pds_cuda_gemv_f32(g->lm_head, c->vocab, hid, g->xn, S, g->logits, 0, st));
-        else if (sk && S <= pds_cuda_skinny_max_rows())
-            PDS_TRY(pds_cuda_skinny_f32(g->lm_head, c->vocab, hid, g->xn, S, g->logits, 0, st));
         else
             PDS_TRY(gemm(g, c->vocab, S, hid, g->lm_head, g->xn, g->logits, 1, 0));
         prof_mark(g, OP_LM_HEAD);
@@ -949,7 +923,6 @@ static pds_status_t decode_gemms_ready(pds_engine_t *e, cuda_impl_t *g, int T)
     const cuda_layer_t *L = &g->layers[0];
     gemm_entry_t *ge;
     if (g->gemv && T <= g->gemv_rows) return PDS_OK;
-    if (skinny_fits(g, c, T)) return PDS_OK;
     PDS_TRY(gemm_get(g, (H + 2 * KV) * hd, T, hid, L->wqkv, g->xn, g->qkv, 0, 0, &ge));
     PDS_TRY(gemm_get(g, hid, T, H * hd, L->wo, g->att, g->x, 1, 1, &ge));
     PDS_TRY(gemm_get(g, 2 * c->ffn, T, hid, L->w_gu, g->xn, g->gu, 0, 0, &ge));
@@ -1272,8 +1245,6 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
      * 1k context, 2026-11-25: 6.70 / 6.77 ms at batch 3 / 4 against 7.15 / 7.22 with the gemv
      * kernels up to 4 rows; batch 1 and 2 unchanged) */
     g->gemv_rows = PDS_MIN(gr && atoi(gr) > 0 ? atoi(gr) : 2, pds_cuda_gemv_max_rows());
-    const char *sk = getenv("PDS_ENGINE_CUDA_SKINNY");
-    g->skinny = sk && strcmp(sk, "1") == 0; /* off by default: slower than cuBLASLt so far */
     const char *spk = getenv("PDS_ENGINE_CUDA_SPLITK"),
                *spr = getenv("PDS_ENGINE_CUDA_SPLITK_ROWS");
     g->splitk_rows = spr && atoi(spr) >= 0 && *spr  ? atoi(spr)

@@ -45,8 +45,8 @@
  * forces CS where the shape allows it, and PDS_ENGINE_CUDA_SPLITK_GRID picks the CS rule (above).
  * pds_cuda_splitk_gemm_cfg() takes warps, BK and stages as arguments (the test runs several).
  * Registers are bounded for 24 warps per SM up to NT 32 (54-80 used) and 16 at NT 64 (104-128);
- * of the 39 instantiations only a variant no default picks (NT 64, 4 warps, BK 256, two tiles) spills
- * (44 bytes, since the SPK_SILU addressing came in).
+ * of the 39 instantiations only a variant no default picks (NT 64, 4 warps, BK 256, two tiles)
+ * spills (44 bytes, since the SPK_SILU addressing came in).
  *
  * Reduction, deterministic and without global scratch: each CTA leaves its fp32 partial tile in
  * its own shared memory (the ring, reused), cluster barrier, then rank r finishes rows
@@ -74,12 +74,13 @@
  * columns), so the finishing rank has both and writes silu(g) * u.
  *
  * Trade-offs: no RoPE epilogue (q|k|v still goes through rope_kv_kernel). Each of the M/BM row
- * tiles reads the activations of its K range again, from L2: n/BM of the weight bytes (a quarter at n = 32 with 128-row tiles), and every warp reads the
- * whole activation tile from shared memory (at NT 64 and 8 warps four times the weight bytes;
- * halving that with two tiles per warp helped down but not o or q|k|v, so n = 64 loses mostly
- * elsewhere). Padding n up to NT costs tensor-core work only where n is not a multiple of 8. The
- * ring is the only thing in flight: a CTA has stages - 1 of them outstanding, so deeper rings cost
- * resident CTAs, and longer runs per row (BK 128) measured better than more, shorter stages.
+ * tiles reads the activations of its K range again, from L2: n/BM of the weight bytes (a quarter at
+ * n = 32 with 128-row tiles), and every warp reads the whole activation tile from shared memory (at
+ * NT 64 and 8 warps four times the weight bytes; halving that with two tiles per warp helped down
+ * but not o or q|k|v, so n = 64 loses mostly elsewhere). Padding n up to NT costs tensor-core work
+ * only where n is not a multiple of 8. The ring is the only thing in flight: a CTA has stages - 1
+ * of them outstanding, so deeper rings cost resident CTAs, and longer runs per row (BK 128)
+ * measured better than more, shorter stages.
  *
  * Status: the engine uses it for decode steps of up to 16 rows (engine_cuda.c; measured,
  * alternating with cuBLASLt in one call: batch 3/4/8/16 1-5% faster, 24-32 even, larger slower).
@@ -248,7 +249,7 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
      * (R + RPP q) & 7 = (R & 7) ^ (RPP q & 7) and the swizzle of pass q is a constant XOR. */
     const int cc = tid % CPR, wr = tid / CPR, wsw = cc ^ (wr & 7);
     const bf16 *wsrc = w + (int64_t)(m0 + wr) * K + k0 + cc * 8;
-    const int64_t wpass = (int64_t)RPP * K; /* elements between passes */
+    const int64_t wpass = (int64_t)RPP * K;            /* elements between passes */
     const int64_t whalf = (int64_t)(M / 2 - half) * K; /* SPK_SILU: passes in the second half */
     auto issue_w = [&](int st) {
         if (st >= nst) return;
@@ -353,7 +354,8 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
     const int sw = lane & 7;
     const uint32_t a_off = (uint32_t)((warp * 16 * MT + sw + ((lane >> 3) & 1) * 8) * RB);
     const int a_sw = (lane >> 4) ^ sw;
-    [[maybe_unused]] const uint32_t b_off = (uint32_t)(WB + ((NT == 8 ? 0 : (lane >> 4)) * 8 + sw) * RB);
+    [[maybe_unused]] const uint32_t b_off =
+        (uint32_t)(WB + ((NT == 8 ? 0 : (lane >> 4)) * 8 + sw) * RB);
     [[maybe_unused]] const int b_sw = ((lane >> 3) & 1) ^ sw;
 
     for (int st = 0; st < nst; st++) {
@@ -622,13 +624,14 @@ static cudaError_t spk_launch_nt(const spk_call &a, cudaStream_t s)
 template <bool NORM>
 static cudaError_t spk_launch_cfg(int warps, int bk, const spk_call &a, cudaStream_t s)
 {
+    constexpr int BK_MAX = NORM ? 128 : 256;
     if (warps == 4)
         return bk == 64    ? spk_launch_nt<4, 64, NORM>(a, s)
                : bk == 128 ? spk_launch_nt<4, 128, NORM>(a, s)
-                           : spk_launch_nt<4, NORM ? 128 : 256, NORM>(a, s);
+                           : spk_launch_nt<4, BK_MAX, NORM>(a, s);
     return bk == 64    ? spk_launch_nt<8, 64, NORM>(a, s)
            : bk == 128 ? spk_launch_nt<8, 128, NORM>(a, s)
-                       : spk_launch_nt<8, NORM ? 128 : 256, NORM>(a, s);
+                       : spk_launch_nt<8, BK_MAX, NORM>(a, s);
 }
 
 extern "C" int pds_cuda_splitk_fits(int M, int K, int n)
@@ -679,9 +682,10 @@ static pds_status_t spk_run(const uint16_t *w, int M, int K, const void *x, cons
     if (stages == 0) /* the most, up to 4, with which two CTAs fit on an SM */
         stages = PDS_MIN(4, SPK_SMEM_HALF / sb);
     stages = PDS_MAX(2, PDS_MIN(stages, SPK_SMEM_CTA / sb)); /* sb < 114 KB: 2 always fit */
-    const spk_call a = {(const bf16 *)w, M,      K,  x,      nw,     eps,   n,
-                        y,               epi,    stages, sms, forced, policy, rope};
-    cudaError_t e = norm ? spk_launch_cfg<true>(warps, bk, a, s) : spk_launch_cfg<false>(warps, bk, a, s);
+    const spk_call a = {(const bf16 *)w, M,   K,      x,      nw,  eps, n, y, epi,
+                        stages,          sms, forced, policy, rope};
+    cudaError_t e =
+        norm ? spk_launch_cfg<true>(warps, bk, a, s) : spk_launch_cfg<false>(warps, bk, a, s);
     if (e == cudaSuccess) e = cudaGetLastError();
     if (e != cudaSuccess)
         return PDS_ERR(PDS_ERR_DEVICE, "launch of splitk_kernel: %s", cudaGetErrorString(e));
@@ -699,8 +703,7 @@ extern "C" pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K
 extern "C" pds_status_t pds_cuda_splitk_norm_gemm_cfg(const uint16_t *w, int M, int K,
                                                       const float *x, const float *norm_w,
                                                       float eps, int n, uint16_t *y, int silu,
-                                                      int warps, int bk, int stages,
-                                                      cudaStream_t s)
+                                                      int warps, int bk, int stages, cudaStream_t s)
 {
     if (norm_w == NULL) return PDS_ERR(PDS_ERR_INVALID_ARG, "splitk norm gemm: no norm weights");
     if (n > SPK_NORM_MAX_N)
@@ -710,10 +713,11 @@ extern "C" pds_status_t pds_cuda_splitk_norm_gemm_cfg(const uint16_t *w, int M, 
                    spk_rope{}, s);
 }
 
-extern "C" pds_status_t pds_cuda_splitk_norm_qkv_rope(
-    const uint16_t *wqkv, int K, const float *x, const float *norm_w, float eps, int n,
-    const int32_t *pos, const int32_t *slots, int n_heads, int n_kv_heads, int head_dim,
-    const float *inv_freq, uint16_t *qkv, uint16_t *kv_layer, int block_size, cudaStream_t s)
+extern "C" pds_status_t
+pds_cuda_splitk_norm_qkv_rope(const uint16_t *wqkv, int K, const float *x, const float *norm_w,
+                              float eps, int n, const int32_t *pos, const int32_t *slots,
+                              int n_heads, int n_kv_heads, int head_dim, const float *inv_freq,
+                              uint16_t *qkv, uint16_t *kv_layer, int block_size, cudaStream_t s)
 {
     if (norm_w == NULL) return PDS_ERR(PDS_ERR_INVALID_ARG, "splitk qkv rope: no norm weights");
     if (head_dim != 128 || n < 1 || n > SPK_NORM_MAX_N || n_heads < 1 || n_kv_heads < 1 ||
@@ -722,8 +726,8 @@ extern "C" pds_status_t pds_cuda_splitk_norm_qkv_rope(
     int warps, bk, stages;
     spk_env_variant(&warps, &bk, &stages);
     const spk_rope rope = {pos, slots, inv_freq, (bf16 *)kv_layer, block_size, n_heads, n_kv_heads};
-    return spk_run(wqkv, (n_heads + 2 * n_kv_heads) * head_dim, K, x, norm_w, eps, n, qkv,
-                   SPK_ROPE, warps, bk, stages, rope, s);
+    return spk_run(wqkv, (n_heads + 2 * n_kv_heads) * head_dim, K, x, norm_w, eps, n, qkv, SPK_ROPE,
+                   warps, bk, stages, rope, s);
 }
 
 /* PDS_ENGINE_CUDA_SPLITK_WARPS, _BK and _STAGES, read once; unset or values it does not take: 0
@@ -748,8 +752,7 @@ extern "C" pds_status_t pds_cuda_splitk_norm_gemm(const uint16_t *w, int M, int 
 {
     int warps, bk, stages;
     spk_env_variant(&warps, &bk, &stages);
-    return pds_cuda_splitk_norm_gemm_cfg(w, M, K, x, norm_w, eps, n, y, silu, warps, bk, stages,
-                                         s);
+    return pds_cuda_splitk_norm_gemm_cfg(w, M, K, x, norm_w, eps, n, y, silu, warps, bk, stages, s);
 }
 
 extern "C" pds_status_t pds_cuda_splitk_gemm(const uint16_t *w, int M, int K, const uint16_t *x,
