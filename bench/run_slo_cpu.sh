@@ -13,8 +13,9 @@
 #   bash bench/run_slo_cpu.sh calibrate [--build DIR] [--out DIR]
 #       measures the in-cluster terms of the latency model on 1 prefill + 1 decode with requests
 #       the evaluation (predict) never sends: (A) isolated requests (fixed lengths, 0.5 req/s) ->
-#       TTFT minus the profile's prefill compute = per-request control overhead, TPOT minus the
-#       profile's batch-1 step = per-step overhead; (B) one long decode (32 + 400 tokens) alone,
+#       TTFT minus the prefill node's own batch time = per-request control overhead, TPOT minus
+#       the decode node's own batch-1 step (the profile's, times the node's traced speed) =
+#       per-step overhead; (B) one long decode (32 + 400 tokens) alone,
 #       then again while 512-token prompts keep the prefill node busy -> decode contention;
 #       (C) 384-token prompts while the decode node runs two long sequences -> prefill contention;
 #       (D) 1, 4, 8 long decodes at once -> the in-cluster token gap vs batch (per-sequence cost).

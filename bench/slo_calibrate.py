@@ -10,7 +10,8 @@ Inputs: the profile (isolated-engine coefficients) and the per-request CSVs of t
                           first token's way back — the control path the compute model lacks. Taken
                           against the node's measured batch, a drift of the engine's speed since
                           the profile does not land in this term.
-  decode_step_overhead_ms median over isolated requests of TPOT - step(1, mean context)
+  decode_step_overhead_ms median over isolated requests of TPOT - step(1, mean context) x the
+                          decode node's own one-sequence steps over the profile (its trace)
                           (token streaming decode -> router -> client, the decode loop's own work)
   decode_contention       the decode node's one-sequence steps that ran wholly beside a prefill
                           batch against those that ran beside none (both nodes' debug traces,
@@ -186,6 +187,16 @@ try:
                        "contention": bt["contention"]}
 except (FileNotFoundError, KeyError, ValueError, IndexError):
     step_trace = batch_trace = None
+# The per-step overhead against the engine's speed during this calibration rather than the
+# profile's: each isolated request's TPOT minus the profile's step times the decode node's own
+# one-sequence steps over the profile (those beside no prefill batch). Otherwise whatever the
+# machine's speed did between the profile and this run lands in the overhead, and `evaluate`
+# adds it on top of profiles that bracket each run and so already carry the drift.
+step_over_profile = step_over
+if step_trace:
+    speed_dec = step_trace["median_over_profile_alone"]
+    step_over = max(0.0, statistics.median(x["tpot_ms"] - speed_dec * x["step_model_ms"]
+                                           for x in iso))
 pre = rows("pre-busy")
 comp384 = prefill_ms(384)
 ttft_pre = statistics.median(float(r["ttft_ms"]) for r in pre)
@@ -218,7 +229,8 @@ if step_trace:
     print(f"decode step trace: {step_trace['steps_beside_prefill']} one-sequence steps wholly beside "
           f"a prefill batch, {step_trace['steps_alone']} beside none; forward / profile step "
           f"{step_trace['median_over_profile_beside']:.3f} vs {step_trace['median_over_profile_alone']:.3f} "
-          f"-> contention {contention:.3f} (the term)")
+          f"-> contention {contention:.3f} (the term); per-step overhead against the node's own "
+          f"steps {step_over:.3f} ms (the term; against the profile's {step_over_profile:.3f})")
 print(f"384-token prompts: TTFT isolated {iso384:.1f} ms, beside a decoding batch {ttft_pre:.1f} ms "
       f"-> prefill contention {pcont_prompts:.3f}")
 if batch_trace:
@@ -247,6 +259,7 @@ json.dump({"bench": "slo-cluster-calibration", "profile": a.profile, "loadavg_af
            "cluster": section, "isolated": iso, "control_from_node_log": measured,
            "node_batch_over_profile": speed,
            "decode_step_trace": step_trace, "decode_contention_from_tpot": contention_tpot,
+           "decode_step_overhead_vs_profile_ms": step_over_profile,
            "prefill_batch_trace": batch_trace, "prefill_contention_from_prompts": pcont_prompts,
            "long_decode": {"tpot_alone_ms": tpot_alone, "tpot_beside_prefill_ms": tpot_busy,
                            "alone": alone[0], "busy": busy[0]},
