@@ -176,6 +176,7 @@ pds_status_t pds_cuda_splitk_gemm_cfg(const uint16_t *w, int M, int K, const uin
  * the two agree to bf16 rounding, not bit for bit). Shapes as pds_cuda_splitk_gemm but 1..32 rows
  * (PDS_ERR_UNSUPPORTED above), deterministic; PDS_ERR_INVALID_ARG without norm_w. _cfg: the variant
  * as pds_cuda_splitk_gemm_cfg (bk 256 runs as 128). */
+#define PDS_CUDA_SPLITK_NORM_MAX_ROWS 32 /* the fused variants' limit (their registers) */
 pds_status_t pds_cuda_splitk_norm_gemm(const uint16_t *w, int M, int K, const float *x,
                                        const float *norm_w, float eps, int n, uint16_t *y, int silu,
                                        cudaStream_t s);

@@ -1252,7 +1252,9 @@ static pds_status_t cuda_init(pds_engine_t *e, cuda_impl_t *g, const pds_model_t
                      : spk && strcmp(spk, "1") == 0 ? 64
                                                     : 16;
     const char *snr = getenv("PDS_ENGINE_CUDA_SPLITK_NORM_ROWS");
-    g->splitk_norm_rows = PDS_MIN(32, snr && *snr ? PDS_MAX(0, atoi(snr)) : 32); /* its limit */
+    g->splitk_norm_rows =
+        PDS_MIN(PDS_CUDA_SPLITK_NORM_MAX_ROWS,
+                snr && *snr ? PDS_MAX(0, atoi(snr)) : PDS_CUDA_SPLITK_NORM_MAX_ROWS);
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[0]));
     PDS_CUDA_TRY(cudaEventCreate(&g->tev[1]));
     const char *l2 = getenv("PDS_ENGINE_CUDA_L2_HINTS");

@@ -18,6 +18,7 @@
 #include <math.h>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/kv_slot.cuh"
 #include "engine/cuda/launch.cuh"
 
 typedef __nv_bfloat16 bf16;
@@ -185,11 +186,9 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
             row[ra] = y0;
             row[rb] = y1;
             if (head >= H) {
-                const int slot = ep.slots[n], bs = ep.block_size;
-                const int blk = slot / bs, off = slot % bs;
-                const int64_t kvw = (int64_t)KVH * hd;
                 const int sel = head < H + KVH ? 0 : 1, kh = head - H - sel * KVH;
-                bf16 *dst = ep.kv + ((int64_t)(blk * 2 + sel) * bs + off) * kvw + (int64_t)kh * hd;
+                bf16 *dst = pds_kv_slot_row(ep.kv, ep.slots[n], ep.block_size, KVH, hd, sel) +
+                            (int64_t)kh * hd;
                 dst[i] = y0;
                 dst[i + half] = y1;
             }

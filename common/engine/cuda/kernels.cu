@@ -14,6 +14,7 @@
 #include <math.h>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/kv_slot.cuh"
 #include "engine/cuda/launch.cuh"
 
 #define LAUNCH_CHECK(name)                                                                    \
@@ -162,11 +163,9 @@ __global__ void rope_kv_kernel(bf16 *qkv, const int32_t *pos, const int32_t *slo
         cs_sm[half + i] = sn;
     }
     __syncthreads();
-    int slot = slots[t];
-    int blk = slot / block_size, off = slot % block_size;
-    int64_t kvw = (int64_t)n_kv_heads * head_dim;
-    bf16 *kdst = kv + ((int64_t)blk * 2 * block_size + off) * kvw;
-    bf16 *vdst = kv + ((int64_t)(blk * 2 + 1) * block_size + off) * kvw;
+    const int64_t kvw = (int64_t)n_kv_heads * head_dim;
+    bf16 *kdst = pds_kv_slot_row(kv, slots[t], block_size, n_kv_heads, head_dim, 0);
+    bf16 *vdst = pds_kv_slot_row(kv, slots[t], block_size, n_kv_heads, head_dim, 1);
     /* rotate q and k heads: pair (i, i + half); four pairs per thread (8-byte accesses) when the
      * halves allow */
     if (half % 4 == 0 && width % 4 == 0 && n_kv_heads * head_dim % 4 == 0) {

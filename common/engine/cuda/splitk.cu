@@ -108,13 +108,13 @@
 #include <stdlib.h>
 
 #include "engine/cuda/cuda_kernels.h"
+#include "engine/cuda/kv_slot.cuh"
 #include "engine/cuda/launch.cuh"
 
 namespace cg = cooperative_groups;
 typedef __nv_bfloat16 bf16;
 
 #define SPK_MAX_N       64     /* activation rows */
-#define SPK_NORM_MAX_N  32     /* ... with the RMSNorm fused (its registers) */
 #define SPK_MAX_CLUSTER 8      /* CTAs splitting K (the portable cluster limit) */
 #define SPK_MIN_KSPAN   512    /* k per CTA, at least ... */
 #define SPK_MAX_KSPAN   2048   /* ... and, where the cluster allows, at most */
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
     static_assert(BK == 64 || BK == 128 || BK == 256, "a stage is 64, 128 or 256 k");
     static_assert(RPP % 4 == 0 && PASSES * RPP == BM, "copy passes keep the swizzle linear");
     static_assert((BM / 2) % RPP == 0, "SPK_SILU: a copy pass lies in one half of the tile");
-    static_assert(!NORM || (NT <= SPK_NORM_MAX_N && BK <= 128),
+    static_assert(!NORM || (NT <= PDS_CUDA_SPLITK_NORM_MAX_ROWS && BK <= 128),
                   "NORM: up to 32 activation rows (registers); a row's chunks in one warp");
     static_assert(2 * SB >= (NT * RED_LD + 2 * NT) * 4,
                   "the partial tile (and NORM's sums of squares) fit in the ring (>= 2 stages)");
@@ -484,13 +484,11 @@ __global__ void __launch_bounds__(WARPS * 32, spk_min_blocks(NT, WARPS))
             const bf16 b0 = __float2bfloat16_rn(o0), b1 = __float2bfloat16_rn(o1);
             bf16 *q = (bf16 *)y + (int64_t)col * M + m0 + row;
             q[0] = b0, q[R] = b1;
-            if (tl >= rope.n_heads) { /* [blocks][2][block_size][kv_heads][128] */
-                const int v = tl >= rope.n_heads + rope.n_kv_heads, slot = rope.slots[col];
+            if (tl >= rope.n_heads) { /* k and v heads: also into the pool */
+                const int v = tl >= rope.n_heads + rope.n_kv_heads;
                 const int kvh = tl - rope.n_heads - v * rope.n_kv_heads;
-                bf16 *d = rope.kv +
-                          (((int64_t)(slot / rope.block_size) * 2 + v) * rope.block_size +
-                           slot % rope.block_size) *
-                              rope.n_kv_heads * BM +
+                bf16 *d = pds_kv_slot_row(rope.kv, rope.slots[col], rope.block_size,
+                                          rope.n_kv_heads, BM, v) +
                           kvh * BM + row;
                 d[0] = b0, d[R] = b1;
             }
@@ -706,9 +704,9 @@ extern "C" pds_status_t pds_cuda_splitk_norm_gemm_cfg(const uint16_t *w, int M, 
                                                       int warps, int bk, int stages, cudaStream_t s)
 {
     if (norm_w == NULL) return PDS_ERR(PDS_ERR_INVALID_ARG, "splitk norm gemm: no norm weights");
-    if (n > SPK_NORM_MAX_N)
+    if (n > PDS_CUDA_SPLITK_NORM_MAX_ROWS)
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "splitk norm gemm: %d rows (at most %d)", n,
-                       SPK_NORM_MAX_N);
+                       PDS_CUDA_SPLITK_NORM_MAX_ROWS);
     return spk_run(w, M, K, x, norm_w, eps, n, y, silu ? SPK_SILU : SPK_STORE, warps, bk, stages,
                    spk_rope{}, s);
 }
@@ -720,8 +718,8 @@ pds_cuda_splitk_norm_qkv_rope(const uint16_t *wqkv, int K, const float *x, const
                               uint16_t *qkv, uint16_t *kv_layer, int block_size, cudaStream_t s)
 {
     if (norm_w == NULL) return PDS_ERR(PDS_ERR_INVALID_ARG, "splitk qkv rope: no norm weights");
-    if (head_dim != 128 || n < 1 || n > SPK_NORM_MAX_N || n_heads < 1 || n_kv_heads < 1 ||
-        block_size < 1)
+    if (head_dim != 128 || n < 1 || n > PDS_CUDA_SPLITK_NORM_MAX_ROWS || n_heads < 1 ||
+        n_kv_heads < 1 || block_size < 1)
         return PDS_ERR(PDS_ERR_UNSUPPORTED, "splitk qkv rope: head_dim %d, %d rows", head_dim, n);
     int warps, bk, stages;
     spk_env_variant(&warps, &bk, &stages);
